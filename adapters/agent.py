@@ -1,0 +1,218 @@
+"""The agent: lives in every rank of the job, between the user's loop and the controller.
+
+At each optimizer-step boundary the adapter calls `on_step`. It costs a memory sample and a
+few appends; it never touches the network. Rank 0 has a background thread that sends the
+queued telemetry and outcomes to the controller and keeps the actions it answers with.
+Every `sync_every` steps the ranks run one collective (all_gather_object): each contributes
+its memory, rank 0 also the actions now due, so every rank learns the same actions at the
+same step and applies them there. No collective runs on other steps, and every rank takes
+the same branch at every step, so none can wait on a collective another rank skips.
+If the controller goes away, the thread retries with back-off and training goes on with the
+configuration it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from trainwarden.adapters.channel import Channel, ChannelDown
+from trainwarden.adapters.probes import MemoryProbe
+from trainwarden.controller.protocol import Action, JobShape, Outcome, RankMemory, StepRecord
+
+log = logging.getLogger("trainwarden.agent")
+
+#: Telemetry kept while the controller is unreachable (oldest dropped first).
+MAX_QUEUED_RECORDS = 10_000
+#: Records per request: keeps a request far below the server's body limit.
+MAX_RECORDS_PER_EXCHANGE = 500
+#: How often the thread exchanges when there is nothing new (it also wakes on each record).
+EXCHANGE_INTERVAL_S = 0.25
+MAX_BACKOFF_S = 5.0
+
+
+class Agent:
+    def __init__(
+        self,
+        shape: JobShape,
+        channel: Channel | None,
+        probe: MemoryProbe,
+        rank: int = 0,
+        world_size: int = 1,
+        sync_every: int = 1,
+        process_group: Any = None,
+    ) -> None:
+        self.shape = shape
+        self.rank = rank
+        self.world_size = world_size
+        self.sync_every = max(1, sync_every)
+        self.probe = probe
+        self.channel = channel if rank == 0 else None
+        self.process_group = process_group
+        self._lock = threading.Lock()
+        self._records: deque[StepRecord] = deque(maxlen=MAX_QUEUED_RECORDS)
+        self._outcomes: list[Outcome] = []
+        self._inbox: dict[str, Action] = {}
+        self._seen: set[str] = set()
+        self._peak = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connected = False
+        self.cpu_time_s = 0.0  # CPU time the exchange thread used (the benchmark reads it)
+        self._down_logged = False
+        if self.channel is not None:
+            self._thread = threading.Thread(target=self._run, name="trainwarden-agent", daemon=True)
+            self._thread.start()
+
+    # ---- the step boundary (every rank) ----------------------------------------------------
+    def on_step(
+        self,
+        step: int,
+        loss: float | None,
+        samples: int,
+        tokens: int,
+        step_time_s: float,
+        lr: float | None,
+        config: dict[str, Any],
+        domain_loss: dict[str, float] | None = None,
+    ) -> list[Action]:
+        """Record step `step` (just finished); return the actions to apply before the next one."""
+        used, peak = self.probe.sample()
+        self._peak = max(self._peak, peak)
+        is_sync = step % self.sync_every == 0
+        due: list[Action] = []
+        memory: tuple[RankMemory, ...] = ()
+        if is_sync:
+            mine = RankMemory(
+                self.rank,
+                used,
+                self._peak,
+                self.probe.total_bytes,
+                self.probe.device,
+                self.shape.pids[self.rank] if self.rank < len(self.shape.pids) else 0,
+            )
+            self._peak = 0
+            offer = self._due(step) if self.rank == 0 else []
+            if self.world_size > 1:
+                gathered = self._all_gather({"memory": mine, "actions": offer})
+                memory = tuple(g["memory"] for g in gathered)
+                due = list(gathered[0]["actions"])
+            else:
+                memory, due = (mine,), offer
+        if self.rank == 0:
+            rec = StepRecord(
+                step=step,
+                time=time.time(),
+                loss=loss,
+                samples=samples,
+                tokens=tokens,
+                step_time_s=step_time_s,
+                lr=lr,
+                config=dict(config),
+                memory=memory,
+                domain_loss=dict(domain_loss or {}),
+            )
+            with self._lock:
+                self._records.append(rec)
+            self._wake.set()
+        return due
+
+    def report(self, outcome: Outcome) -> None:
+        """An action's outcome (rank 0 reports; other ranks applied the same action too)."""
+        if self.rank != 0:
+            return
+        with self._lock:
+            self._outcomes.append(outcome)
+        self._wake.set()
+
+    def _due(self, step: int) -> list[Action]:
+        with self._lock:
+            due = [a for a in self._inbox.values() if a.step <= step + 1]
+            for a in due:
+                del self._inbox[a.id]
+        return sorted(due, key=lambda a: a.step)
+
+    def _all_gather(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.process_group)
+        return out
+
+    # ---- the exchange thread (rank 0) ------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.2
+        t0 = time.thread_time()
+        while not self._stop.is_set():
+            try:
+                if not self.connected:
+                    self._hello()
+                self._exchange_once(finished=False)
+                backoff = 0.2
+                if self._down_logged:
+                    log.warning("trainwarden: controller reachable again")
+                    self._down_logged = False
+            except ChannelDown as exc:
+                self.connected = False
+                if not self._down_logged:
+                    log.warning("trainwarden: %s; training goes on with the current configuration", exc)
+                    self._down_logged = True
+                self._stop.wait(backoff)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+            except Exception:  # a bug here must never reach the training loop
+                log.exception("trainwarden agent error; retrying")
+                self._stop.wait(MAX_BACKOFF_S)
+            self.cpu_time_s = time.thread_time() - t0
+            self._wake.wait(EXCHANGE_INTERVAL_S)
+            self._wake.clear()
+
+    def _hello(self) -> None:
+        assert self.channel is not None
+        self.channel.hello(self.shape)
+        self.connected = True
+
+    def _exchange_once(self, finished: bool) -> None:
+        assert self.channel is not None
+        with self._lock:
+            records = [
+                self._records.popleft() for _ in range(min(len(self._records), MAX_RECORDS_PER_EXCHANGE))
+            ]
+            outcomes, self._outcomes = self._outcomes, []
+        try:
+            actions = self.channel.exchange(records, outcomes, finished and not self._records)
+        except ChannelDown:
+            with self._lock:  # put them back, oldest first; the controller dedups by step and id
+                self._records.extendleft(reversed(records))
+                self._outcomes[:0] = outcomes
+            raise
+        with self._lock:
+            for a in actions:
+                if a.id not in self._seen:
+                    self._seen.add(a.id)
+                    self._inbox[a.id] = a
+
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Flush what is queued and tell the controller the job is done (best effort, bounded)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self.channel is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        try:
+            if not self.connected:
+                self._hello()
+            while time.monotonic() < deadline:
+                self._exchange_once(finished=True)
+                with self._lock:
+                    if not self._records:
+                        break
+        except ChannelDown as exc:
+            log.warning("trainwarden: could not flush telemetry at exit: %s", exc)
+        finally:
+            self.channel.close()

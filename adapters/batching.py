@@ -1,0 +1,95 @@
+"""Regrouping the user's batches into optimizer steps and micro-batches.
+
+The adapter owns the split: whatever batch size the user's loader yields, the samples are
+regrouped into steps of exactly `step_size` samples (joining or cutting the user's
+batches, in order) and each step is cut into micro-batches of the current size. A switch
+of micro-batch size therefore changes only how a step is cut, never which samples it
+holds or their order. A batch is a tensor, or a tuple, list, dict or dataclass of them
+(split along dim 0); other leaves are passed through to every piece unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: dim 0 of its first tensor."""
+    for leaf in _leaves(batch):
+        return int(leaf.shape[0])
+    raise TypeError(
+        f"cannot find a tensor in a batch of type {type(batch).__name__}: trainwarden splits batches "
+        "that are tensors or tuples, lists, dicts or dataclasses of tensors"
+    )
+
+
+def _leaves(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, (tuple, list)):
+        for b in batch:
+            yield from _leaves(b)
+    elif isinstance(batch, dict):
+        for b in batch.values():
+            yield from _leaves(b)
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for f in dataclasses.fields(batch):
+            yield from _leaves(getattr(batch, f.name))
+
+
+def _map(batch: Any, fn: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_map(b, fn) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map(b, fn) for b in batch)
+    if isinstance(batch, dict):
+        return type(batch)({k: _map(v, fn) for k, v in batch.items()})
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        changes = {f.name: _map(getattr(batch, f.name), fn) for f in dataclasses.fields(batch) if f.init}
+        return dataclasses.replace(batch, **changes)
+    return batch
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Samples [start, stop) of a batch, as views (no copy)."""
+    return _map(batch, lambda t: t[start:stop])
+
+
+def concat_batches(pieces: list[Any]) -> Any:
+    """One batch from several of the same structure (copies; only when a step spans batches)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    first = pieces[0]
+    tensors = [list(_leaves(p)) for p in pieces]
+    joined = iter([torch.cat([t[i] for t in tensors]) for i in range(len(tensors[0]))])
+    return _map(first, lambda _t: next(joined))
+
+
+def regroup(batches: Iterable[Any], step_size: int) -> Iterator[Any]:
+    """Batches of exactly `step_size` samples, in order; a shorter remainder comes last."""
+    pieces: list[Any] = []
+    held = 0
+    for batch in batches:
+        n = batch_size(batch)
+        start = 0
+        while start < n:
+            take = min(step_size - held, n - start)
+            pieces.append(batch if (start == 0 and take == n) else slice_batch(batch, start, start + take))
+            held += take
+            start += take
+            if held == step_size:
+                yield concat_batches(pieces)
+                pieces, held = [], 0
+    if pieces:
+        yield concat_batches(pieces)
+
+
+def micro_slices(n: int, micro: int) -> list[tuple[int, int]]:
+    """[start, stop) of each micro-batch of a step of n samples."""
+    return [(s, min(s + micro, n)) for s in range(0, n, micro)]

@@ -1,0 +1,90 @@
+"""The agent's side of the channel: HTTP to a sidecar, or a direct call to an embedded controller."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any, Protocol
+
+from trainwarden.controller.protocol import (
+    PROTOCOL_VERSION,
+    Action,
+    JobShape,
+    Outcome,
+    ProtocolError,
+    StepRecord,
+    check_version,
+    exchange_message,
+    hello_message,
+)
+
+
+class ChannelDown(ConnectionError):
+    """The controller cannot be reached or refused the request; training goes on regardless."""
+
+
+class Channel(Protocol):
+    def hello(self, shape: JobShape) -> dict[str, Any]: ...
+
+    def exchange(
+        self, records: list[StepRecord], outcomes: list[Outcome], finished: bool
+    ) -> list[Action]: ...
+
+    def close(self) -> None: ...
+
+
+class HttpChannel:
+    def __init__(self, endpoint: str, token: str, timeout_s: float = 5.0) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(body, separators=(",", ":")).encode()
+        req = urllib.request.Request(
+            self.endpoint + path,
+            data=data,
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return check_version(json.loads(resp.read()))
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode(errors="replace")
+            hint = " (the token does not match the controller's)" if exc.code == 401 else ""
+            raise ChannelDown(f"controller answered {exc.code}{hint}: {detail}") from exc
+        except (OSError, json.JSONDecodeError, ProtocolError) as exc:
+            raise ChannelDown(f"controller at {self.endpoint} unreachable: {exc}") from exc
+
+    def hello(self, shape: JobShape) -> dict[str, Any]:
+        return self._post("/v1/hello", hello_message(shape))
+
+    def exchange(self, records: list[StepRecord], outcomes: list[Outcome], finished: bool) -> list[Action]:
+        reply = self._post("/v1/exchange", exchange_message(records, outcomes, finished))
+        try:
+            return [Action.from_json(a) for a in reply.get("actions", [])]
+        except ProtocolError as exc:
+            raise ChannelDown(f"controller sent a malformed action: {exc}") from exc
+
+    def close(self) -> None:
+        pass
+
+
+class LocalChannel:
+    """An embedded controller in this process: the same calls, no network."""
+
+    def __init__(self, controller: Any, on_close: Any = None) -> None:
+        self.controller = controller
+        self._on_close = on_close
+
+    def hello(self, shape: JobShape) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, **self.controller.hello(shape)}
+
+    def exchange(self, records: list[StepRecord], outcomes: list[Outcome], finished: bool) -> list[Action]:
+        return self.controller.exchange(records, outcomes, finished)
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()

@@ -1,0 +1,300 @@
+"""The plain-PyTorch adapter: wrap model, optimizer and loader; keep your loop.
+
+    handle = trainwarden.adapters.pytorch.attach(model, optimizer, scheduler=sched,
+                                                 global_batch_size=64, micro_batch_size=16)
+    for step_batch in handle.steps(loader):      # one optimizer step's samples
+        for micro in step_batch:                 # cut at the current micro-batch size
+            loss = loss_fn(model(micro[0]), micro[1])
+            handle.backward(loss)                # scaled so the step's gradient is the global mean
+        handle.step()                            # optimizer + scheduler + LR multiplier + telemetry
+        if handle.should_stop:
+            break
+    handle.close()
+
+Knobs: `micro_batch_size` (the global batch is kept: accumulation = global / micro),
+`lr_multiplier` (applied on top of the user's scheduler at every step), and `stop`.
+Actions are applied inside `step()`, after the optimizer step: a step boundary.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from trainwarden.adapters.agent import Agent
+from trainwarden.adapters.batching import batch_size, micro_slices, regroup, slice_batch
+from trainwarden.adapters.connect import AttachError, connect, run_id_from_env
+from trainwarden.adapters.probes import probe_for
+from trainwarden.controller.protocol import (
+    KNOB_LR_MULTIPLIER,
+    KNOB_MICRO_BATCH,
+    KNOB_STOP,
+    Action,
+    JobShape,
+    KnobSpec,
+    Outcome,
+)
+
+log = logging.getLogger("trainwarden")
+
+#: Largest LR multiplier the adapter accepts (a policy asking for more is a bug).
+MAX_LR_MULTIPLIER = 10.0
+
+
+def _divisors(n: int) -> tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+class StepBatch:
+    """The samples of one optimizer step; iterate it for micro-batches at the current size."""
+
+    def __init__(self, handle: Handle, batch: Any, size: int) -> None:
+        self._handle = handle
+        self.batch = batch
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(micro_slices(self.size, self._handle.micro_batch_size))
+
+    def __iter__(self) -> Iterator[Any]:
+        h = self._handle
+        h._step_samples = self.size
+        for start, stop in micro_slices(self.size, h.micro_batch_size):
+            h._micro_samples = stop - start
+            yield slice_batch(self.batch, start, stop)
+
+
+class Handle:
+    """A live handle on the job's training state; see the module docstring for the loop."""
+
+    adapter_name = "pytorch"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int | None = None,
+        scheduler: Any = None,
+        tokens_per_sample: int = 1,
+        policy: str | os.PathLike[str] | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        sync_every: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if global_batch_size < 1:
+            raise AttachError(
+                f"global_batch_size must be >= 1 (samples per optimizer step), got {global_batch_size}"
+            )
+        micro = micro_batch_size or global_batch_size
+        if micro < 1 or global_batch_size % micro:
+            raise AttachError(
+                f"micro_batch_size {micro} must divide global_batch_size {global_batch_size} "
+                f"(valid: {', '.join(map(str, _divisors(global_batch_size)))})"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.global_batch_size = global_batch_size
+        self.tokens_per_sample = tokens_per_sample
+        self._micro = micro
+        self.lr_multiplier = 1.0
+        self.should_stop = False
+        self.step_count = 0
+        self.samples_seen = 0
+        self._step_samples = global_batch_size
+        self._micro_samples = micro
+        self._loss_sum: torch.Tensor | None = None
+        self._step_started = time.perf_counter()
+        self._closed = False
+        self.last_lr = float(optimizer.param_groups[0]["lr"])
+        self.last_loss: float | None = None
+
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        self.rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
+        self.world_size = (
+            world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
+        )
+
+        run_id = run_id_from_env()
+        channel, self.controller = connect(self.rank, run_id, policy, run_dir)
+        settings_sync = self.controller.settings.sync_every if self.controller is not None else None
+        sync = sync_every or settings_sync or int(os.environ.get("TRAINWARDEN_SYNC_EVERY", "1"))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        probe = probe_for(device)
+        pids = self._gather_pids(initialized)
+        shape = JobShape(
+            run_id=run_id,
+            adapter=self.adapter_name,
+            world_size=self.world_size,
+            param_count=sum(p.numel() for p in model.parameters()),
+            global_batch_size=global_batch_size,
+            tokens_per_sample=tokens_per_sample,
+            knobs=self._knob_specs(),
+            pids=pids,
+            device=probe.device,
+            device_total_bytes=probe.total_bytes,
+            sync_every=sync,
+        )
+        self.agent = Agent(shape, channel, probe, rank=self.rank, world_size=self.world_size, sync_every=sync)
+        atexit.register(self.close)
+
+    def _gather_pids(self, initialized: bool) -> tuple[int, ...]:
+        if not initialized or self.world_size == 1:
+            return (os.getpid(),)
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, os.getpid())
+        return tuple(int(p) for p in out)
+
+    # ---- knobs -----------------------------------------------------------------------------
+    @property
+    def micro_batch_size(self) -> int:
+        return self._micro
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return -(-self.global_batch_size // self._micro)
+
+    def _knob_specs(self) -> tuple[KnobSpec, ...]:
+        return (
+            KnobSpec(KNOB_MICRO_BATCH, self._micro, choices=_divisors(self.global_batch_size)),
+            KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
+            KnobSpec(KNOB_STOP, False, choices=(True,)),
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The configuration applied now (what `current()` of an adapter returns)."""
+        return {
+            KNOB_MICRO_BATCH: self._micro,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            KNOB_LR_MULTIPLIER: self.lr_multiplier,
+            KNOB_STOP: self.should_stop,
+        }
+
+    current = config
+
+    def apply(self, action: Action) -> Outcome:
+        """Carry one action at this step boundary; never raises into the user's loop."""
+        t = time.perf_counter()
+        try:
+            outcome, detail = self._apply(action)
+        except Exception as exc:  # the job keeps its configuration
+            log.exception("trainwarden: applying %s failed", action.kind)
+            outcome, detail = "rejected", f"{type(exc).__name__}: {exc}"
+        return Outcome(action.id, outcome, self.step_count, time.perf_counter() - t, detail)
+
+    def _apply(self, action: Action) -> tuple[str, str]:
+        value = action.params.get("value")
+        if action.kind == KNOB_MICRO_BATCH:
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < 1
+                or self.global_batch_size % value
+            ):
+                return "rejected", (
+                    f"micro_batch_size must divide the global batch {self.global_batch_size}, got {value!r}"
+                )
+            if value == self._micro:
+                return "noop", "already at that micro-batch size"
+            self._micro = value
+            self.agent.probe.release()
+            return "applied", f"gradient accumulation now {self.gradient_accumulation_steps}"
+        if action.kind == KNOB_LR_MULTIPLIER:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0.0 <= value <= MAX_LR_MULTIPLIER
+            ):
+                return (
+                    "rejected",
+                    f"lr_multiplier must be a number in [0, {MAX_LR_MULTIPLIER}], got {value!r}",
+                )
+            if float(value) == self.lr_multiplier:
+                return "noop", ""
+            self.lr_multiplier = float(value)
+            return "applied", ""
+        if action.kind == KNOB_STOP:
+            if self.should_stop:
+                return "noop", ""
+            self.should_stop = True
+            log.warning("trainwarden: stop requested: %s", action.reason)
+            return "applied", "should_stop is now true"
+        return "rejected", f"the pytorch adapter has no knob {action.kind!r}"
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def steps(self, loader: Iterable[Any]) -> Iterator[StepBatch]:
+        """One StepBatch per optimizer step: exactly `global_batch_size` samples each, in order."""
+        for batch in regroup(loader, self.global_batch_size):
+            yield StepBatch(self, batch, batch_size(batch))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), scaled by this micro-batch's share of the step (mean-reduced losses)."""
+        weight = self._micro_samples / self._step_samples
+        (loss * weight).backward()
+        part = loss.detach() * weight
+        self._loss_sum = part if self._loss_sum is None else self._loss_sum + part
+
+    def step(self, domain_loss: dict[str, float] | None = None) -> None:
+        """Optimizer step with the LR multiplier, scheduler step, zero_grad, telemetry, actions."""
+        scheduled = [g["lr"] for g in self.optimizer.param_groups]
+        if self.lr_multiplier != 1.0:
+            for g, lr in zip(self.optimizer.param_groups, scheduled):
+                g["lr"] = lr * self.lr_multiplier
+        self.optimizer.step()
+        applied_lr = self.optimizer.param_groups[0]["lr"]
+        # The scheduler sees its own LR, never ours: chainable schedulers would compound it.
+        for g, lr in zip(self.optimizer.param_groups, scheduled):
+            g["lr"] = lr
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        self.step_count += 1
+        self.samples_seen += self._step_samples
+        loss = float(self._loss_sum) if self._loss_sum is not None else None
+        self._loss_sum = None
+        self.last_loss = loss
+        now = time.perf_counter()
+        step_time, self._step_started = now - self._step_started, now
+        job_samples = self.samples_seen * self.world_size
+        due = self.agent.on_step(
+            step=self.step_count,
+            loss=loss,
+            samples=job_samples,
+            tokens=job_samples * self.tokens_per_sample,
+            step_time_s=step_time,
+            lr=applied_lr,
+            config=self.config(),
+            domain_loss=domain_loss,
+        )
+        for action in due:
+            self.agent.report(self.apply(action))
+        self.last_lr: float = applied_lr
+
+    def close(self) -> None:
+        """Flush telemetry, tell the controller the job is done; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.agent.close()
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Handle:
+    """Attach trainwarden to a plain PyTorch loop; see `Handle` for the arguments."""
+    return Handle(model, optimizer, **kwargs)

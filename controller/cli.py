@@ -1,0 +1,404 @@
+"""The `trainwarden` command: run, controller, validate, demo.
+
+Every user error (a bad policy file, a bad flag, a port in use) ends in one clear message
+and a non-zero exit, never a Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from trainwarden.controller.protocol import ENV_ENDPOINT, ENV_RUN_DIR, ENV_RUN_ID, ENV_TOKEN
+
+log = logging.getLogger("trainwarden")
+
+EXIT_USAGE = 2
+#: File the controller writes once it listens: {"endpoint", "metrics", "pid"}.
+READY_FILE = "controller.json"
+
+
+class UsageError(Exception):
+    """A mistake in how trainwarden was called; the message says how to fix it."""
+
+
+# ---- validate ----------------------------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    from trainwarden.policies.validate import validate_main
+
+    return validate_main(args.files)
+
+
+# ---- controller --------------------------------------------------------------------------------
+def _parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(
+            f"--listen {text!r} is not HOST:PORT; e.g. --listen 127.0.0.1:7900 (port 0 picks one)"
+        )
+    return host.strip("[]"), int(port)
+
+
+def _load_policy(path: str | None) -> Any:
+    if path is None:
+        return None
+    from trainwarden.policies.loader import PolicyFileError, load_policy_file
+
+    try:
+        return load_policy_file(path)
+    except PolicyFileError as exc:
+        raise UsageError(
+            f"the policy file is not valid:\n{exc}\n(check it with: trainwarden validate {path})"
+        ) from exc
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from trainwarden.controller.exporter import serve_metrics
+    from trainwarden.controller.loop import Controller
+    from trainwarden.controller.server import ChannelServer
+    from trainwarden.controller.sources import default_sources
+
+    host, port = _parse_listen(args.listen)
+    pf = _load_policy(args.policy)
+    token_file = Path(args.token_file)
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise UsageError(
+            f"--token-file {token_file} cannot be read ({exc}); write the bearer token there "
+            "(e.g. from a Kubernetes Secret) and pass the same token to the job"
+        ) from exc
+    if len(token) < 16:
+        raise UsageError(
+            f"the token in {token_file} is too short ({len(token)} characters): use at least 16 "
+            "random characters, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _log_to(run_dir / "controller.log")
+    run_id = args.run_id or run_dir.name
+    controller = Controller(run_dir, run_id, policy_file=pf, sources=default_sources())
+    try:
+        server = ChannelServer((host, port), controller, token)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port} ({exc}); pick another --listen port") from exc
+    try:
+        metrics_server, metrics_port = serve_metrics(controller, args.metrics_host, args.metrics_port)
+    except OSError as exc:
+        server.server_close()
+        raise UsageError(
+            f"cannot serve metrics on port {args.metrics_port} ({exc}); pick another "
+            "--metrics-port (0 picks a free one)"
+        ) from exc
+    server.start()
+    endpoint = f"http://{host}:{server.port}"
+    ready = {
+        "endpoint": endpoint,
+        "metrics": f"http://{args.metrics_host}:{metrics_port}/metrics",
+        "pid": os.getpid(),
+        "run_id": run_id,
+    }
+    (run_dir / READY_FILE).write_text(json.dumps(ready))
+    log.info(
+        "controller for run %s: channel %s, metrics %s, run directory %s",
+        run_id,
+        endpoint,
+        ready["metrics"],
+        run_dir,
+    )
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        if args.exit_when_finished and server.job_finished.is_set():
+            break
+        stop.wait(0.2)
+    server.stop()
+    metrics_server.shutdown()
+    summary = controller.close()
+    log.info("controller stopped at step %s", summary.get("step"))
+    return 0
+
+
+def _log_to(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+# ---- run -----------------------------------------------------------------------------------------
+def _get_json(url: str, token: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt_bytes(n: float | None) -> str:
+    return "?" if not n else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def status_line(st: dict[str, Any]) -> str:
+    """One line: step, loss, tokens/s, memory against the cap, budget left, last decision."""
+    if not st.get("connected"):
+        return "waiting for the job to connect..."
+    parts = [f"step {st['step']}"]
+    parts.append(f"loss {st['loss']:.3f}" if st.get("loss") is not None else "loss ?")
+    tps = st.get("tokens_per_second")
+    parts.append(f"{tps / 1000:.1f}k tok/s" if tps else "? tok/s")
+    cap = st.get("memory_cap_bytes")
+    parts.append(f"mem {_fmt_bytes(st.get('memory_peak_bytes'))}" + (f"/{_fmt_bytes(cap)}" if cap else ""))
+    b = st.get("budget")
+    if b:
+        parts.append(f"{b['name']} {b['fraction']:.0%} spent, {_fmt_duration(b.get('remaining_s'))} left")
+    d = st.get("last_decision")
+    if d:
+        parts.append(f"last: {d['kind']}={d['params'].get('value', '')} {d['outcome']} at step {d['step']}")
+    return " | ".join(parts)
+
+
+def _summary_text(summary: dict[str, Any], job_rc: int, run_dir: Path) -> str:
+    acts = summary.get("actions") or {}
+    applied = sum(n for k, n in acts.items() if k.endswith(":applied"))
+    lines = [
+        f"trainwarden: job exited with {job_rc} after {_fmt_duration(summary.get('wall_time_s'))}",
+        f"  steps {summary.get('step')}, tokens {summary.get('tokens')}, final loss "
+        + (f"{summary['loss']:.4f}" if summary.get("loss") is not None else "?"),
+        f"  memory peak {_fmt_bytes(summary.get('memory_peak_bytes'))}"
+        + (
+            f" against a cap of {_fmt_bytes(summary.get('memory_cap_bytes'))}"
+            if summary.get("memory_cap_bytes")
+            else ""
+        ),
+        f"  actions applied {applied}"
+        + (f" ({', '.join(f'{k} x{n}' for k, n in sorted(acts.items()))})" if acts else ""),
+        f"  configuration at the end: {json.dumps(summary.get('config') or {})}",
+        f"  run directory {run_dir} (decisions.jsonl, telemetry.jsonl, summary.json)",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("no command to run: trainwarden run --policy P.yaml -- python train.py ...")
+    _load_policy(args.policy)  # fail here, before anything starts, on a bad file
+    from trainwarden.adapters.connect import new_run_id
+
+    run_id = args.run_id or new_run_id()
+    run_dir = Path(args.run_dir or Path("runs") / run_id).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    token_file = run_dir / "token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token)
+    ctl_cmd = [
+        sys.executable,
+        "-m",
+        "trainwarden.controller.cli",
+        "controller",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-port",
+        str(args.metrics_port),
+        "--run-dir",
+        str(run_dir),
+        "--token-file",
+        str(token_file),
+        "--run-id",
+        run_id,
+    ]
+    if args.policy:
+        ctl_cmd += ["--policy", args.policy]
+    ctl_log = open(run_dir / "controller.stderr", "w")  # noqa: SIM115  (held by the child)
+    ctl = subprocess.Popen(ctl_cmd, stdout=ctl_log, stderr=subprocess.STDOUT, start_new_session=True)
+    ready_path = run_dir / READY_FILE
+    deadline = time.monotonic() + 30
+    while not ready_path.exists():
+        if ctl.poll() is not None or time.monotonic() > deadline:
+            ctl.kill()
+            tail = (run_dir / "controller.stderr").read_text()[-2000:]
+            raise UsageError(f"the controller did not start:\n{tail}")
+        time.sleep(0.05)
+    ready = json.loads(ready_path.read_text())
+    print(
+        f"trainwarden: run {run_id}\n  run directory {run_dir}\n  metrics {ready['metrics']}\n"
+        f"  controller {ready['endpoint']} (pid {ctl.pid}, log {run_dir / 'controller.log'})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    env = dict(os.environ)
+    env.update(
+        {ENV_ENDPOINT: ready["endpoint"], ENV_TOKEN: token, ENV_RUN_ID: run_id, ENV_RUN_DIR: str(run_dir)}
+    )
+    try:
+        job = subprocess.Popen(command, env=env)
+    except OSError as exc:
+        _stop_controller(ctl)
+        raise UsageError(f"cannot start {command[0]!r}: {exc}") from exc
+
+    # Ctrl-C reaches the job through the terminal; we wait for it to finish its own way.
+    signal.signal(signal.SIGINT, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: job.send_signal(signal.SIGTERM))
+    tty = sys.stderr.isatty() and not args.quiet
+    last_print = 0.0
+    status_url = ready["endpoint"] + "/v1/status"
+    while job.poll() is None:
+        time.sleep(0.5)
+        if args.quiet:
+            continue
+        now = time.monotonic()
+        if tty or now - last_print >= args.status_every:
+            st = _get_json(status_url, token)
+            if st is not None:
+                line = status_line(st)
+                if tty:
+                    print(
+                        "\r\033[K" + line[: os.get_terminal_size(sys.stderr.fileno()).columns - 1],
+                        end="",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                else:
+                    print("trainwarden: " + line, file=sys.stderr, flush=True)
+            last_print = now
+    rc = job.returncode
+    if tty:
+        print(file=sys.stderr)
+    # The agent flushes its last telemetry at exit; give the controller a moment to take it in.
+    time.sleep(0.3)
+    _stop_controller(ctl)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        print(_summary_text(summary, rc, run_dir), file=sys.stderr, flush=True)
+    else:
+        print(
+            f"trainwarden: job exited with {rc}; the controller wrote no summary "
+            f"(see {run_dir / 'controller.log'})",
+            file=sys.stderr,
+        )
+    return rc if rc >= 0 else 128 - rc
+
+
+def _stop_controller(ctl: subprocess.Popen[bytes]) -> None:
+    if ctl.poll() is None:
+        ctl.terminate()
+        try:
+            ctl.wait(10)
+        except subprocess.TimeoutExpired:
+            ctl.kill()
+            ctl.wait()
+
+
+# ---- demo ----------------------------------------------------------------------------------------
+def demo_policy_path(quick: bool = False) -> str:
+    name = "demo_quick.yaml" if quick else "demo.yaml"
+    return str(resources.files("trainwarden.policies") / "examples" / name)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    command = [sys.executable, "-m", "trainwarden.examples.train_gpt"] + (["--quick"] if args.quick else [])
+    ns = argparse.Namespace(
+        policy=demo_policy_path(args.quick),
+        command=command,
+        run_dir=args.run_dir,
+        run_id=None,
+        metrics_port=args.metrics_port,
+        quiet=False,
+        status_every=5.0,
+    )
+    print(
+        f"trainwarden demo: a small GPT on the Python standard library's source and its reference text,\n"
+        f"  under the budget policy {ns.policy}",
+        file=sys.stderr,
+    )
+    return cmd_run(ns)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainwarden", description="Keep a live training job inside its budget.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="check policy files")
+    v.add_argument("files", nargs="+", metavar="POLICY.yaml")
+    v.set_defaults(fn=cmd_validate)
+
+    r = sub.add_parser("run", help="run a training command under a sidecar controller")
+    r.add_argument("--policy", help="budget policy file (YAML); without one the controller only observes")
+    r.add_argument("--run-dir", help="where logs go (default runs/RUN_ID)")
+    r.add_argument("--run-id", help="name of the run (default: time and a random suffix)")
+    r.add_argument("--metrics-port", type=int, default=0, help="port for /metrics (default: a free one)")
+    r.add_argument("--quiet", action="store_true", help="no status line")
+    r.add_argument(
+        "--status-every",
+        type=float,
+        default=5.0,
+        help="seconds between status lines when stderr is not a terminal",
+    )
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- then the usual launch command")
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("controller", help="run the sidecar controller alone, for a job launched elsewhere")
+    c.add_argument("--policy", help="budget policy file (YAML)")
+    c.add_argument(
+        "--listen", default="127.0.0.1:7900", help="HOST:PORT for the channel (default %(default)s)"
+    )
+    c.add_argument("--metrics-port", type=int, default=9464, help="port for /metrics (default %(default)s)")
+    c.add_argument("--metrics-host", default="127.0.0.1", help="address for /metrics (default %(default)s)")
+    c.add_argument("--run-dir", required=True, help="where decisions.jsonl and telemetry.jsonl go")
+    c.add_argument("--token-file", required=True, help="file holding the bearer token the job must present")
+    c.add_argument("--run-id", help="name of the run (default: the run directory's name)")
+    c.add_argument("--exit-when-finished", action="store_true", help="exit when the job says it has finished")
+    c.set_defaults(fn=cmd_controller)
+
+    d = sub.add_parser("demo", help="train a small GPT on this machine under a budget policy, live")
+    d.add_argument("--quick", action="store_true", help="a shorter run (under two minutes)")
+    d.add_argument("--run-dir", help="where logs go (default runs/RUN_ID)")
+    d.add_argument("--metrics-port", type=int, default=0, help="port for /metrics (default: a free one)")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("TRAINWARDEN_LOG", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except UsageError as exc:
+        print(f"trainwarden {args.cmd}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

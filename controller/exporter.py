@@ -1,0 +1,153 @@
+"""Prometheus exporter: a custom Collector that reads the controller at scrape time.
+
+Nothing is updated on the hot path; each scrape takes one consistent view under the
+controller's lock. Metrics live in the controller's own registry (no process or platform
+collectors of the sidecar mixed in). The run is the label `run`: Prometheus owns `job`.
+See docs/metrics.md for every name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from trainwarden.controller.loop import Controller
+
+log = logging.getLogger(__name__)
+
+
+class ControllerCollector(Collector):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        v = self.controller.view()
+        snap = v.snapshot
+        run = [v.run_id]
+
+        def gauge(name: str, doc: str, value: float | None, unit: str = "") -> Iterator[Metric]:
+            g = GaugeMetricFamily(name, doc, labels=["run"], unit=unit)
+            if value is not None:
+                g.add_metric(run, float(value))
+            yield g
+
+        yield from gauge(
+            "trainwarden_job_connected",
+            "1 when a job has connected to this controller.",
+            1.0 if v.connected else 0.0,
+        )
+        yield from gauge(
+            "trainwarden_step", "Last optimizer step the job reported.", snap.step if snap.step >= 0 else None
+        )
+        yield from gauge("trainwarden_loss", "Training loss, smoothed (EMA 0.1).", snap.loss)
+        yield from gauge(
+            "trainwarden_tokens_per_second",
+            "Training throughput over the last steps.",
+            snap.tokens_per_second,
+        )
+        yield from gauge(
+            "trainwarden_step_time_seconds",
+            "Median optimizer-step time over the last steps.",
+            snap.step_time_s,
+        )
+        yield from gauge("trainwarden_learning_rate", "Learning rate applied at the last step.", v.lr)
+        yield from gauge(
+            "trainwarden_elapsed_seconds", "Wall time since the job's first step.", snap.elapsed_s
+        )
+        yield from gauge(
+            "trainwarden_telemetry_age_seconds", "Seconds since the job last reported.", v.telemetry_age_s
+        )
+        yield from gauge(
+            "trainwarden_device_memory_cap_bytes",
+            "Device memory cap per rank, from the budget.",
+            snap.memory_cap_bytes,
+        )
+
+        c = CounterMetricFamily("trainwarden_tokens", "Tokens trained on.", labels=["run"])
+        c.add_metric(run, float(snap.tokens))
+        yield c
+        c = CounterMetricFamily("trainwarden_samples", "Samples trained on.", labels=["run"])
+        c.add_metric(run, float(snap.samples))
+        yield c
+
+        used = GaugeMetricFamily(
+            "trainwarden_device_memory_used_bytes",
+            "Device memory in use on a rank at its last sync (RSS on a CPU).",
+            labels=["run", "rank", "device"],
+        )
+        peak = GaugeMetricFamily(
+            "trainwarden_device_memory_peak_bytes",
+            "Per-step peak device memory of a rank since its previous sync.",
+            labels=["run", "rank", "device"],
+        )
+        total = GaugeMetricFamily(
+            "trainwarden_device_memory_total_bytes",
+            "Device memory a rank's device has.",
+            labels=["run", "rank", "device"],
+        )
+        for m in snap.memory:
+            labels = [v.run_id, str(m.rank), m.device]
+            used.add_metric(labels, float(m.used_bytes))
+            peak.add_metric(labels, float(m.peak_bytes))
+            total.add_metric(labels, float(m.total_bytes))
+        yield used
+        yield peak
+        yield total
+
+        cfg = GaugeMetricFamily(
+            "trainwarden_config_value",
+            "Numeric configuration the job runs with now (micro-batch, accumulation, LR multiplier, ...).",
+            labels=["run", "knob"],
+        )
+        for knob, value in sorted(snap.config.items()):
+            num = _number(value)
+            if num is not None:
+                cfg.add_metric([v.run_id, knob], num)
+        yield cfg
+
+        actions = CounterMetricFamily(
+            "trainwarden_actions", "Actions decided, by kind and outcome.", labels=["run", "kind", "outcome"]
+        )
+        for (kind, outcome), n in sorted(v.actions_total.items()):
+            actions.add_metric([v.run_id, kind, outcome], float(n))
+        yield actions
+
+        spent = GaugeMetricFamily(
+            "trainwarden_budget_spent_ratio", "Fraction of each budget spent.", labels=["run", "budget"]
+        )
+        for b in snap.budgets:
+            spent.add_metric([v.run_id, b.name], b.fraction)
+        yield spent
+        binding = snap.binding_budget
+        yield from gauge(
+            "trainwarden_budget_remaining_seconds",
+            "Forecast wall time until the binding budget runs out, at the current rate.",
+            None if binding is None else binding.remaining_s,
+        )
+
+        dl = GaugeMetricFamily(
+            "trainwarden_domain_loss", "Training loss per data domain.", labels=["run", "domain"]
+        )
+        for domain, loss in sorted(v.domain_loss.items()):
+            dl.add_metric([v.run_id, domain], loss)
+        yield dl
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def serve_metrics(controller: Controller, host: str, port: int) -> tuple[Any, int]:
+    """Serve /metrics for this controller on host:port (0 picks a free port). Returns (server, port)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ControllerCollector(controller))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, int(server.server_address[1])

@@ -1,0 +1,327 @@
+"""The control loop: observe -> decide -> act, level-based and idempotent.
+
+The Controller is transport-free: the HTTP server (a sidecar process) and the embedded
+in-process channel both call `hello` and `exchange`. Each exchange folds the job's
+telemetry into the state, records outcomes, and (at most every `decide_interval_s`) asks
+every policy for actions on a frozen snapshot. An action stays pending, and is re-sent on
+every exchange, until the job answers it: a lost response costs nothing, and the agent
+ignores an action id it has already seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainwarden.controller.protocol import (
+    KNOB_MICRO_BATCH,
+    KNOB_STOP,
+    Action,
+    JobShape,
+    Outcome,
+    StepRecord,
+)
+from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlWriter
+from trainwarden.controller.snapshot import Snapshot
+from trainwarden.controller.sources import MemorySource
+from trainwarden.controller.state import JobState
+from trainwarden.policies.base import PolicyKind
+from trainwarden.policies.schema import Budget, ControllerSettings, PolicyFile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An action the controller issued, and when."""
+
+    action: Action
+    decided_at: float
+    decided_step: int
+
+
+@dataclass(frozen=True)
+class ControllerView:
+    """What the exporter reads at scrape time."""
+
+    run_id: str
+    snapshot: Snapshot
+    connected: bool
+    lr: float | None
+    domain_loss: dict[str, float]
+    actions_total: dict[tuple[str, str], int]
+    telemetry_age_s: float | None
+
+
+class Controller:
+    """One run's controller. Thread-safe: every public method takes the lock."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        run_id: str,
+        policy_file: PolicyFile | None = None,
+        policies: list[PolicyKind] | None = None,
+        sources: list[MemorySource] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from trainwarden.policies.loader import build_policies
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id
+        self.policy_file = policy_file
+        self.budget = policy_file.budget if policy_file else Budget()
+        self.settings = policy_file.controller if policy_file else ControllerSettings()
+        self.policies = (
+            policies if policies is not None else (build_policies(policy_file) if policy_file else [])
+        )
+        self.sources = sources or []
+        self.clock = clock
+        self.state = JobState()
+        self.started_at = clock()
+        self.last_seen: float | None = None
+        self._lock = threading.RLock()
+        self._pending: dict[str, Decision] = {}
+        self._last_decide = float("-inf")
+        self._observed: dict[int, int] = {}
+        self.actions_total: Counter[tuple[str, str]] = Counter()
+        self.last_decision: dict[str, Any] | None = None
+        self.decisions = JsonlWriter(self.run_dir / DECISIONS_FILE)
+        self.telemetry = JsonlWriter(self.run_dir / TELEMETRY_FILE)
+        self.exit_code: int | None = None
+
+    # ---- the channel's two calls -------------------------------------------------------
+    def hello(self, shape: JobShape) -> dict[str, Any]:
+        with self._lock:
+            reconnect = self.state.shape is not None
+            self.state.shape = shape
+            self.last_seen = self.clock()
+            self.telemetry.write({"event": "hello", "time": self.last_seen, "shape": shape.to_json()})
+            for src in self.sources:
+                src.watch(shape.pids)
+            log.info(
+                "job %s %s: adapter %s, %d rank(s), %.1fM params, knobs %s",
+                shape.run_id,
+                "reconnected" if reconnect else "connected",
+                shape.adapter,
+                shape.world_size,
+                shape.param_count / 1e6,
+                ", ".join(k.name for k in shape.knobs),
+            )
+            return {
+                "run_id": self.run_id,
+                "policies": [p.name for p in self.policies],
+                "sync_every": self.settings.sync_every,
+            }
+
+    def exchange(
+        self, records: list[StepRecord], outcomes: list[Outcome], finished: bool = False
+    ) -> list[Action]:
+        with self._lock:
+            now = self.clock()
+            self.last_seen = now
+            for rec in records:
+                if rec.step > self.state.step:
+                    self.telemetry.write({"event": "step", **rec.to_json()})
+                self.state.ingest(rec)
+            for out in outcomes:
+                self._record_outcome(out, now)
+            if finished:
+                self.state.finished = True
+            if not finished and now - self._last_decide >= self.settings.decide_interval_s:
+                self._last_decide = now
+                self._decide(now)
+            return [d.action for d in self._pending.values()]
+
+    # ---- observe -> decide -> act -------------------------------------------------------
+    def observe(self) -> Snapshot:
+        with self._lock:
+            self._poll_sources()
+            return self.state.snapshot(
+                self.budget, frozenset(d.action.kind for d in self._pending.values()), self._observed
+            )
+
+    def _poll_sources(self) -> None:
+        shape = self.state.shape
+        if not shape:
+            return
+        observed: dict[int, int] = {}
+        device = shape.device.split(":")[0]
+        for src in self.sources:
+            if src.device != device:
+                continue  # RSS is not device memory on a GPU job
+            for rank, pid in enumerate(shape.pids):
+                used = src.used_bytes(pid)
+                if used is not None:
+                    observed[rank] = max(observed.get(rank, 0), used)
+        self._observed = observed
+
+    def _decide(self, now: float) -> None:
+        if self.state.shape is None or self.state.step < 0:
+            return
+        snap = self.observe()
+        for policy in self.policies:
+            try:
+                actions = policy.decide(snap, self.budget)
+            except Exception:  # a policy bug must not take the controller down
+                log.exception("policy %s failed to decide; skipping it this round", policy.name)
+                continue
+            for action in actions:
+                self._issue(action, policy.name, snap, now)
+
+    def _issue(self, action: Action, policy: str, snap: Snapshot, now: float) -> None:
+        action = Action(
+            kind=action.kind,
+            params=action.params,
+            reason=action.reason,
+            step=max(action.step, snap.step + 1),
+            policy=policy,
+            id=action.id,
+        )
+        if action.kind in snap.pending:
+            return  # level-based: the pending action already asks for this knob
+        problem = self._cannot_carry(action, snap)
+        if problem:
+            self._log_decision(action, snap.step, now, "rejected", snap.step, 0.0, problem)
+            return
+        self._pending[action.id] = Decision(action, now, snap.step)
+        log.info("step %d: %s %s (%s)", snap.step, action.kind, action.params, action.reason)
+
+    def _cannot_carry(self, action: Action, snap: Snapshot) -> str | None:
+        """Never send what the adapter cannot carry; say why instead."""
+        spec = snap.knobs.get(action.kind)
+        if spec is None:
+            return (
+                f"the job's adapter has no knob {action.kind!r} (it has: {', '.join(snap.knobs) or 'none'})"
+            )
+        if action.kind != KNOB_STOP and not spec.accepts(action.params.get("value")):
+            return f"the adapter does not accept {action.kind}={action.params.get('value')!r}"
+        return None
+
+    def _record_outcome(self, out: Outcome, now: float) -> None:
+        decision = self._pending.pop(out.action_id, None)
+        if decision is None:
+            return  # already recorded (the agent re-sends until acknowledged)
+        act = decision.action
+        if out.outcome == "applied":
+            self.state.last_action_step[act.kind] = out.step
+            if act.kind == KNOB_MICRO_BATCH or act.kind in self.state.config:
+                self.state.config[act.kind] = act.params.get("value", True)
+        self._log_decision(
+            act, decision.decided_step, decision.decided_at, out.outcome, out.step, out.duration_s, out.detail
+        )
+
+    def _log_decision(
+        self,
+        act: Action,
+        decided_step: int,
+        decided_at: float,
+        outcome: str,
+        step: int,
+        duration_s: float,
+        detail: str,
+    ) -> None:
+        rec = {
+            "time": decided_at,
+            "decided_step": decided_step,
+            "step": step,
+            "id": act.id,
+            "policy": act.policy,
+            "kind": act.kind,
+            "params": dict(act.params),
+            "reason": act.reason,
+            "outcome": outcome,
+            "duration_s": round(duration_s, 6),
+            "detail": detail,
+        }
+        self.decisions.write(rec)
+        self.actions_total[(act.kind, outcome)] += 1
+        self.last_decision = rec
+        log.info(
+            "step %d: %s %s -> %s%s",
+            step,
+            act.kind,
+            dict(act.params),
+            outcome,
+            f" ({detail})" if detail else "",
+        )
+
+    # ---- what the CLI, status line and exporter read --------------------------------------
+    def view(self) -> ControllerView:
+        """A consistent copy of what the exporter needs, taken under the lock."""
+        with self._lock:
+            return ControllerView(
+                run_id=self.run_id,
+                snapshot=self.state.snapshot(self.budget, frozenset(), self._observed),
+                connected=self.state.shape is not None,
+                lr=self.state.lr,
+                domain_loss=dict(self.state.domain_loss),
+                actions_total=dict(self.actions_total),
+                telemetry_age_s=None if self.last_seen is None else self.clock() - self.last_seen,
+            )
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            snap = self.state.snapshot(self.budget, frozenset(), self._observed)
+            binding = snap.binding_budget
+            return {
+                "run_id": self.run_id,
+                "connected": self.state.shape is not None,
+                "finished": self.state.finished,
+                "step": snap.step,
+                "loss": snap.loss,
+                "tokens": snap.tokens,
+                "tokens_per_second": snap.tokens_per_second,
+                "step_time_s": snap.step_time_s,
+                "memory_peak_bytes": snap.memory_peak_bytes,
+                "memory_cap_bytes": snap.memory_cap_bytes,
+                "config": dict(snap.config),
+                "budget": None
+                if binding is None
+                else {
+                    "name": binding.name,
+                    "fraction": binding.fraction,
+                    "remaining_s": binding.remaining_s,
+                },
+                "elapsed_s": snap.elapsed_s,
+                "last_decision": self.last_decision,
+                "actions": {f"{k}:{o}": n for (k, o), n in self.actions_total.items()},
+            }
+
+    def close(self) -> dict[str, Any]:
+        """Record unanswered actions, write summary.json, close the logs; returns the summary."""
+        import json
+
+        with self._lock:
+            now = self.clock()
+            for decision in list(self._pending.values()):
+                self._log_decision(
+                    decision.action,
+                    decision.decided_step,
+                    decision.decided_at,
+                    "unanswered",
+                    self.state.step,
+                    0.0,
+                    "the job ended before applying it",
+                )
+            self._pending.clear()
+            summary = self.status()
+            summary["wall_time_s"] = now - self.started_at
+            summary["exit_code"] = self.exit_code
+            summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
+            try:
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            except OSError as exc:
+                log.error("cannot write summary.json: %s", exc)
+            self.decisions.close()
+            self.telemetry.close()
+            for src in self.sources:
+                src.close()
+            return summary

@@ -1,0 +1,358 @@
+"""The channel's wire format: versioned JSON between the agent (in the job) and the controller.
+
+Everything that crosses the process boundary is defined here, in plain Python, so the
+controller needs no torch and the agent no HTTP server. Decoding is strict: a message that
+is not what this version expects raises ProtocolError naming the field, and the server
+answers it with a 4xx instead of crashing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+#: Largest request body the controller reads; a telemetry batch is a few KiB.
+MAX_BODY_BYTES = 1 << 20
+
+# Environment variables `trainwarden run` sets for the job.
+ENV_ENDPOINT = "TRAINWARDEN_ENDPOINT"
+ENV_TOKEN = "TRAINWARDEN_TOKEN"
+ENV_TOKEN_FILE = "TRAINWARDEN_TOKEN_FILE"
+ENV_RUN_ID = "TRAINWARDEN_RUN_ID"
+ENV_RUN_DIR = "TRAINWARDEN_RUN_DIR"
+ENV_POLICY = "TRAINWARDEN_POLICY"
+ENV_DISABLE = "TRAINWARDEN_DISABLE"
+
+#: Knob names the adapters may report. Each is set by an Action whose kind is the knob name
+#: and whose params are {"value": ...}; `stop` takes no value.
+KNOB_MICRO_BATCH = "micro_batch_size"
+KNOB_LR_MULTIPLIER = "lr_multiplier"
+KNOB_STOP = "stop"
+
+
+class ProtocolError(ValueError):
+    """A message on the channel is malformed; the message says which field and why."""
+
+
+_ids = itertools.count(1)
+
+
+def new_action_id() -> str:
+    return f"{os.getpid():x}-{next(_ids)}"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One decision: set `kind` (a knob, or `stop`) with `params`, not before `step`.
+
+    Level-based: an action carries the desired value, not a delta, so applying it twice
+    is the same as applying it once.
+    """
+
+    kind: str
+    params: Mapping[str, Any]
+    reason: str
+    step: int
+    policy: str = ""
+    id: str = field(default_factory=new_action_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "params": dict(self.params),
+            "reason": self.reason,
+            "step": self.step,
+            "policy": self.policy,
+        }
+
+    @staticmethod
+    def from_json(obj: Any) -> Action:
+        d = _require_dict(obj, "action")
+        return Action(
+            id=_get(d, "id", str, "action"),
+            kind=_get(d, "kind", str, "action"),
+            params=_get(d, "params", dict, "action"),
+            reason=_get(d, "reason", str, "action"),
+            step=_get(d, "step", int, "action"),
+            policy=_get(d, "policy", str, "action", default=""),
+        )
+
+
+#: Outcome of an action, as reported back by the agent.
+OUTCOMES = ("applied", "noop", "rejected", "rolled_back")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to an action in the job: when, how, how long it took."""
+
+    action_id: str
+    outcome: str
+    step: int
+    duration_s: float
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action_id": self.action_id,
+            "outcome": self.outcome,
+            "step": self.step,
+            "duration_s": self.duration_s,
+            "detail": self.detail,
+        }
+
+    @staticmethod
+    def from_json(obj: Any) -> Outcome:
+        d = _require_dict(obj, "outcome")
+        outcome = _get(d, "outcome", str, "outcome")
+        if outcome not in OUTCOMES:
+            raise ProtocolError(f"outcome.outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+        return Outcome(
+            action_id=_get(d, "action_id", str, "outcome"),
+            outcome=outcome,
+            step=_get(d, "step", int, "outcome"),
+            duration_s=float(_get(d, "duration_s", (int, float), "outcome")),
+            detail=_get(d, "detail", str, "outcome", default=""),
+        )
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """One rank's memory at a sync point: used now, peak since the previous sync, device total."""
+
+    rank: int
+    used_bytes: int
+    peak_bytes: int
+    total_bytes: int
+    device: str
+    pid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "used_bytes": self.used_bytes,
+            "peak_bytes": self.peak_bytes,
+            "total_bytes": self.total_bytes,
+            "device": self.device,
+            "pid": self.pid,
+        }
+
+    @staticmethod
+    def from_json(obj: Any) -> RankMemory:
+        d = _require_dict(obj, "memory")
+        return RankMemory(
+            rank=_get(d, "rank", int, "memory"),
+            used_bytes=_get(d, "used_bytes", int, "memory"),
+            peak_bytes=_get(d, "peak_bytes", int, "memory"),
+            total_bytes=_get(d, "total_bytes", int, "memory"),
+            device=_get(d, "device", str, "memory"),
+            pid=_get(d, "pid", int, "memory"),
+        )
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Telemetry of one optimizer step, as rank 0 reports it."""
+
+    step: int
+    time: float
+    loss: float | None
+    samples: int
+    tokens: int
+    step_time_s: float
+    lr: float | None
+    config: Mapping[str, Any]
+    memory: tuple[RankMemory, ...]
+    domain_loss: Mapping[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "time": self.time,
+            "loss": self.loss,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "step_time_s": self.step_time_s,
+            "lr": self.lr,
+            "config": dict(self.config),
+            "memory": [m.to_json() for m in self.memory],
+            "domain_loss": dict(self.domain_loss),
+        }
+
+    @staticmethod
+    def from_json(obj: Any) -> StepRecord:
+        d = _require_dict(obj, "record")
+        loss = d.get("loss")
+        if loss is not None and not isinstance(loss, (int, float)):
+            raise ProtocolError("record.loss must be a number or null")
+        lr = d.get("lr")
+        if lr is not None and not isinstance(lr, (int, float)):
+            raise ProtocolError("record.lr must be a number or null")
+        memory = _get(d, "memory", list, "record")
+        domain_loss = _get(d, "domain_loss", dict, "record", default={})
+        for k, v in domain_loss.items():
+            if not isinstance(v, (int, float)):
+                raise ProtocolError(f"record.domain_loss[{k!r}] must be a number")
+        return StepRecord(
+            step=_get(d, "step", int, "record"),
+            time=float(_get(d, "time", (int, float), "record")),
+            loss=None if loss is None else float(loss),
+            samples=_get(d, "samples", int, "record"),
+            tokens=_get(d, "tokens", int, "record"),
+            step_time_s=float(_get(d, "step_time_s", (int, float), "record")),
+            lr=None if lr is None else float(lr),
+            config=_get(d, "config", dict, "record"),
+            memory=tuple(RankMemory.from_json(m) for m in memory),
+            domain_loss={str(k): float(v) for k, v in domain_loss.items()},
+        )
+
+
+@dataclass(frozen=True)
+class KnobSpec:
+    """A knob an adapter can carry: its current value and what it accepts."""
+
+    name: str
+    value: Any
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "choices": list(self.choices),
+            "minimum": self.minimum,
+            "maximum": self.maximum,
+        }
+
+    @staticmethod
+    def from_json(obj: Any) -> KnobSpec:
+        d = _require_dict(obj, "knob")
+        return KnobSpec(
+            name=_get(d, "name", str, "knob"),
+            value=d.get("value"),
+            choices=tuple(_get(d, "choices", list, "knob", default=[])),
+            minimum=d.get("minimum"),
+            maximum=d.get("maximum"),
+        )
+
+    def accepts(self, value: Any) -> bool:
+        """Whether the adapter can carry `value` for this knob."""
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return type(value) is type(self.value)
+        if self.minimum is not None and value < self.minimum:
+            return False
+        return not (self.maximum is not None and value > self.maximum)
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What the agent tells the controller at connect."""
+
+    run_id: str
+    adapter: str
+    world_size: int
+    param_count: int
+    global_batch_size: int
+    tokens_per_sample: int
+    knobs: tuple[KnobSpec, ...]
+    pids: tuple[int, ...]
+    device: str
+    device_total_bytes: int
+    sync_every: int
+
+    def knob(self, name: str) -> KnobSpec | None:
+        for k in self.knobs:
+            if k.name == name:
+                return k
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "adapter": self.adapter,
+            "world_size": self.world_size,
+            "param_count": self.param_count,
+            "global_batch_size": self.global_batch_size,
+            "tokens_per_sample": self.tokens_per_sample,
+            "knobs": [k.to_json() for k in self.knobs],
+            "pids": list(self.pids),
+            "device": self.device,
+            "device_total_bytes": self.device_total_bytes,
+            "sync_every": self.sync_every,
+        }
+
+    @staticmethod
+    def from_json(obj: Any) -> JobShape:
+        d = _require_dict(obj, "shape")
+        return JobShape(
+            run_id=_get(d, "run_id", str, "shape"),
+            adapter=_get(d, "adapter", str, "shape"),
+            world_size=_get(d, "world_size", int, "shape"),
+            param_count=_get(d, "param_count", int, "shape"),
+            global_batch_size=_get(d, "global_batch_size", int, "shape"),
+            tokens_per_sample=_get(d, "tokens_per_sample", int, "shape"),
+            knobs=tuple(KnobSpec.from_json(k) for k in _get(d, "knobs", list, "shape")),
+            pids=tuple(_get(d, "pids", list, "shape")),
+            device=_get(d, "device", str, "shape"),
+            device_total_bytes=_get(d, "device_total_bytes", int, "shape"),
+            sync_every=_get(d, "sync_every", int, "shape"),
+        )
+
+
+def hello_message(shape: JobShape) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "shape": shape.to_json()}
+
+
+def exchange_message(
+    records: list[StepRecord], outcomes: list[Outcome], finished: bool = False
+) -> dict[str, Any]:
+    return {
+        "v": PROTOCOL_VERSION,
+        "records": [r.to_json() for r in records],
+        "outcomes": [o.to_json() for o in outcomes],
+        "finished": finished,
+    }
+
+
+def check_version(obj: Any) -> dict[str, Any]:
+    d = _require_dict(obj, "message")
+    v = d.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"message version {v!r} is not supported; this controller speaks v{PROTOCOL_VERSION}: "
+            "install the same trainwarden version in the job and the sidecar"
+        )
+    return d
+
+
+def _require_dict(obj: Any, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+_MISSING = object()
+
+
+def _get(d: dict[str, Any], key: str, typ: Any, what: str, default: Any = _MISSING) -> Any:
+    if key not in d:
+        if default is _MISSING:
+            raise ProtocolError(f"{what}.{key} is missing")
+        return default
+    value = d[key]
+    # bool is an int in Python; on the wire it is not.
+    if isinstance(value, bool) and typ in (int, (int, float)):
+        raise ProtocolError(f"{what}.{key} must be a number, got a boolean")
+    if not isinstance(value, typ):
+        name = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise ProtocolError(f"{what}.{key} must be {name}, got {type(value).__name__}")
+    return value

@@ -1,0 +1,73 @@
+"""Append-only JSON-lines logs of a run: the decision log and the telemetry.
+
+Each record is one line, written and flushed at once, so a crash loses at most the line
+being written; readers skip a torn last line. Later issues replay these files to tune
+policies, so every line carries the format version `v`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+LOG_VERSION = 1
+DECISIONS_FILE = "decisions.jsonl"
+TELEMETRY_FILE = "telemetry.jsonl"
+
+log = logging.getLogger(__name__)
+
+
+class JsonlWriter:
+    """Appends records to a file, one flushed line each; a write error is reported once, not raised.
+
+    Training must go on when the disk is full: the controller keeps deciding and serving
+    metrics, it only loses the record.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._failed = False
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (held open for the run)
+
+    def write(self, record: dict[str, Any]) -> bool:
+        line = json.dumps({"v": LOG_VERSION, **record}, separators=(",", ":"), default=str)
+        with self._lock:
+            try:
+                self._fh.write(line + "\n")
+                self._fh.flush()
+            except OSError as exc:
+                if not self._failed:
+                    log.error("cannot write %s (%s); training goes on, records are lost", self.path, exc)
+                self._failed = True
+                return False
+        if self._failed:
+            log.warning("writing %s works again", self.path)
+            self._failed = False
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSON-lines log; a torn or garbled line (a crash mid-write) is skipped."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec

@@ -1,0 +1,92 @@
+"""The frozen view of a job that policies decide on.
+
+The controller builds one Snapshot per decision from the telemetry it has received; a
+policy never sees anything else, which is what makes `decide` pure, replayable from a
+recorded trace, and tunable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainwarden.controller.protocol import KnobSpec, RankMemory
+
+
+@dataclass(frozen=True)
+class BudgetUse:
+    """One budget's spend: `spent` of `limit`, in `unit`, and how fast it is being spent."""
+
+    name: str
+    """`wall_time`, `tokens`, `flops` or `cost`."""
+    unit: str
+    """`seconds`, `tokens`, `flops` or `money`."""
+    spent: float
+    limit: float
+    rate_per_s: float | None
+    """Spend per second of wall time now (None until measured)."""
+
+    @property
+    def fraction(self) -> float:
+        return self.spent / self.limit if self.limit > 0 else 1.0
+
+    @property
+    def remaining_s(self) -> float | None:
+        """Forecast seconds until this budget runs out at the current rate."""
+        if self.spent >= self.limit:
+            return 0.0
+        if not self.rate_per_s:
+            return None
+        return (self.limit - self.spent) / self.rate_per_s
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a policy may look at, as of `step`."""
+
+    step: int
+    """Last optimizer step the job reported."""
+    elapsed_s: float
+    """Wall time since the job's first reported step."""
+    loss: float | None
+    """Training loss, smoothed (EMA) over recent steps."""
+    tokens: int
+    samples: int
+    tokens_per_second: float | None
+    step_time_s: float | None
+    memory: tuple[RankMemory, ...]
+    """Latest memory of every rank (per-step peak since the previous sync)."""
+    memory_cap_bytes: int | None
+    """The budget's cap resolved against the device (None: no cap)."""
+    config: Mapping[str, Any]
+    """Configuration the job runs with now: knob -> value."""
+    knobs: Mapping[str, KnobSpec]
+    """Knobs the adapter can carry: the controller never sends anything else."""
+    world_size: int = 1
+    global_batch_size: int = 0
+    param_count: int = 0
+    last_action_step: Mapping[str, int] = field(default_factory=dict)
+    """Step at which each knob was last changed (applied)."""
+    pending: frozenset[str] = frozenset()
+    """Knobs with an action issued and not yet answered: policies leave them alone."""
+    peak_by_micro_batch: Mapping[int, int] = field(default_factory=dict)
+    """Highest per-step memory peak (max over ranks) observed at each micro-batch size."""
+    budgets: tuple[BudgetUse, ...] = ()
+    finished: bool = False
+
+    @property
+    def memory_peak_bytes(self) -> int:
+        return max((m.peak_bytes for m in self.memory), default=0)
+
+    @property
+    def binding_budget(self) -> BudgetUse | None:
+        """The budget that runs out first: by forecast when known, else by fraction spent."""
+        if not self.budgets:
+            return None
+
+        def key(b: BudgetUse) -> tuple[float, float]:
+            r = b.remaining_s
+            return (r if r is not None else float("inf"), -b.fraction)
+
+        return min(self.budgets, key=key)

@@ -1,0 +1,147 @@
+"""The controller's picture of the job, folded from telemetry: what `observe()` reads.
+
+Level-based: the configuration the job reports in its telemetry is the truth; actions only
+ask for a change, and the next records say whether it happened.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainwarden.controller.protocol import KNOB_MICRO_BATCH, JobShape, KnobSpec, RankMemory, StepRecord
+from trainwarden.controller.snapshot import BudgetUse, Snapshot
+from trainwarden.policies.schema import Budget
+
+#: Smoothing of the reported loss (EMA weight of the newest step).
+LOSS_EMA = 0.1
+#: Steps in the throughput window: long enough to average out noise, short enough to see a switch.
+THROUGHPUT_WINDOW = 20
+
+
+@dataclass
+class JobState:
+    """Mutable fold of the job's telemetry; only the controller, under its lock, touches it."""
+
+    shape: JobShape | None = None
+    step: int = -1
+    first_time: float | None = None
+    last_time: float | None = None
+    loss_ema: float | None = None
+    last_loss: float | None = None
+    tokens: int = 0
+    samples: int = 0
+    lr: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    memory: dict[int, RankMemory] = field(default_factory=dict)
+    last_action_step: dict[str, int] = field(default_factory=dict)
+    peak_by_micro_batch: dict[int, int] = field(default_factory=dict)
+    domain_loss: dict[str, float] = field(default_factory=dict)
+    finished: bool = False
+    _window: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=THROUGHPUT_WINDOW))
+
+    def ingest(self, rec: StepRecord) -> None:
+        if rec.step <= self.step:
+            return  # a resent record: telemetry is idempotent by step
+        if self.first_time is None:
+            # The first step's start, not its end: wall time includes the first step.
+            self.first_time = rec.time - rec.step_time_s
+        self.step = rec.step
+        self.last_time = rec.time
+        if rec.loss is not None:
+            self.last_loss = rec.loss
+            self.loss_ema = (
+                rec.loss if self.loss_ema is None else ((1 - LOSS_EMA) * self.loss_ema + LOSS_EMA * rec.loss)
+            )
+        self.tokens = rec.tokens
+        self.samples = rec.samples
+        self.lr = rec.lr
+        self.config = dict(rec.config)
+        self.domain_loss.update(rec.domain_loss)
+        self._window.append((rec.time, rec.tokens, rec.step_time_s))
+        for m in rec.memory:
+            self.memory[m.rank] = m
+        if rec.memory:
+            mb = rec.config.get(KNOB_MICRO_BATCH)
+            if isinstance(mb, int):
+                peak = max(m.peak_bytes for m in rec.memory)
+                self.peak_by_micro_batch[mb] = max(peak, self.peak_by_micro_batch.get(mb, 0))
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if len(self._window) < 2:
+            return None
+        (t0, k0, _), (t1, k1, _) = self._window[0], self._window[-1]
+        return (k1 - k0) / (t1 - t0) if t1 > t0 else None
+
+    @property
+    def step_time_s(self) -> float | None:
+        if not self._window:
+            return None
+        times = sorted(s for _, _, s in self._window)
+        return times[len(times) // 2]
+
+    @property
+    def elapsed_s(self) -> float:
+        if self.first_time is None or self.last_time is None:
+            return 0.0
+        return self.last_time - self.first_time
+
+    def budgets(self, budget: Budget) -> tuple[BudgetUse, ...]:
+        """Spend against each budget given, with its current rate."""
+        uses: list[BudgetUse] = []
+        tps = self.tokens_per_second
+        world = self.shape.world_size if self.shape else 1
+        params = self.shape.param_count if self.shape else 0
+        elapsed = self.elapsed_s
+        if budget.wall_time_s is not None:
+            uses.append(BudgetUse("wall_time", "seconds", elapsed, budget.wall_time_s, 1.0))
+        if budget.tokens is not None:
+            uses.append(BudgetUse("tokens", "tokens", float(self.tokens), float(budget.tokens), tps))
+        if budget.flops is not None:
+            # 6 FLOPs per parameter per token: forward 2, backward 4 (Kaplan et al.).
+            rate = 6.0 * params * tps if tps else None
+            uses.append(BudgetUse("flops", "flops", 6.0 * params * self.tokens, budget.flops, rate))
+        if budget.cost is not None:
+            per_s = budget.cost.per_device_hour * world / 3600.0
+            uses.append(BudgetUse("cost", "money", elapsed * per_s, budget.cost.max, per_s))
+        return tuple(uses)
+
+    def snapshot(self, budget: Budget, pending: frozenset[str], observed: dict[int, int]) -> Snapshot:
+        """The frozen view policies decide on. `observed` is memory seen by the controller's own
+        sources (NVML, procfs) per rank; a rank's peak is the larger of that and the agent's."""
+        memory = []
+        for rank, m in sorted(self.memory.items()):
+            seen = observed.get(rank, 0)
+            memory.append(m if seen <= m.peak_bytes else _with_peak(m, seen))
+        shape = self.shape
+        knobs: dict[str, KnobSpec] = {k.name: k for k in shape.knobs} if shape else {}
+        cap = None
+        if budget.device_memory is not None and memory:
+            cap = budget.device_memory.resolve(min(m.total_bytes for m in memory))
+        return Snapshot(
+            step=self.step,
+            elapsed_s=self.elapsed_s,
+            loss=self.loss_ema,
+            tokens=self.tokens,
+            samples=self.samples,
+            tokens_per_second=self.tokens_per_second,
+            step_time_s=self.step_time_s,
+            memory=tuple(memory),
+            memory_cap_bytes=cap,
+            config=dict(self.config),
+            knobs=knobs,
+            world_size=shape.world_size if shape else 1,
+            global_batch_size=shape.global_batch_size if shape else 0,
+            param_count=shape.param_count if shape else 0,
+            last_action_step=dict(self.last_action_step),
+            pending=pending,
+            peak_by_micro_batch=dict(self.peak_by_micro_batch),
+            budgets=self.budgets(budget),
+            finished=self.finished,
+        )
+
+
+def _with_peak(m: RankMemory, peak: int) -> RankMemory:
+    return RankMemory(m.rank, max(m.used_bytes, peak), peak, m.total_bytes, m.device, m.pid)
