@@ -488,8 +488,7 @@ def _read_policies(ctx: _Ctx, node: Node | None) -> tuple[PolicySpec, ...]:
         spec = _read_policy(ctx, item, f"policies[{i}]", registry)
         if spec is not None:
             specs.append((f"policies[{i}]", spec))
-    _check_names(ctx, specs)
-    _check_knobs(ctx, specs, registry)
+    _check_names_and_knobs(ctx, specs, registry)
     return tuple(spec for _, spec in specs)
 
 
@@ -547,35 +546,55 @@ def _read_name(ctx: _Ctx, entries: dict[str, tuple[ScalarNode, Node]], path: str
     return node.value
 
 
-def _check_names(ctx: _Ctx, specs: Sequence[tuple[str, PolicySpec]]) -> None:
-    first: dict[str, PolicySpec] = {}
+def _check_names_and_knobs(ctx: _Ctx, specs: Sequence[tuple[str, PolicySpec]], registry: _Kinds) -> None:
+    """Each name once per file; each knob owned by one policy (one message per pair of policies)."""
+    by_name: dict[str, PolicySpec] = {}
+    owner: dict[str, PolicySpec] = {}
     for path, spec in specs:
-        if spec.name in first:
+        knobs = sorted(getattr(registry.get()[spec.kind], "knobs", frozenset()))
+        shared: dict[int, list[str]] = {}
+        others: dict[int, PolicySpec] = {}
+        for knob in knobs:
+            if knob in owner:
+                other = owner[knob]
+                shared.setdefault(id(other), []).append(knob)
+                others[id(other)] = other
+            else:
+                owner[knob] = spec
+        same_kind_reported = False
+        for key, knob_list in shared.items():
+            other = others[key]
+            if other.kind == spec.kind:
+                same_kind_reported |= other.name == spec.name
+                message = (
+                    f"policy kind {spec.kind!r} is used twice (lines {other.line} and {spec.line}) and both "
+                    f"would set its {_knob_words(knob_list)}; keep one of them"
+                )
+            else:
+                verb = "is" if len(knob_list) == 1 else "are"
+                message = (
+                    f"{_knob_words(knob_list)} {verb} owned by both policies {other.name!r} "
+                    f"(line {other.line}) and {spec.name!r} (line {spec.line}); give each knob to one policy"
+                )
+            ctx.add(spec.line, path, message)
+        if spec.name in by_name and not same_kind_reported:
+            first = by_name[spec.name]
             hint = " (a policy without `name:` is named after its kind)" if spec.name == spec.kind else ""
             ctx.add(
                 spec.line,
                 f"{path}.name",
-                f"policy name {spec.name!r} is used twice (lines {first[spec.name].line} and "
-                f"{spec.line}){hint}; give each policy its own `name:`",
+                f"policy name {spec.name!r} is used twice (lines {first.line} and {spec.line}){hint}; "
+                "give each policy its own `name:`",
             )
-        else:
-            first[spec.name] = spec
+        by_name.setdefault(spec.name, spec)
 
 
-def _check_knobs(ctx: _Ctx, specs: Sequence[tuple[str, PolicySpec]], registry: _Kinds) -> None:
-    owner: dict[str, PolicySpec] = {}
-    for path, spec in specs:
-        for knob in sorted(getattr(registry.get()[spec.kind], "knobs", frozenset())):
-            if knob in owner:
-                other = owner[knob]
-                ctx.add(
-                    spec.line,
-                    path,
-                    f"knob {knob!r} is owned by both policies {other.name!r} (line {other.line}) and "
-                    f"{spec.name!r} (line {spec.line}); give each knob to one policy",
-                )
-            else:
-                owner[knob] = spec
+def _knob_words(knobs: Sequence[str]) -> str:
+    """`knob 'a'`, `knobs 'a' and 'b'`, `knobs 'a', 'b' and 'c'`."""
+    quoted = [repr(k) for k in knobs]
+    if len(quoted) == 1:
+        return f"knob {quoted[0]}"
+    return f"knobs {', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
 # --- typed parameters ---------------------------------------------------------------------
@@ -751,16 +770,25 @@ def _convert_scalar(ctx: _Ctx, node: Node, hint: type, path: str, meta: _Meta) -
 
 
 def _check_meta(ctx: _Ctx, node: Node, path: str, meta: _Meta, value: Any) -> Any:
+    """Check `value` (read from `node`) against the field's choices and valid range."""
     if value is _BAD:
         return _BAD
+    shown = _shown(node, value)
     if meta.choices and value not in meta.choices:
         choices = ", ".join(repr(c) for c in meta.choices)
-        return ctx.add(node, path, f"{value!r} is not one of the choices: {choices}")
+        return ctx.add(node, path, f"{shown} is not one of the choices: {choices}")
     valid = meta.valid
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if valid is not None and is_number and not valid.contains(value):
-        return ctx.add(node, path, f"{value!r} is outside the valid range: {_describe_range(valid)}")
+        return ctx.add(node, path, f"{shown} is outside the valid range: {_describe_range(valid)}")
     return value
+
+
+def _shown(node: Node, value: Any) -> str:
+    """A value as the file wrote it: `2`, `'3TiB'`, `'off'`."""
+    if isinstance(node, ScalarNode):
+        return repr(node.value) if node.tag == _STR else node.value
+    return repr(value)
 
 
 def _describe_range(valid: Any) -> str:

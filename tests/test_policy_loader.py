@@ -75,11 +75,25 @@ class KnobB(PolicyKind):
         return []
 
 
+@dataclass(frozen=True)
+class KnobCParams:
+    pass
+
+
+class KnobC(PolicyKind):
+    kind = "test_knob_c"
+    Params = KnobCParams
+    knobs = frozenset()
+
+    def decide(self, snapshot: Snapshot, budget: Budget) -> list[Action]:
+        return []
+
+
 @pytest.fixture(autouse=True)
 def test_kinds() -> Iterator[None]:
     """Register the test kinds for one test, and take them out again after it."""
     added = []
-    for cls in (KnobA, KnobB):
+    for cls in (KnobA, KnobB, KnobC):
         if cls.kind not in base.KINDS:
             base.register(cls)
             added.append(cls.kind)
@@ -345,10 +359,10 @@ BAD: list[tuple[str, str, int, str, list[str]]] = [
     ),
     (
         "unknown policy kind",
-        "version: 1\nbudget: {}\npolicies:\n  - kind: test_knob_c\n",
+        "version: 1\nbudget: {}\npolicies:\n  - kind: test_nob_a\n",
         4,
         "policies[0].kind",
-        ["unknown policy kind 'test_knob_c'; did you mean 'test_knob_a'?", "Known kinds: ", "test_knob_b"],
+        ["unknown policy kind 'test_nob_a'; did you mean 'test_knob_a'?", "Known kinds: ", "test_knob_b"],
     ),
     (
         "policy without kind",
@@ -437,17 +451,27 @@ BAD: list[tuple[str, str, int, str, list[str]]] = [
     (
         "duplicate policy names",
         "version: 1\nbudget: {}\npolicies:\n  - kind: test_knob_b\n    name: p\n"
-        "  - kind: test_knob_a\n    name: p\n",
+        "  - kind: test_knob_c\n    name: p\n",
         6,
         "policies[1].name",
         ["policy name 'p' is used twice (lines 4 and 6); give each policy its own `name:`"],
     ),
     (
         "one kind twice without names",
-        "version: 1\nbudget: {}\npolicies:\n  - kind: test_knob_b\n  - kind: test_knob_b\n",
+        "version: 1\nbudget: {}\npolicies:\n  - kind: test_knob_c\n  - kind: test_knob_c\n",
         5,
         "policies[1].name",
-        ["policy name 'test_knob_b' is used twice (lines 4 and 5) (a policy without `name:` is named after"],
+        ["policy name 'test_knob_c' is used twice (lines 4 and 5) (a policy without `name:` is named after"],
+    ),
+    (
+        "one kind with knobs twice",
+        "version: 1\nbudget: {}\npolicies:\n  - kind: test_knob_b\n  - kind: test_knob_b\n",
+        5,
+        "policies[1]",
+        [
+            "policy kind 'test_knob_b' is used twice (lines 4 and 5) and both would set its "
+            "knobs 'lr_multiplier' and 'micro_batch_size'; keep one of them"
+        ],
     ),
     (
         "bad policy name",
@@ -620,7 +644,7 @@ def test_a_param_check_that_raises_in_the_constructor_becomes_a_problem() -> Non
 @dataclass(frozen=True)
 class UnresolvedParams:
     # `Rate` exists only for type checkers: typing.get_type_hints fails at run time.
-    rate: Rate = param(0.5, valid=Range(0.0, 1.0))
+    rate: Rate = param(0.5, valid=Range(0.0, 1.0))  # noqa: RUF009
 
 
 class Unresolved(PolicyKind):
@@ -637,13 +661,13 @@ def test_fields_without_resolvable_hints_use_the_default_type() -> None:
         typing.get_type_hints(UnresolvedParams)
     base.register(Unresolved)
     try:
-        text = "version: 1\nbudget: {}\npolicies:\n  - kind: test_unresolved\n    rate: {}\n"
-        pf = load_policy_text(text.format(1))
+        text = "version: 1\nbudget: {}\npolicies:\n  - kind: test_unresolved\n    rate: RATE\n"
+        pf = load_policy_text(text.replace("RATE", "1"))
         assert pf.policies[0].params.rate == 1.0 and isinstance(pf.policies[0].params.rate, float)
-        with pytest.raises(PolicyFileError, match="expected a number \\(like 0.5\\), got the text 'x'"):
-            load_policy_text(text.format("x"))
+        with pytest.raises(PolicyFileError, match=r"expected a number \(like 0.5\), got the text 'x'"):
+            load_policy_text(text.replace("RATE", "x"))
         with pytest.raises(PolicyFileError, match="2 is outside the valid range: 0 to 1"):
-            load_policy_text(text.format(2))
+            load_policy_text(text.replace("RATE", "2"))
     finally:
         base.KINDS.pop(Unresolved.kind)
 
