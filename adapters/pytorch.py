@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
 from trainwarden.adapters.agent import Agent
 from trainwarden.adapters.batching import batch_size, micro_slices, regroup, slice_batch
 from trainwarden.adapters.connect import AttachError, connect, run_id_from_env

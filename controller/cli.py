@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trainwarden.controller.protocol import ENV_ENDPOINT, ENV_RUN_DIR, ENV_RUN_ID, ENV_TOKEN
+from trainwarden.policies.units import format_bytes, format_duration
 
 log = logging.getLogger("trainwarden")
 
@@ -150,14 +151,11 @@ def _get_json(url: str, token: str, timeout: float = 2.0) -> dict[str, Any] | No
 
 
 def _fmt_bytes(n: float | None) -> str:
-    return "?" if not n else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    return "?" if not n else format_bytes(n)
 
 
 def _fmt_duration(s: float | None) -> str:
-    if s is None:
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    return "?" if s is None else format_duration(s)
 
 
 def status_line(st: dict[str, Any]) -> str:

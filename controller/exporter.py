@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
 from trainwarden.controller.loop import Controller
 
 log = logging.getLogger(__name__)

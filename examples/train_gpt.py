@@ -18,6 +18,7 @@ import math
 import time
 
 import torch
+
 from trainwarden.adapters import pytorch as trainwarden_pytorch
 from trainwarden.examples.corpus import MixtureSampler, eval_batches, load_domains
 from trainwarden.examples.gpt import GPT, GPTConfig

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from trainwarden.policies import units
-from trainwarden.policies.schema import Budget, ControllerSettings, Cost, PolicyFile, PolicySpec
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from trainwarden.policies import units
+from trainwarden.policies.schema import Budget, ControllerSettings, Cost, PolicyFile, PolicySpec
 
 if typing.TYPE_CHECKING:
     from trainwarden.policies.base import PolicyKind

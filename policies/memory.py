@@ -15,8 +15,7 @@ from trainwarden.controller.protocol import KNOB_MICRO_BATCH, Action
 from trainwarden.controller.snapshot import Snapshot
 from trainwarden.policies.base import PolicyKind, Range, param, register
 from trainwarden.policies.schema import Budget
-
-GiB = float(2**30)
+from trainwarden.policies.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,8 @@ class MemoryPolicy(PolicyKind):
                     break
                 target = r
             why = (
-                f"memory peak {peak / GiB:.2f} GiB is above the high-water mark {high / GiB:.2f} GiB "
-                f"({p.high_water:g} of the {cap / GiB:.2f} GiB cap)"
+                f"memory peak {format_bytes(peak)} is above the high-water mark {format_bytes(high)} "
+                f"({p.high_water:g} of the {format_bytes(cap)} cap)"
             )
             return [self._set(snapshot, mb, target, why)]
 
@@ -118,8 +117,8 @@ class MemoryPolicy(PolicyKind):
             if f > high:
                 return []
             why = (
-                f"memory peak {peak / GiB:.2f} GiB is below the low-water mark {low / GiB:.2f} GiB and "
-                f"micro-batch {target} is forecast at {f / GiB:.2f} GiB, under {high / GiB:.2f} GiB"
+                f"memory peak {format_bytes(peak)} is below the low-water mark {format_bytes(low)} and "
+                f"micro-batch {target} is forecast at {format_bytes(f)}, under {format_bytes(high)}"
             )
             return [self._set(snapshot, mb, target, why)]
         return []

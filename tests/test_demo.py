@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import TRAINWARDEN, job_env
+
 from trainwarden.controller.runlog import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -18,8 +18,14 @@ pytestmark = pytest.mark.slow
 def test_demo_quick(tmp_path: Path) -> None:
     run_dir = tmp_path / "demo"
     t = time.monotonic()
-    out = subprocess.run([*TRAINWARDEN, "demo", "--quick", "--run-dir", str(run_dir)],
-                         env=job_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = subprocess.run(
+        [*TRAINWARDEN, "demo", "--quick", "--run-dir", str(run_dir)],
+        env=job_env(OMP_NUM_THREADS="2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     took = time.monotonic() - t
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"run directory {run_dir}" in out.stderr and "/metrics" in out.stderr

@@ -8,6 +8,7 @@ a decision was made, applied at a step boundary, and that the job's configuratio
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -16,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TRAINWARDEN, free_port, job_env, scrape, wait_for
+
 from trainwarden.controller.runlog import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -35,9 +36,28 @@ policies:
     min_micro_batch: 2
 """
 
-TINY_JOB = [sys.executable, str(REPO / "examples" / "train_gpt.py"), "--steps", "400", "--n-layer", "1",
-            "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--global-batch", "16",
-            "--micro-batch", "16", "--eval-every", "0", "--threads", "1"]
+TINY_JOB = [
+    sys.executable,
+    str(REPO / "examples" / "train_gpt.py"),
+    "--steps",
+    "400",
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "32",
+    "--n-head",
+    "2",
+    "--block-size",
+    "32",
+    "--global-batch",
+    "16",
+    "--micro-batch",
+    "16",
+    "--eval-every",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def test_run_switches_the_job_and_metrics_show_it(tmp_path: Path) -> None:
@@ -46,9 +66,25 @@ def test_run_switches_the_job_and_metrics_show_it(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     port = free_port()
     proc = subprocess.Popen(
-        [*TRAINWARDEN, "run", "--policy", str(policy), "--run-dir", str(run_dir), "--metrics-port", str(port),
-         "--status-every", "1", "--", *TINY_JOB],
-        env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        [
+            *TRAINWARDEN,
+            "run",
+            "--policy",
+            str(policy),
+            "--run-dir",
+            str(run_dir),
+            "--metrics-port",
+            str(port),
+            "--status-every",
+            "1",
+            "--",
+            *TINY_JOB,
+        ],
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
     )
     scrapes = []
     while proc.poll() is None:
@@ -83,12 +119,16 @@ def test_run_switches_the_job_and_metrics_show_it(tmp_path: Path) -> None:
         assert by_step[s + 1]["config"]["micro_batch_size"] == d["params"]["value"]
         assert by_step[s + 1]["config"]["gradient_accumulation_steps"] == 16 // d["params"]["value"]
     samples = [r["samples"] for r in steps]
-    assert all(b - a == 16 for a, b in zip(samples, samples[1:], strict=False))
+    assert all(b - a == 16 for a, b in itertools.pairwise(samples))
     assert steps[-1]["step"] == 400
 
     # A real scrape taken while the job ran shows the action and the new configuration.
-    run_label = ("run", run_dir.name)
-    applied_key = ("trainwarden_actions_total", (("kind", "micro_batch_size"), ("outcome", "applied"), run_label))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    run_label = ("run", summary["run_id"])
+    applied_key = (
+        "trainwarden_actions_total",
+        (("kind", "micro_batch_size"), ("outcome", "applied"), run_label),
+    )
     after = [s for s in scrapes if s.get(applied_key, 0) >= 1]
     assert after, f"no scrape of {len(scrapes)} saw an applied action"
     last = after[-1]
@@ -97,14 +137,25 @@ def test_run_switches_the_job_and_metrics_show_it(tmp_path: Path) -> None:
     assert any(k[0] == "trainwarden_device_memory_peak_bytes" and ("rank", "0") in k[1] for k in last)
     assert last[("trainwarden_step", (run_label,))] > 0
 
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 400 and summary["config"]["micro_batch_size"] == 2
 
 
 def test_run_returns_the_jobs_exit_code(tmp_path: Path) -> None:
     out = subprocess.run(
-        [*TRAINWARDEN, "run", "--run-dir", str(tmp_path / "r"), "--", sys.executable, "-c", "raise SystemExit(3)"],
-        env=job_env(), capture_output=True, text=True, timeout=60,
+        [
+            *TRAINWARDEN,
+            "run",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--",
+            sys.executable,
+            "-c",
+            "raise SystemExit(3)",
+        ],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 3, out.stderr
     assert "job exited with 3" in out.stderr
@@ -113,8 +164,13 @@ def test_run_returns_the_jobs_exit_code(tmp_path: Path) -> None:
 def test_run_refuses_a_bad_policy_without_a_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nbudget:\n  device_memory: 24 GB\n")
-    out = subprocess.run([*TRAINWARDEN, "run", "--policy", str(bad), "--", sys.executable, "-c", "pass"],
-                         env=job_env(), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*TRAINWARDEN, "run", "--policy", str(bad), "--", sys.executable, "-c", "pass"],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "bad.yaml:3" in out.stderr and "device_memory" in out.stderr
@@ -129,20 +185,47 @@ def test_sidecar_controller_alone(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     run_dir = tmp_path / "sidecar"
     ctl = subprocess.Popen(
-        [*TRAINWARDEN, "controller", "--policy", str(policy), "--listen", f"127.0.0.1:{port}",
-         "--metrics-port", str(metrics_port), "--run-dir", str(run_dir), "--token-file", str(token_file)],
-        env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            *TRAINWARDEN,
+            "controller",
+            "--policy",
+            str(policy),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-port",
+            str(metrics_port),
+            "--run-dir",
+            str(run_dir),
+            "--token-file",
+            str(token_file),
+        ],
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         assert wait_for(lambda: (run_dir / "controller.json").exists(), 30), "controller did not start"
         job = subprocess.run(
             [*TINY_JOB[:3], "30", *TINY_JOB[4:]],
-            env=job_env(TRAINWARDEN_ENDPOINT=f"http://127.0.0.1:{port}", TRAINWARDEN_TOKEN_FILE=str(token_file)),
-            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            env=job_env(
+                TRAINWARDEN_ENDPOINT=f"http://127.0.0.1:{port}", TRAINWARDEN_TOKEN_FILE=str(token_file)
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
         )
         assert job.returncode == 0, job.stderr
-        assert wait_for(lambda: (scrape(f"http://127.0.0.1:{metrics_port}/metrics") or {}).get(
-            ("trainwarden_step", (("run", "sidecar"),))) == 30, 10)
+        assert wait_for(
+            lambda: (
+                (scrape(f"http://127.0.0.1:{metrics_port}/metrics") or {}).get(
+                    ("trainwarden_step", (("run", "sidecar"),))
+                )
+                == 30
+            ),
+            10,
+        )
     finally:
         ctl.send_signal(signal.SIGTERM)
         ctl.wait(30)

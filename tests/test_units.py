@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from trainwarden.policies.schema import MemoryCap
 from trainwarden.policies.units import (
     format_bytes,
