@@ -196,14 +196,22 @@ class Agent:
                     self._inbox[a.id] = a
 
     def close(self, timeout_s: float = 3.0) -> None:
-        """Flush what is queued and tell the controller the job is done (best effort, bounded)."""
+        """Flush what is queued and tell the controller the job is done; bounded by `timeout_s`."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                # Stuck in a request to a hung controller: flushing would hang as long again.
+                log.warning(
+                    "trainwarden: controller not answering; %d telemetry records not sent", len(self._records)
+                )
+                return
         if self.channel is None:
             return
         deadline = time.monotonic() + timeout_s
+        if hasattr(self.channel, "timeout_s"):
+            self.channel.timeout_s = min(self.channel.timeout_s, timeout_s)
         try:
             if not self.connected:
                 self._hello()

@@ -32,6 +32,7 @@ from trainwarden.adapters.batching import batch_size, micro_slices, regroup, sli
 from trainwarden.adapters.connect import AttachError, connect, run_id_from_env
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
+    ENV_SYNC_EVERY,
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
     KNOB_STOP,
@@ -128,10 +129,12 @@ class Handle:
         run_id = run_id_from_env()
         channel, self.controller = connect(self.rank, run_id, policy, run_dir)
         settings_sync = self.controller.settings.sync_every if self.controller is not None else None
-        sync = sync_every or settings_sync or int(os.environ.get("TRAINWARDEN_SYNC_EVERY", "1"))
+        sync = sync_every or settings_sync or int(os.environ.get(ENV_SYNC_EVERY, "1"))
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         probe = probe_for(device)
-        pids = self._gather_pids(initialized)
+        # Every rank must run its collectives at the same steps: rank 0's cadence is the job's
+        # (only rank 0 has the embedded controller's settings).
+        pids, sync = self._gather_pids_and_sync(initialized, sync)
         shape = JobShape(
             run_id=run_id,
             adapter=self.adapter_name,
@@ -148,12 +151,12 @@ class Handle:
         self.agent = Agent(shape, channel, probe, rank=self.rank, world_size=self.world_size, sync_every=sync)
         atexit.register(self.close)
 
-    def _gather_pids(self, initialized: bool) -> tuple[int, ...]:
+    def _gather_pids_and_sync(self, initialized: bool, sync: int) -> tuple[tuple[int, ...], int]:
         if not initialized or self.world_size == 1:
-            return (os.getpid(),)
+            return (os.getpid(),), sync
         out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, os.getpid())
-        return tuple(int(p) for p in out)
+        torch.distributed.all_gather_object(out, (os.getpid(), sync))
+        return tuple(int(pid) for pid, _ in out), int(out[0][1])
 
     # ---- knobs -----------------------------------------------------------------------------
     @property

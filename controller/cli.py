@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from trainwarden.controller.protocol import ENV_ENDPOINT, ENV_RUN_DIR, ENV_RUN_ID, ENV_TOKEN
+from trainwarden.controller.protocol import ENV_ENDPOINT, ENV_RUN_DIR, ENV_RUN_ID, ENV_SYNC_EVERY, ENV_TOKEN
 from trainwarden.policies.units import format_bytes, format_duration
 
 log = logging.getLogger("trainwarden")
@@ -126,12 +126,25 @@ def cmd_controller(args: argparse.Namespace) -> int:
     while not stop.is_set():
         if args.exit_when_finished and server.job_finished.is_set():
             break
+        if args.parent_pid and not _alive(args.parent_pid):
+            log.warning("parent process %d is gone; stopping so no orphan is left", args.parent_pid)
+            break
         stop.wait(0.2)
     server.stop()
     metrics_server.shutdown()
     summary = controller.close()
     log.info("controller stopped at step %s", summary.get("step"))
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _log_to(path: Path) -> None:
@@ -204,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise UsageError("no command to run: trainwarden run --policy P.yaml -- python train.py ...")
-    _load_policy(args.policy)  # fail here, before anything starts, on a bad file
+    pf = _load_policy(args.policy)  # fail here, before anything starts, on a bad file
     from trainwarden.adapters.connect import new_run_id
 
     run_id = args.run_id or new_run_id()
@@ -229,6 +242,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         str(token_file),
         "--run-id",
         run_id,
+        "--parent-pid",
+        str(os.getpid()),
     ]
     if args.policy:
         ctl_cmd += ["--policy", args.policy]
@@ -254,6 +269,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     env.update(
         {ENV_ENDPOINT: ready["endpoint"], ENV_TOKEN: token, ENV_RUN_ID: run_id, ENV_RUN_DIR: str(run_dir)}
     )
+    if pf is not None:
+        env[ENV_SYNC_EVERY] = str(pf.controller.sync_every)
     try:
         job = subprocess.Popen(command, env=env)
     except OSError as exc:
@@ -374,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--token-file", required=True, help="file holding the bearer token the job must present")
     c.add_argument("--run-id", help="name of the run (default: the run directory's name)")
     c.add_argument("--exit-when-finished", action="store_true", help="exit when the job says it has finished")
+    c.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by `run`: exit when it dies
     c.set_defaults(fn=cmd_controller)
 
     d = sub.add_parser("demo", help="train a small GPT on this machine under a budget policy, live")

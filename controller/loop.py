@@ -91,6 +91,7 @@ class Controller:
         self._pending: dict[str, Decision] = {}
         self._last_decide = float("-inf")
         self._observed: dict[int, int] = {}
+        self._rejected: set[tuple[str, str]] = set()
         self.actions_total: Counter[tuple[str, str]] = Counter()
         self.last_decision: dict[str, Any] | None = None
         self.decisions = JsonlWriter(self.run_dir / DECISIONS_FILE)
@@ -189,7 +190,11 @@ class Controller:
             return  # level-based: the pending action already asks for this knob
         problem = self._cannot_carry(action, snap)
         if problem:
-            self._log_decision(action, snap.step, now, "rejected", snap.step, 0.0, problem)
+            # A policy will ask again every round; one line per distinct request is enough.
+            key = (action.kind, repr(sorted(action.params.items())))
+            if key not in self._rejected:
+                self._rejected.add(key)
+                self._log_decision(action, snap.step, now, "rejected", snap.step, 0.0, problem)
             return
         self._pending[action.id] = Decision(action, now, snap.step)
         log.info("step %d: %s %s (%s)", snap.step, action.kind, action.params, action.reason)

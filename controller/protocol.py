@@ -26,12 +26,18 @@ ENV_RUN_ID = "TRAINWARDEN_RUN_ID"
 ENV_RUN_DIR = "TRAINWARDEN_RUN_DIR"
 ENV_POLICY = "TRAINWARDEN_POLICY"
 ENV_DISABLE = "TRAINWARDEN_DISABLE"
+ENV_SYNC_EVERY = "TRAINWARDEN_SYNC_EVERY"
 
 #: Knob names the adapters may report. Each is set by an Action whose kind is the knob name
 #: and whose params are {"value": ...}; `stop` takes no value.
 KNOB_MICRO_BATCH = "micro_batch_size"
 KNOB_LR_MULTIPLIER = "lr_multiplier"
 KNOB_STOP = "stop"
+
+
+def _is_number(v: Any) -> bool:
+    """A JSON number: int or float, and not a bool (which Python counts as an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class ProtocolError(ValueError):
@@ -188,15 +194,15 @@ class StepRecord:
     def from_json(obj: Any) -> StepRecord:
         d = _require_dict(obj, "record")
         loss = d.get("loss")
-        if loss is not None and not isinstance(loss, (int, float)):
+        if loss is not None and not _is_number(loss):
             raise ProtocolError("record.loss must be a number or null")
         lr = d.get("lr")
-        if lr is not None and not isinstance(lr, (int, float)):
+        if lr is not None and not _is_number(lr):
             raise ProtocolError("record.lr must be a number or null")
         memory = _get(d, "memory", list, "record")
         domain_loss = _get(d, "domain_loss", dict, "record", default={})
         for k, v in domain_loss.items():
-            if not isinstance(v, (int, float)):
+            if not _is_number(v):
                 raise ProtocolError(f"record.domain_loss[{k!r}] must be a number")
         return StepRecord(
             step=_get(d, "step", int, "record"),
@@ -238,15 +244,15 @@ class KnobSpec:
             name=_get(d, "name", str, "knob"),
             value=d.get("value"),
             choices=tuple(_get(d, "choices", list, "knob", default=[])),
-            minimum=d.get("minimum"),
-            maximum=d.get("maximum"),
+            minimum=_optional_number(d, "minimum", "knob"),
+            maximum=_optional_number(d, "maximum", "knob"),
         )
 
     def accepts(self, value: Any) -> bool:
         """Whether the adapter can carry `value` for this knob."""
         if self.choices:
             return value in self.choices
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value) or not _is_number(self.value):
             return type(value) is type(self.value)
         if self.minimum is not None and value < self.minimum:
             return False
@@ -301,7 +307,7 @@ class JobShape:
             global_batch_size=_get(d, "global_batch_size", int, "shape"),
             tokens_per_sample=_get(d, "tokens_per_sample", int, "shape"),
             knobs=tuple(KnobSpec.from_json(k) for k in _get(d, "knobs", list, "shape")),
-            pids=tuple(_get(d, "pids", list, "shape")),
+            pids=_int_list(d, "pids", "shape"),
             device=_get(d, "device", str, "shape"),
             device_total_bytes=_get(d, "device_total_bytes", int, "shape"),
             sync_every=_get(d, "sync_every", int, "shape"),
@@ -326,12 +332,27 @@ def exchange_message(
 def check_version(obj: Any) -> dict[str, Any]:
     d = _require_dict(obj, "message")
     v = d.get("v")
-    if v != PROTOCOL_VERSION:
+    if isinstance(v, bool) or v != PROTOCOL_VERSION:
         raise ProtocolError(
             f"message version {v!r} is not supported; this controller speaks v{PROTOCOL_VERSION}: "
             "install the same trainwarden version in the job and the sidecar"
         )
     return d
+
+
+def _optional_number(d: dict[str, Any], key: str, what: str) -> float | None:
+    v = d.get(key)
+    if v is not None and not _is_number(v):
+        raise ProtocolError(f"{what}.{key} must be a number or null, got {type(v).__name__}")
+    return v
+
+
+def _int_list(d: dict[str, Any], key: str, what: str) -> tuple[int, ...]:
+    items = _get(d, key, list, what)
+    for i, v in enumerate(items):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ProtocolError(f"{what}.{key}[{i}] must be int, got {type(v).__name__}")
+    return tuple(items)
 
 
 def _require_dict(obj: Any, what: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class JsonlWriter:
             try:
                 self._fh.write(line + "\n")
                 self._fh.flush()
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: written after close()
                 if not self._failed:
                     log.error("cannot write %s (%s); training goes on, records are lost", self.path, exc)
                 self._failed = True

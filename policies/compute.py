@@ -44,9 +44,11 @@ def cooldown_multiplier(fraction_spent: float, p: ComputeParams) -> float:
     """LR multiplier when `fraction_spent` of the binding budget is spent."""
     if p.cooldown_fraction <= 0 or fraction_spent <= 1 - p.cooldown_fraction:
         return 1.0
+    if fraction_spent >= 1.0:
+        return p.min_lr_multiplier  # exactly: float rounding must not leave it a hair above
     progress = min(1.0, (fraction_spent - (1 - p.cooldown_fraction)) / p.cooldown_fraction)
     decay = progress if p.cooldown_shape == "linear" else math.sqrt(progress)
-    return 1.0 - decay * (1.0 - p.min_lr_multiplier)
+    return p.min_lr_multiplier + (1.0 - decay) * (1.0 - p.min_lr_multiplier)
 
 
 @register

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,

@@ -138,20 +138,19 @@ def _gpt_batches() -> Iterator[tuple]:
             _gpt_batches,
         ),
     ],
+    ids=["linear-sgd-momentum", "gpt-adamw"],
 )
 def test_a_micro_batch_switch_leaves_the_parameters_unchanged(name, make_model, make_opt, batches) -> None:
     steps = 6
     plain = _train(make_model, make_opt, {}, steps, batches)
     switched = _train(make_model, make_opt, {2: 4, 4: 1}, steps, batches)
     ref = dict(plain.named_parameters())
-    moved = False
     for pname, p in switched.named_parameters():
         assert torch.allclose(p, ref[pname], rtol=0, atol=1e-6), f"{name}: {pname} differs after a switch"
     # ...and training did something (the comparison is not between two untouched models).
     torch.manual_seed(1)
     init = make_model()
-    moved = any(not torch.allclose(p, q) for p, q in zip(init.parameters(), plain.parameters()))
-    assert moved
+    assert any(not torch.allclose(p, q) for p, q in zip(init.parameters(), plain.parameters()))
 
 
 def test_the_step_loss_is_the_global_mean_whatever_the_micro_batch() -> None:
@@ -206,7 +205,9 @@ def test_lr_multiplier_applies_on_top_of_the_schedule_every_step(schedule: str) 
         used = scheduled * 0.5
         assert h.last_lr == pytest.approx(used, rel=1e-12)
         delta = before - model.weight.detach()
-        assert torch.allclose(delta, used * grad, rtol=1e-9, atol=1e-15), f"step {i}: the update used another lr"
+        assert torch.allclose(delta, used * grad, rtol=1e-9, atol=1e-15), (
+            f"step {i}: the update used another lr"
+        )
         # The scheduler's own LR is left as it scheduled it, never multiplied.
         assert opt.param_groups[0]["lr"] == pytest.approx(base * factor(i + 1), rel=1e-12)
     # Back to 1: the schedule alone again.
@@ -306,14 +307,17 @@ def test_cpu_probe_sees_a_peak_between_two_samples() -> None:
     assert probe.device == "cpu" and probe.total_bytes > 0
     used, peak = probe.sample()
     assert peak >= used > 0
-    big = torch.ones(24 * 2**20 // 4)  # 24 MiB, written (so resident)
+    # 48 MiB, written (so resident), and above glibc's largest mmap threshold (32 MiB): it is
+    # mapped for itself and unmapped at once when freed.
+    big = torch.ones(48 * 2**20 // 4)
     del big
     used2, peak2 = probe.sample()
     assert peak2 >= used2 > 0
-    assert peak2 - used >= 20 * 2**20, "an allocation freed before the sample must still show in the peak"
+    assert peak2 - used >= 40 * 2**20, "an allocation freed before the sample must still show in the peak"
+    assert peak2 - used2 >= 40 * 2**20  # ...though it is gone by the sample
     # A sample starts a new window: the old peak is gone.
-    used3, peak3 = probe.sample()
-    assert peak3 < peak2 - 10 * 2**20
+    _, peak3 = probe.sample()
+    assert peak3 < peak2 - 30 * 2**20
     probe.release()
     used4, peak4 = probe.sample()
     assert peak4 >= used4 > 0

@@ -1,0 +1,643 @@
+"""The agent's cost per training step, measured against the same loop without it.
+
+Two copies of the demo model (examples/gpt.py, default shape) with the same initial weights,
+each with its own AdamW, train on the same batches. Copy A runs the plain loop
+(forward, backward, optimizer step, zero_grad); copy B runs the identical loop through
+`trainwarden.adapters.pytorch.attach` (`steps` / `backward` / `step`), with the agent
+exchanging telemetry with a real sidecar controller process (`trainwarden controller`) over
+HTTP on loopback. The two loops alternate step by step, in one process, the order inside
+each pair drawn at random, so drift in the machine's speed lands on both alike. Each step is
+timed whole with time.perf_counter (for B: from taking the step's batch to `step()`
+returning, which includes the agent's `on_step`). The statistic is the median of the
+per-pair ratios B/A with a bootstrap 95% confidence interval (resampling pairs).
+
+The same is run on two ranks (torchrun, gloo, DDP-wrapped copies, one thread per rank), with
+the agent's collective every step (sync_every=1, its worst case) and every 8 steps.
+
+    .venv/bin/python bench/agent_overhead.py                 # 200 measured steps each, ~3-4 minutes
+    .venv/bin/python bench/agent_overhead.py --quick         # 50 steps, a smoke run
+    .venv/bin/python bench/agent_overhead.py --skip-two-ranks
+
+Prints one JSON object and writes it to bench/results/agent_overhead.json. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results" / "agent_overhead.json"
+RANKS_SCRIPT = BENCH / "agent_overhead_ranks.py"
+GOAL_OVERHEAD_PCT = 0.5
+BLOCK_SIZE = 128
+BOOTSTRAP_RESAMPLES = 2000
+#: A memory policy whose cap is never approached: the controller decides at every exchange and
+#: never acts, so the cost measured is the agent's and the channel's, not an action's.
+POLICY_YAML = """\
+# agent_overhead benchmark: the memory policy runs, but its cap is never near.
+version: 1
+budget:
+  device_memory: 1000GiB
+policies:
+  - kind: memory
+    step_up: false
+"""
+
+
+# ---- the interleaved loop (shared with agent_overhead_ranks.py) --------------------------------
+def make_models(seed: int) -> tuple[Any, Any]:
+    """Two copies of the demo GPT with identical initial weights."""
+    import torch
+
+    from trainwarden.examples.gpt import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    a = GPT(GPTConfig(block_size=BLOCK_SIZE))
+    return a, copy.deepcopy(a)
+
+
+def make_batches(n: int, batch: int, seed: int) -> list[Any]:
+    from trainwarden.examples.corpus import MixtureSampler, load_domains
+
+    sampler = MixtureSampler(load_domains(), BLOCK_SIZE, batch, seed=seed)
+    return [sampler.next_batch() for _ in range(n)]
+
+
+class Instrument:
+    """Times `agent.on_step` and counts the exchange thread's HTTP exchanges (bench-only)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.on_step_s: list[float] = []
+        self.exchanges = 0
+        agent = handle.agent
+        on_step = agent.on_step
+
+        def timed_on_step(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return on_step(*args, **kwargs)
+            finally:
+                self.on_step_s.append(time.perf_counter() - t)
+
+        agent.on_step = timed_on_step
+        channel = agent.channel
+        if channel is not None:
+            exchange = channel.exchange
+
+            def counted_exchange(*args: Any, **kwargs: Any) -> Any:
+                self.exchanges += 1
+                return exchange(*args, **kwargs)
+
+            channel.exchange = counted_exchange
+
+
+def batches_needed(warmup: int, steps: int, block: int) -> int:
+    return warmup + blocks_for(steps, block) * block
+
+
+def blocks_for(steps: int, block: int) -> int:
+    """Block pairs needed for at least `steps` recorded steps per loop."""
+    recorded = block - 1 if block > 1 else 1
+    return -(-steps // recorded)
+
+
+def interleaved(
+    model_a: Any,
+    opt_a: Any,
+    model_b: Any,
+    handle: Any,
+    batches: list[Any],
+    warmup: int,
+    steps: int,
+    order_seed: int,
+    block: int = 10,
+    between: Callable[[], None] | None = None,
+    sidecar_cpu: Callable[[], float] | None = None,
+) -> dict[str, Any]:
+    """Run plain steps (A) and attached steps (B) on the same batches, interleaved; time each step.
+
+    First `warmup` A/B pairs, not recorded. Then blocks: `block` A steps and `block` B steps on
+    the same `block` batches, the order of the two blocks drawn at random. The first step of each
+    block is not recorded: the agent's thread exchanges after each B step, beside the step that
+    follows, so the B block's last exchange runs beside the next A block's first step; every
+    recorded B step has the previous B step's exchange beside it, as in a real run. With
+    `block=1` the loops alternate step by step and every step is recorded (then part of the
+    agent's asynchronous cost lands on A steps). Pairs are (A's j-th step, B's j-th step) of a
+    block pair. `between` runs after warm-up (not timed); `sidecar_cpu` reads the sidecar's CPU
+    seconds at the start and the end of the blocks."""
+    n_blocks = blocks_for(steps, block)
+    assert len(batches) >= batches_needed(warmup, steps, block)
+    rng = random.Random(order_seed)  # the same order on every rank: DDP's collectives must pair up
+    inst = Instrument(handle)
+    it_a: Iterator[Any] = iter(batches)
+    it_b = handle.steps(iter(batches))
+    agent = handle.agent
+
+    def step_a() -> float:
+        t = time.perf_counter()
+        b = next(it_a)
+        _, loss = model_a(b.x, b.y)
+        loss.backward()
+        opt_a.step()
+        opt_a.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    def step_b() -> float:
+        t = time.perf_counter()
+        for micro in next(it_b):
+            _, loss = model_b(micro.x, micro.y)
+            handle.backward(loss)
+        handle.step()
+        return time.perf_counter() - t
+
+    for _ in range(warmup):
+        if rng.random() < 0.5:
+            step_b()
+            step_a()
+        else:
+            step_a()
+            step_b()
+    if between is not None:
+        between()
+    cpu0, exchanges0 = agent.cpu_time_s, inst.exchanges
+    sidecar0 = sidecar_cpu() if sidecar_cpu is not None else 0.0
+    on_step0 = len(inst.on_step_s)
+    skip = 1 if block > 1 else 0
+    times_a: list[float] = []
+    times_b: list[float] = []
+    cluster: list[int] = []
+    b_first: list[bool] = []
+    on_step_idx: list[int] = []
+    for k in range(n_blocks):
+        first_b = rng.random() < 0.5
+        b_first.append(first_b)
+        for loop in ("b", "a") if first_b else ("a", "b"):
+            for j in range(block):
+                if loop == "a":
+                    ta = step_a()
+                    if j >= skip:
+                        times_a.append(ta)
+                else:
+                    tb = step_b()
+                    if j >= skip:
+                        times_b.append(tb)
+                        on_step_idx.append(on_step0 + k * block + j)
+        cluster.extend([k] * (block - skip))
+    # The exchange thread updates cpu_time_s after each exchange; let it finish the last one.
+    time.sleep(0.3)
+    sidecar_s = sidecar_cpu() - sidecar0 if sidecar_cpu is not None else None
+    return {
+        "times_a": times_a,
+        "times_b": times_b,
+        "cluster": cluster,
+        "b_first": b_first,
+        "block": block,
+        "blocks": n_blocks,
+        "attached_steps_in_window": n_blocks * block,
+        "on_step_s": [inst.on_step_s[i] for i in on_step_idx],
+        "agent_cpu_s_measured": agent.cpu_time_s - cpu0,
+        "exchanges_measured": inst.exchanges - exchanges0,
+        "sidecar_cpu_s_measured": sidecar_s,
+    }
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+def summarize(
+    times_a: list[float], times_b: list[float], cluster: list[int] | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Median per-pair ratio B/A, its bootstrap 95% CI, and the overhead in percent.
+
+    The bootstrap resamples block pairs (`cluster`: the block of each pair), keeping the pairs of
+    a block together: pairs of one block share its moment on the machine, so they are not
+    independent. Without clusters each pair is its own."""
+    a = np.asarray(times_a, dtype=np.float64)
+    b = np.asarray(times_b, dtype=np.float64)
+    ratios = b / a
+    n = len(ratios)
+    ids = np.asarray(cluster if cluster is not None else range(n))
+    groups = [np.flatnonzero(ids == u) for u in np.unique(ids)]
+    rng = np.random.default_rng(seed)
+    boot = np.empty(BOOTSTRAP_RESAMPLES)
+    for i in range(BOOTSTRAP_RESAMPLES):
+        pick = rng.integers(0, len(groups), len(groups))
+        boot[i] = np.median(ratios[np.concatenate([groups[g] for g in pick])])
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    med = float(np.median(ratios))
+    lo_pct, hi_pct = (float(lo) - 1) * 100, (float(hi) - 1) * 100
+    if hi_pct < GOAL_OVERHEAD_PCT:
+        verdict = "meets the goal (the whole 95% CI is under it)"
+    elif lo_pct > GOAL_OVERHEAD_PCT:
+        verdict = "misses the goal (the whole 95% CI is over it)"
+    else:
+        verdict = "inconclusive (the 95% CI straddles the goal)"
+    return {
+        "pairs": n,
+        "median_ratio": round(med, 5),
+        "ratio_ci95": [round(float(lo), 5), round(float(hi), 5)],
+        "overhead_pct": round((med - 1) * 100, 3),
+        "overhead_pct_ci95": [round(lo_pct, 3), round(hi_pct, 3)],
+        "ratio_of_medians": round(float(np.median(b) / np.median(a)), 5),
+        "median_step_ms_baseline": round(float(np.median(a)) * 1e3, 3),
+        "median_step_ms_attached": round(float(np.median(b)) * 1e3, 3),
+        "goal": verdict,
+    }
+
+
+def on_step_stats(costs: list[float]) -> dict[str, Any]:
+    c = np.asarray(costs, dtype=np.float64) * 1e6
+    return {
+        "calls": len(c),
+        "median_us": round(float(np.median(c)), 1),
+        "p90_us": round(float(np.percentile(c, 90)), 1),
+        "max_us": round(float(c.max()), 1),
+        "mean_us": round(float(c.mean()), 1),
+    }
+
+
+# ---- the sidecar ------------------------------------------------------------------------------------
+class Sidecar:
+    """A real `trainwarden controller` process on loopback, stopped on exit whatever happens."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.run_dir = root / name
+        self.run_dir.mkdir(parents=True)
+        self.token = secrets.token_urlsafe(32)
+        token_file = root / f"{name}.token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(self.token)
+        policy = root / "policy.yaml"
+        if not policy.exists():
+            policy.write_text(POLICY_YAML)
+        cmd = [
+            sys.executable,
+            "-m",
+            "trainwarden.controller.cli",
+            "controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-port",
+            "0",
+            "--policy",
+            str(policy),
+            "--run-dir",
+            str(self.run_dir),
+            "--token-file",
+            str(token_file),
+        ]
+        self._log = open(root / f"{name}.stderr", "w")  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=clean_env())
+        self.endpoint = self._wait_ready(root / f"{name}.stderr")
+        import psutil
+
+        self._ps = psutil.Process(self.proc.pid)
+        self._cpu_start = self.cpu_s()
+
+    def _wait_ready(self, stderr: Path) -> str:
+        ready = self.run_dir / "controller.json"
+        deadline = time.monotonic() + 60
+        while True:
+            if ready.exists():
+                try:
+                    return str(json.loads(ready.read_text())["endpoint"])
+                except (ValueError, KeyError):
+                    pass  # being written
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the controller did not start:\n{stderr.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def env(self) -> dict[str, str]:
+        return {"TRAINWARDEN_ENDPOINT": self.endpoint, "TRAINWARDEN_TOKEN": self.token}
+
+    def cpu_s(self) -> float:
+        t = self._ps.cpu_times()
+        return float(t.user + t.system)
+
+    def stop(self) -> dict[str, Any]:
+        """Stop the controller (it flushes its logs); return its CPU time and telemetry count."""
+        cpu = None
+        with contextlib.suppress(Exception):
+            cpu = self.cpu_s() - self._cpu_start
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return {
+            "sidecar_cpu_s_whole_run": None if cpu is None else round(cpu, 3),
+            "telemetry_step_records": count_events(self.run_dir / "telemetry.jsonl", "step"),
+            "decisions_logged": count_lines(self.run_dir / "decisions.jsonl"),
+        }
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return 0
+
+
+def count_events(path: Path, event: str) -> int:
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip() and json.loads(line).get("event") == event:
+                    n += 1
+    except OSError:
+        return 0
+    return n
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINWARDEN_")}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- single rank ------------------------------------------------------------------------------------
+def single_rank(root: Path, steps: int, warmup: int, batch: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    from trainwarden.adapters import pytorch as tw_pytorch
+
+    sidecar = Sidecar(root, "single")
+    outcome: dict[str, Any] = {}
+    handle = None
+    saved = {k: os.environ.get(k) for k in ("TRAINWARDEN_ENDPOINT", "TRAINWARDEN_TOKEN")}
+    try:
+        os.environ.update(sidecar.env())
+        model_a, model_b = make_models(seed)
+        opt_a, opt_b = model_a.configure_optimizer(lr=1e-3), model_b.configure_optimizer(lr=1e-3)
+        batches = make_batches(warmup + steps, batch, seed)
+        handle = tw_pytorch.attach(
+            model_b,
+            opt_b,
+            global_batch_size=batch,
+            micro_batch_size=batch,
+            tokens_per_sample=BLOCK_SIZE,
+            sync_every=1,
+        )
+        t0 = time.perf_counter()
+        res = interleaved(
+            model_a,
+            opt_a,
+            model_b,
+            handle,
+            batches,
+            warmup,
+            steps,
+            order_seed=seed,
+            sidecar_cpu=sidecar.cpu_s,
+        )
+        loop_s = time.perf_counter() - t0
+        agent = handle.agent
+        cpu_measured = res["agent_cpu_s_measured"]
+        connected = agent.connected
+        same = all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+        handle.close()
+        outcome = {
+            **summarize(res["times_a"], res["times_b"], seed),
+            "steps_each": steps,
+            "warmup_steps_each": warmup,
+            "batch": f"{batch} x {BLOCK_SIZE} (one micro-batch per step)",
+            "torch_threads": torch.get_num_threads(),
+            "b_ran_first_in_pairs": sum(res["b_first"]),
+            "loop_wall_s": round(loop_s, 2),
+            "agent_thread_cpu_s": round(cpu_measured, 4),
+            "agent_thread_cpu_ms_per_step": round(cpu_measured / steps * 1e3, 3),
+            "agent_thread_cpu_pct_of_baseline_step": round(
+                cpu_measured / steps / float(np.median(res["times_a"])) * 100, 3
+            ),
+            "agent_thread_cpu_s_whole_run": round(agent.cpu_time_s, 4),
+            "on_step": on_step_stats(res["on_step_s"]),
+            "http_exchanges_measured": res["exchanges_measured"],
+            "sidecar_cpu_s": round(res["sidecar_cpu_s_measured"], 4),
+            "connected": connected,
+            "attached_and_plain_weights_equal": same,
+        }
+    finally:
+        if handle is not None:
+            handle.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        stopped = sidecar.stop()
+    outcome.update(stopped)
+    outcome["telemetry_records_expected"] = warmup + steps
+    return add_costs(outcome, res["on_step_s"], steps)
+
+
+def add_costs(out: dict[str, Any], on_step_s: list[float], steps: int) -> dict[str, Any]:
+    """The direct costs, as shares of the plain step: what the ratio cannot resolve on a noisy machine.
+
+    on_step runs inside the step (the critical path). The agent thread and the sidecar run beside
+    it: they cost the step only when they take a core or the GIL the step needs. The sum of all
+    three, as a share of the plain step, is what the step would lose if every CPU-second of theirs
+    were taken from it."""
+    base_ms = out["median_step_ms_baseline"]
+    on_step_ms = float(np.mean(on_step_s)) * 1e3
+    sidecar = out.get("sidecar_cpu_s")  # over the measured steps
+    sidecar_ms = None if sidecar is None else sidecar / steps * 1e3
+    out["sidecar_cpu_ms_per_step"] = None if sidecar_ms is None else round(sidecar_ms, 3)
+    out["on_step_pct_of_baseline_step"] = round(on_step_ms / base_ms * 100, 3)
+    total_ms = on_step_ms + out["agent_thread_cpu_ms_per_step"] + (sidecar_ms or 0.0)
+    out["all_cpu_on_critical_path_pct"] = round(total_ms / base_ms * 100, 3)
+    return out
+
+
+# ---- two ranks ------------------------------------------------------------------------------------
+def two_ranks(
+    root: Path, steps: int, warmup: int, batch: int, seed: int, sync_every: int, timeout_s: float
+) -> dict[str, Any]:
+    name = f"ranks_sync{sync_every}"
+    out_dir = root / f"{name}_out"
+    out_dir.mkdir()
+    sidecar = Sidecar(root, name)
+    proc = None
+    try:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(RANKS_SCRIPT),
+            f"--steps={steps}",
+            f"--warmup={warmup}",
+            f"--batch={batch}",
+            f"--seed={seed}",
+            f"--sync-every={sync_every}",
+            f"--out={out_dir}",
+        ]
+        env = clean_env(OMP_NUM_THREADS="1", BENCH_SIDECAR_PID=str(sidecar.proc.pid), **sidecar.env())
+        log_path = root / f"{name}.torchrun.log"
+        t0 = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+            )
+            try:
+                rc = proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                rc = None
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(
+                f"torchrun ({name}) {'timed out' if rc is None else f'exited with {rc}'}:\n"
+                + log_path.read_text()[-3000:]
+            )
+        ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    finally:
+        if proc is not None and proc.poll() is None:
+            stop_group(proc)
+        stopped = sidecar.stop()
+    r0 = ranks[0]
+    med_a = float(np.median(r0["times_a"]))
+    cpu = r0["agent_cpu_s_measured"]
+    out = {
+        **summarize(r0["times_a"], r0["times_b"], seed),
+        "measured_on": "rank 0 (rank 1's figures under rank1)",
+        "sync_every": sync_every,
+        "steps_each": steps,
+        "warmup_steps_each": warmup,
+        "batch_per_rank": f"{batch} x {BLOCK_SIZE} (one micro-batch per step)",
+        "torch_threads_per_rank": r0["torch_threads"],
+        "agent_thread_cpu_s": round(cpu, 4),
+        "agent_thread_cpu_ms_per_step": round(cpu / steps * 1e3, 3),
+        "agent_thread_cpu_pct_of_baseline_step": round(cpu / steps / med_a * 100, 3),
+        "on_step_rank0": on_step_stats(r0["on_step_s"]),
+        "on_step_rank1": on_step_stats(ranks[1]["on_step_s"]),
+        "http_exchanges_measured": r0["exchanges_measured"],
+        "rank1": {
+            k: v
+            for k, v in summarize(ranks[1]["times_a"], ranks[1]["times_b"], seed).items()
+            if k in ("median_ratio", "ratio_ci95", "overhead_pct", "median_step_ms_baseline")
+        },
+        "attached_and_plain_weights_equal": all(r["weights_equal"] for r in ranks),
+        "torchrun_wall_s": round(wall, 1),
+        **stopped,
+        "sidecar_cpu_s": round(r0["sidecar_cpu_s_measured"], 4),
+        "telemetry_records_expected": warmup + steps,
+    }
+    return add_costs(out, r0["on_step_s"], steps)
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop torchrun and its workers (it runs in its own session, started here)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# ---- main ------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpu_cores": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=None, help="measured steps per loop (default 200)")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up steps per loop, not measured")
+    p.add_argument("--quick", action="store_true", help="50 steps and sync_every=1 only: a smoke run")
+    p.add_argument("--skip-two-ranks", action="store_true", help="only the single-rank run")
+    p.add_argument("--batch", type=int, default=16, help="samples per step, single rank")
+    p.add_argument("--rank-batch", type=int, default=8, help="samples per step per rank, two ranks")
+    p.add_argument(
+        "--sync-every",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sync_every values for the two-rank runs (default 1 8)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS), help="where to write the JSON (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    steps = args.steps or (50 if args.quick else 200)
+    syncs = args.sync_every or ([1] if args.quick else [1, 8])
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {
+        "benchmark": "agent_overhead",
+        "goal_overhead_pct": GOAL_OVERHEAD_PCT,
+        "machine": machine(),
+    }
+    with tempfile.TemporaryDirectory(prefix="tw-bench-") as tmp:
+        root = Path(tmp)
+        print(f"single rank: {steps} + {args.warmup} warm-up steps each ...", file=sys.stderr, flush=True)
+        result["single_rank"] = single_rank(root, steps, args.warmup, args.batch, args.seed)
+        if not args.skip_two_ranks:
+            result["two_ranks"] = {}
+            for s in syncs:
+                print(f"two ranks, sync_every={s} ...", file=sys.stderr, flush=True)
+                result["two_ranks"][f"sync_every_{s}"] = two_ranks(
+                    root, steps, args.warmup, args.rank_batch, args.seed, s, timeout_s=900
+                )
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    # Keep the headline fields first when read by a person.
+    ordered = {
+        k: result[k]
+        for k in ("benchmark", "single_rank", "two_ranks", "goal_overhead_pct", "machine", "wall_s")
+        if k in result
+    }
+    text = json.dumps(ordered, indent=2)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
