@@ -5,16 +5,21 @@ each with its own AdamW, train on the same batches. Copy A runs the plain loop
 (forward, backward, optimizer step, zero_grad); copy B runs the identical loop through
 `trainwarden.adapters.pytorch.attach` (`steps` / `backward` / `step`), with the agent
 exchanging telemetry with a real sidecar controller process (`trainwarden controller`) over
-HTTP on loopback. The two loops alternate step by step, in one process, the order inside
-each pair drawn at random, so drift in the machine's speed lands on both alike. Each step is
-timed whole with time.perf_counter (for B: from taking the step's batch to `step()`
-returning, which includes the agent's `on_step`). The statistic is the median of the
-per-pair ratios B/A with a bootstrap 95% confidence interval (resampling pairs).
+HTTP on loopback. The two loops alternate in one process, in blocks of two steps on the same
+two batches (A A B B or B B A A, the order drawn at random for each block pair), so drift in
+the machine's speed lands on both alike. Only the second step of each block is recorded: the
+agent's thread exchanges with the sidecar after each B step, beside whatever step runs next,
+so a recorded B step has the previous B step's exchange beside it, as in a real run, and the
+last B exchange of a block lands on a step that is not recorded. (Alternating step by step,
+`--block 1`, would charge part of that work to the plain loop.) Each step is timed whole
+with time.perf_counter (for B: from taking the step's batch to `step()` returning, which
+includes the agent's `on_step`). The statistic is the median of the per-pair ratios B/A with
+a bootstrap 95% confidence interval (resampling block pairs).
 
 The same is run on two ranks (torchrun, gloo, DDP-wrapped copies, one thread per rank), with
 the agent's collective every step (sync_every=1, its worst case) and every 8 steps.
 
-    .venv/bin/python bench/agent_overhead.py                 # 200 measured steps each, ~3-4 minutes
+    .venv/bin/python bench/agent_overhead.py                 # 200 recorded steps each, ~7 min
     .venv/bin/python bench/agent_overhead.py --quick         # 50 steps, a smoke run
     .venv/bin/python bench/agent_overhead.py --skip-two-ranks
 
@@ -129,7 +134,7 @@ def interleaved(
     warmup: int,
     steps: int,
     order_seed: int,
-    block: int = 10,
+    block: int = 2,
     between: Callable[[], None] | None = None,
     sidecar_cpu: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
@@ -385,7 +390,7 @@ def free_port() -> int:
 
 
 # ---- single rank ------------------------------------------------------------------------------------
-def single_rank(root: Path, steps: int, warmup: int, batch: int, seed: int) -> dict[str, Any]:
+def single_rank(root: Path, steps: int, warmup: int, batch: int, block: int, seed: int) -> dict[str, Any]:
     import torch
 
     from trainwarden.adapters import pytorch as tw_pytorch
@@ -398,7 +403,7 @@ def single_rank(root: Path, steps: int, warmup: int, batch: int, seed: int) -> d
         os.environ.update(sidecar.env())
         model_a, model_b = make_models(seed)
         opt_a, opt_b = model_a.configure_optimizer(lr=1e-3), model_b.configure_optimizer(lr=1e-3)
-        batches = make_batches(warmup + steps, batch, seed)
+        batches = make_batches(batches_needed(warmup, steps, block), batch, seed)
         handle = tw_pytorch.attach(
             model_b,
             opt_b,
@@ -417,31 +422,21 @@ def single_rank(root: Path, steps: int, warmup: int, batch: int, seed: int) -> d
             warmup,
             steps,
             order_seed=seed,
+            block=block,
             sidecar_cpu=sidecar.cpu_s,
         )
         loop_s = time.perf_counter() - t0
         agent = handle.agent
-        cpu_measured = res["agent_cpu_s_measured"]
         connected = agent.connected
         same = all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
         handle.close()
         outcome = {
-            **summarize(res["times_a"], res["times_b"], seed),
-            "steps_each": steps,
-            "warmup_steps_each": warmup,
+            **describe(res, warmup, seed),
             "batch": f"{batch} x {BLOCK_SIZE} (one micro-batch per step)",
             "torch_threads": torch.get_num_threads(),
-            "b_ran_first_in_pairs": sum(res["b_first"]),
             "loop_wall_s": round(loop_s, 2),
-            "agent_thread_cpu_s": round(cpu_measured, 4),
-            "agent_thread_cpu_ms_per_step": round(cpu_measured / steps * 1e3, 3),
-            "agent_thread_cpu_pct_of_baseline_step": round(
-                cpu_measured / steps / float(np.median(res["times_a"])) * 100, 3
-            ),
             "agent_thread_cpu_s_whole_run": round(agent.cpu_time_s, 4),
             "on_step": on_step_stats(res["on_step_s"]),
-            "http_exchanges_measured": res["exchanges_measured"],
-            "sidecar_cpu_s": round(res["sidecar_cpu_s_measured"], 4),
             "connected": connected,
             "attached_and_plain_weights_equal": same,
         }
@@ -455,8 +450,30 @@ def single_rank(root: Path, steps: int, warmup: int, batch: int, seed: int) -> d
                 os.environ[k] = v
         stopped = sidecar.stop()
     outcome.update(stopped)
-    outcome["telemetry_records_expected"] = warmup + steps
-    return add_costs(outcome, res["on_step_s"], steps)
+    outcome["telemetry_records_expected"] = warmup + res["attached_steps_in_window"]
+    return add_costs(outcome, res["on_step_s"], res["attached_steps_in_window"])
+
+
+def describe(res: dict[str, Any], warmup: int, seed: int) -> dict[str, Any]:
+    """The figures every run reports, from one rank's record of `interleaved`."""
+    window = res["attached_steps_in_window"]
+    cpu = res["agent_cpu_s_measured"]
+    med_a = float(np.median(res["times_a"]))
+    return {
+        **summarize(res["times_a"], res["times_b"], res["cluster"], seed),
+        "block": res["block"],
+        "block_pairs": res["blocks"],
+        "b_block_first": sum(res["b_first"]),
+        "warmup_pairs": warmup,
+        "attached_steps_in_window": window,
+        "agent_thread_cpu_s": round(cpu, 4),
+        "agent_thread_cpu_ms_per_step": round(cpu / window * 1e3, 3),
+        "agent_thread_cpu_pct_of_baseline_step": round(cpu / window / med_a * 100, 3),
+        "http_exchanges_measured": res["exchanges_measured"],
+        "sidecar_cpu_s": None
+        if res["sidecar_cpu_s_measured"] is None
+        else round(res["sidecar_cpu_s_measured"], 4),
+    }
 
 
 def add_costs(out: dict[str, Any], on_step_s: list[float], steps: int) -> dict[str, Any]:
@@ -479,7 +496,14 @@ def add_costs(out: dict[str, Any], on_step_s: list[float], steps: int) -> dict[s
 
 # ---- two ranks ------------------------------------------------------------------------------------
 def two_ranks(
-    root: Path, steps: int, warmup: int, batch: int, seed: int, sync_every: int, timeout_s: float
+    root: Path,
+    steps: int,
+    warmup: int,
+    batch: int,
+    block: int,
+    seed: int,
+    sync_every: int,
+    timeout_s: float,
 ) -> dict[str, Any]:
     name = f"ranks_sync{sync_every}"
     out_dir = root / f"{name}_out"
@@ -499,6 +523,7 @@ def two_ranks(
             f"--steps={steps}",
             f"--warmup={warmup}",
             f"--batch={batch}",
+            f"--block={block}",
             f"--seed={seed}",
             f"--sync-every={sync_every}",
             f"--out={out_dir}",
@@ -525,35 +550,26 @@ def two_ranks(
         if proc is not None and proc.poll() is None:
             stop_group(proc)
         stopped = sidecar.stop()
-    r0 = ranks[0]
-    med_a = float(np.median(r0["times_a"]))
-    cpu = r0["agent_cpu_s_measured"]
+    r0, r1 = ranks
     out = {
-        **summarize(r0["times_a"], r0["times_b"], seed),
+        **describe(r0, warmup, seed),
         "measured_on": "rank 0 (rank 1's figures under rank1)",
         "sync_every": sync_every,
-        "steps_each": steps,
-        "warmup_steps_each": warmup,
         "batch_per_rank": f"{batch} x {BLOCK_SIZE} (one micro-batch per step)",
         "torch_threads_per_rank": r0["torch_threads"],
-        "agent_thread_cpu_s": round(cpu, 4),
-        "agent_thread_cpu_ms_per_step": round(cpu / steps * 1e3, 3),
-        "agent_thread_cpu_pct_of_baseline_step": round(cpu / steps / med_a * 100, 3),
         "on_step_rank0": on_step_stats(r0["on_step_s"]),
-        "on_step_rank1": on_step_stats(ranks[1]["on_step_s"]),
-        "http_exchanges_measured": r0["exchanges_measured"],
+        "on_step_rank1": on_step_stats(r1["on_step_s"]),
         "rank1": {
             k: v
-            for k, v in summarize(ranks[1]["times_a"], ranks[1]["times_b"], seed).items()
+            for k, v in summarize(r1["times_a"], r1["times_b"], r1["cluster"], seed).items()
             if k in ("median_ratio", "ratio_ci95", "overhead_pct", "median_step_ms_baseline")
         },
         "attached_and_plain_weights_equal": all(r["weights_equal"] for r in ranks),
         "torchrun_wall_s": round(wall, 1),
         **stopped,
-        "sidecar_cpu_s": round(r0["sidecar_cpu_s_measured"], 4),
-        "telemetry_records_expected": warmup + steps,
+        "telemetry_records_expected": warmup + r0["attached_steps_in_window"],
     }
-    return add_costs(out, r0["on_step_s"], steps)
+    return add_costs(out, r0["on_step_s"], r0["attached_steps_in_window"])
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
@@ -597,6 +613,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="sync_every values for the two-rank runs (default 1 8)",
     )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=2,
+        help="steps per block: the loops alternate in blocks of this many steps, the first of each "
+        "not recorded (default %(default)s: A A B B or B B A A, the second of each recorded; "
+        "1: alternate step by step and record every step, which charges part of the agent's "
+        "asynchronous work to the plain loop)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS), help="where to write the JSON (default %(default)s)")
     return p.parse_args(argv)
@@ -614,14 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="tw-bench-") as tmp:
         root = Path(tmp)
-        print(f"single rank: {steps} + {args.warmup} warm-up steps each ...", file=sys.stderr, flush=True)
-        result["single_rank"] = single_rank(root, steps, args.warmup, args.batch, args.seed)
+        print(f"single rank: {steps} steps each, blocks of {args.block} ...", file=sys.stderr, flush=True)
+        result["single_rank"] = single_rank(root, steps, args.warmup, args.batch, args.block, args.seed)
         if not args.skip_two_ranks:
             result["two_ranks"] = {}
             for s in syncs:
                 print(f"two ranks, sync_every={s} ...", file=sys.stderr, flush=True)
                 result["two_ranks"][f"sync_every_{s}"] = two_ranks(
-                    root, steps, args.warmup, args.rank_batch, args.seed, s, timeout_s=900
+                    root, steps, args.warmup, args.rank_batch, args.block, args.seed, s, timeout_s=900
                 )
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

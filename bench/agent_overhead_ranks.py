@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agent_overhead import BLOCK_SIZE, interleaved, make_batches, make_models
+from agent_overhead import BLOCK_SIZE, batches_needed, interleaved, make_batches, make_models
 
 from trainwarden.adapters import pytorch as tw_pytorch
 
@@ -30,6 +30,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--block", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--sync-every", type=int, required=True)
     p.add_argument("--out", required=True)
@@ -43,7 +44,9 @@ def main() -> int:
         model_a, model_b = DDP(raw_a), DDP(raw_b)
         opt_a = raw_a.configure_optimizer(lr=1e-3)
         opt_b = raw_b.configure_optimizer(lr=1e-3)
-        batches = make_batches(args.warmup + args.steps, args.batch, args.seed + 1000 * rank)
+        batches = make_batches(
+            batches_needed(args.warmup, args.steps, args.block), args.batch, args.seed + 1000 * rank
+        )
         handle = tw_pytorch.attach(
             model_b,
             opt_b,
@@ -70,6 +73,7 @@ def main() -> int:
             args.warmup,
             args.steps,
             args.seed,
+            block=args.block,
             between=dist.barrier,
             sidecar_cpu=sidecar_cpu,
         )
@@ -77,16 +81,10 @@ def main() -> int:
         cpu = handle.agent.cpu_time_s
         handle.close()
         record = {
+            **res,
             "rank": rank,
             "torch_threads": torch.get_num_threads(),
-            "times_a": res["times_a"],
-            "times_b": res["times_b"],
-            "b_first": res["b_first"],
-            "on_step_s": res["on_step_s"],
-            "agent_cpu_s_measured": res["agent_cpu_s_measured"],
             "agent_cpu_s_whole_run": cpu,
-            "exchanges_measured": res["exchanges_measured"],
-            "sidecar_cpu_s_measured": res["sidecar_cpu_s_measured"],
             "weights_equal": same,
         }
         Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))

@@ -27,9 +27,16 @@ from trainwarden.examples.gpt import GPT, GPTConfig
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--quick", action="store_true", help="a short run: 120 steps (the quick policy stops it sooner)"
+        "--quick",
+        action="store_true",
+        help="a short run: at most 400 steps (the quick policy stops it sooner)",
     )
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400, 120 with --quick)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps (default 2000, 400 with --quick; the budget policy normally stops it first)",
+    )
     p.add_argument("--global-batch", type=int, default=64, help="samples per optimizer step")
     p.add_argument(
         "--micro-batch", type=int, default=64, help="initial micro-batch (the controller may change it)"
@@ -58,7 +65,7 @@ def evaluate(model: GPT, batches: dict[str, list]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    steps = args.steps or (120 if args.quick else 400)
+    steps = args.steps or (400 if args.quick else 2000)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

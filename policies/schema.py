@@ -62,7 +62,7 @@ class Budget:
 class ControllerSettings:
     """How the control loop runs."""
 
-    sync_every: int = 1
+    sync_every: int = 8
     """Every this many optimizer steps the ranks gather telemetry and rank 0 broadcasts
     pending actions; no collective runs on the other steps. Larger costs less, reacts later."""
     decide_interval_s: float = 0.5

@@ -325,7 +325,7 @@ def test_telemetry_has_the_hello_and_each_new_step_once(tmp_path: Path) -> None:
 def test_reconnect_keeps_the_state(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ctl, clock = make(tmp_path)
     ack = ctl.hello(job_shape())
-    assert (ack["run_id"], ack["policies"], ack["sync_every"]) == ("loop-run", ["memory"], 1)
+    assert (ack["run_id"], ack["policies"], ack["sync_every"]) == ("loop-run", ["memory"], 8)
     clock.t = 1.0
     ctl.exchange([rec(1, 8, 5.0), rec(2, 8, 5.0)], [])
     with caplog.at_level(logging.INFO, logger="trainwarden.controller.loop"):

@@ -207,7 +207,7 @@ def test_sidecar_controller_alone(tmp_path: Path) -> None:
     try:
         assert wait_for(lambda: (run_dir / "controller.json").exists(), 30), "controller did not start"
         job = subprocess.run(
-            [*TINY_JOB[:3], "30", *TINY_JOB[4:]],
+            [*TINY_JOB[:3], "300", *TINY_JOB[4:]],
             env=job_env(
                 TRAINWARDEN_ENDPOINT=f"http://127.0.0.1:{port}", TRAINWARDEN_TOKEN_FILE=str(token_file)
             ),
@@ -222,7 +222,7 @@ def test_sidecar_controller_alone(tmp_path: Path) -> None:
                 (scrape(f"http://127.0.0.1:{metrics_port}/metrics") or {}).get(
                     ("trainwarden_step", (("run", "sidecar"),))
                 )
-                == 30
+                == 300
             ),
             10,
         )
@@ -231,7 +231,7 @@ def test_sidecar_controller_alone(tmp_path: Path) -> None:
         ctl.wait(30)
     assert ctl.returncode == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == 30 and summary["finished"] is True
+    assert summary["step"] == 300 and summary["finished"] is True
     assert any(d["outcome"] == "applied" for d in read_jsonl(run_dir / "decisions.jsonl"))
     # The job did not fall back to an embedded controller.
     assert not (tmp_path / "runs").exists()
