@@ -41,6 +41,7 @@ from trainwarden.controller.protocol import (
     KnobSpec,
     Outcome,
 )
+from trainwarden.policies.schema import ControllerSettings
 
 log = logging.getLogger("trainwarden")
 
@@ -129,7 +130,9 @@ class Handle:
         run_id = run_id_from_env()
         channel, self.controller = connect(self.rank, run_id, policy, run_dir)
         settings_sync = self.controller.settings.sync_every if self.controller is not None else None
-        sync = sync_every or settings_sync or int(os.environ.get(ENV_SYNC_EVERY, "1"))
+        sync = (
+            sync_every or settings_sync or int(os.environ.get(ENV_SYNC_EVERY, ControllerSettings.sync_every))
+        )
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         probe = probe_for(device)
         # Every rank must run its collectives at the same steps: rank 0's cadence is the job's

@@ -102,7 +102,7 @@ def test_telemetry_reaches_a_controller_over_http(tmp_path: Path, monkeypatch: p
     server = _serve(ctl)
     _point_at(monkeypatch, server.port)
     try:
-        job = Job(micro=4)
+        job = Job(micro=4, sync_every=1)  # memory at every step
         assert job.handle.controller is None  # a sidecar, not an embedded controller
         job.run(5)
         wait_for(lambda: ctl.state.step == 5, what="telemetry of step 5")
