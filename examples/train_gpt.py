@@ -64,7 +64,7 @@ def evaluate(model: GPT, batches: dict[str, list]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     steps = args.steps or (400 if args.quick else 2000)
     if args.threads:
         torch.set_num_threads(args.threads)
