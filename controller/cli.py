@@ -123,9 +123,14 @@ def cmd_controller(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    next_check = 0.0
     while not stop.is_set():
         if args.exit_when_finished and server.job_finished.is_set():
             break
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + 1.0
+            if not controller.check_job() and args.exit_when_finished:
+                break
         if args.parent_pid and not _alive(args.parent_pid):
             log.warning("parent process %d is gone; stopping so no orphan is left", args.parent_pid)
             break
@@ -147,8 +152,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that, when it cannot be written (disk full), says so once on stderr instead
+    of printing a traceback per record; the controller goes on either way."""
+
+    _failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
+        if not self._failed:
+            self._failed = True
+            print(
+                f"trainwarden: cannot write {self.baseFilename} ({sys.exc_info()[1]}); logging to stderr only",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def _log_to(path: Path) -> None:
-    handler = logging.FileHandler(path)
+    handler = _QuietFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 

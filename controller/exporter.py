@@ -74,6 +74,11 @@ class ControllerCollector(Collector):
         c = CounterMetricFamily("trainwarden_samples", "Samples trained on.", labels=["run"])
         c.add_metric(run, float(snap.samples))
         yield c
+        c = CounterMetricFamily(
+            "trainwarden_nonfinite_losses", "Steps whose loss was NaN or infinite.", labels=["run"]
+        )
+        c.add_metric(run, float(snap.nonfinite_losses))
+        yield c
 
         used = GaugeMetricFamily(
             "trainwarden_device_memory_used_bytes",

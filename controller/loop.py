@@ -25,9 +25,10 @@ from trainwarden.controller.protocol import (
     Action,
     JobShape,
     Outcome,
+    ProtocolError,
     StepRecord,
 )
-from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlWriter
+from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlWriter, read_jsonl
 from trainwarden.controller.snapshot import Snapshot
 from trainwarden.controller.sources import MemorySource
 from trainwarden.controller.state import JobState
@@ -94,9 +95,65 @@ class Controller:
         self._rejected: set[tuple[str, str]] = set()
         self.actions_total: Counter[tuple[str, str]] = Counter()
         self.last_decision: dict[str, Any] | None = None
+        self.exit_code: int | None = None
+        self.job_lost = False
+        self._recover()
         self.decisions = JsonlWriter(self.run_dir / DECISIONS_FILE)
         self.telemetry = JsonlWriter(self.run_dir / TELEMETRY_FILE)
-        self.exit_code: int | None = None
+
+    def _recover(self) -> None:
+        """Pick a run up from its logs: a controller restarted on the same run directory (after a
+        crash, or a rescheduled sidecar) continues where the last one stopped. Actions that were
+        pending are not re-issued: the job may have applied them, and its telemetry will say."""
+        steps = decisions = 0
+        tpath, dpath = self.run_dir / TELEMETRY_FILE, self.run_dir / DECISIONS_FILE
+        if tpath.exists():
+            for rec in read_jsonl(tpath):
+                try:
+                    if rec.get("event") == "hello":
+                        self.state.shape = JobShape.from_json(rec.get("shape"))
+                    elif rec.get("event") == "step":
+                        self.state.ingest(StepRecord.from_json(rec))
+                        steps += 1
+                except ProtocolError:
+                    continue  # a line from another version, or damaged: skip it
+        if dpath.exists():
+            for d in read_jsonl(dpath):
+                kind, outcome = d.get("kind"), d.get("outcome")
+                if not isinstance(kind, str) or not isinstance(outcome, str):
+                    continue
+                self.actions_total[(kind, outcome)] += 1
+                if outcome == "applied" and isinstance(d.get("step"), int):
+                    self.state.last_action_step[kind] = d["step"]
+                self.last_decision = d
+                decisions += 1
+        if steps or decisions:
+            log.info(
+                "picked up run %s from %s: step %d, %d decisions",
+                self.run_id,
+                self.run_dir,
+                self.state.step,
+                decisions,
+            )
+
+    def check_job(self) -> bool:
+        """False once every process of the job is gone without saying it finished (killed, or
+        crashed); said once in the log. Only pids on this host can be checked."""
+        import psutil
+
+        shape = self.state.shape
+        with self._lock:
+            if shape is None or self.state.finished or self.job_lost:
+                return not self.job_lost
+            if any(psutil.pid_exists(pid) for pid in shape.pids):
+                return True
+            self.job_lost = True
+        log.error(
+            "the job's processes (%s) are gone and it never said it finished: killed or crashed at step %d",
+            ", ".join(map(str, shape.pids)),
+            self.state.step,
+        )
+        return False
 
     # ---- the channel's two calls -------------------------------------------------------
     def hello(self, shape: JobShape) -> dict[str, Any]:
@@ -319,6 +376,8 @@ class Controller:
             self._pending.clear()
             summary = self.status()
             summary["wall_time_s"] = now - self.started_at
+            summary["job_lost"] = self.job_lost
+            summary["nonfinite_losses"] = self.state.nonfinite_losses
             summary["exit_code"] = self.exit_code
             summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
             try:

@@ -74,6 +74,9 @@ class Snapshot:
     """Highest per-step memory peak (max over ranks) observed at each micro-batch size."""
     budgets: tuple[BudgetUse, ...] = ()
     finished: bool = False
+    nonfinite_losses: int = 0
+    """Steps whose reported loss was NaN or infinite (left out of `loss`)."""
+    last_nonfinite_step: int | None = None
 
     @property
     def memory_peak_bytes(self) -> int:

@@ -6,6 +6,7 @@ ask for a change, and the next records say whether it happened.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,27 +40,43 @@ class JobState:
     peak_by_micro_batch: dict[int, int] = field(default_factory=dict)
     domain_loss: dict[str, float] = field(default_factory=dict)
     finished: bool = False
+    nonfinite_losses: int = 0
+    last_nonfinite_step: int | None = None
+    clock_jumps: int = 0
     _window: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=THROUGHPUT_WINDOW))
 
     def ingest(self, rec: StepRecord) -> None:
         if rec.step <= self.step:
             return  # a resent record: telemetry is idempotent by step
+        # Whatever the job's clock says, never a negative step time or a clock running back.
+        step_time = rec.step_time_s if math.isfinite(rec.step_time_s) and rec.step_time_s > 0 else 0.0
+        t = rec.time if math.isfinite(rec.time) else (self.last_time or 0.0)
+        if self.last_time is not None and t < self.last_time:
+            self.clock_jumps += 1
+            t = self.last_time
         if self.first_time is None:
             # The first step's start, not its end: wall time includes the first step.
-            self.first_time = rec.time - rec.step_time_s
+            self.first_time = t - step_time
         self.step = rec.step
-        self.last_time = rec.time
+        self.last_time = t
         if rec.loss is not None:
             self.last_loss = rec.loss
-            self.loss_ema = (
-                rec.loss if self.loss_ema is None else ((1 - LOSS_EMA) * self.loss_ema + LOSS_EMA * rec.loss)
-            )
-        self.tokens = rec.tokens
-        self.samples = rec.samples
+            if math.isfinite(rec.loss):
+                self.loss_ema = (
+                    rec.loss
+                    if self.loss_ema is None
+                    else ((1 - LOSS_EMA) * self.loss_ema + LOSS_EMA * rec.loss)
+                )
+            else:
+                # A diverged step is an event policies see, not a value that poisons the average.
+                self.nonfinite_losses += 1
+                self.last_nonfinite_step = rec.step
+        self.tokens = max(0, rec.tokens)
+        self.samples = max(0, rec.samples)
         self.lr = rec.lr
         self.config = dict(rec.config)
-        self.domain_loss.update(rec.domain_loss)
-        self._window.append((rec.time, rec.tokens, rec.step_time_s))
+        self.domain_loss.update({k: v for k, v in rec.domain_loss.items() if math.isfinite(v)})
+        self._window.append((t, self.tokens, step_time))
         for m in rec.memory:
             self.memory[m.rank] = m
         if rec.memory:
@@ -73,7 +90,7 @@ class JobState:
         if len(self._window) < 2:
             return None
         (t0, k0, _), (t1, k1, _) = self._window[0], self._window[-1]
-        return (k1 - k0) / (t1 - t0) if t1 > t0 else None
+        return max(0.0, (k1 - k0) / (t1 - t0)) if t1 > t0 else None
 
     @property
     def step_time_s(self) -> float | None:
@@ -86,7 +103,7 @@ class JobState:
     def elapsed_s(self) -> float:
         if self.first_time is None or self.last_time is None:
             return 0.0
-        return self.last_time - self.first_time
+        return max(0.0, self.last_time - self.first_time)
 
     def budgets(self, budget: Budget) -> tuple[BudgetUse, ...]:
         """Spend against each budget given, with its current rate."""
@@ -140,6 +157,8 @@ class JobState:
             peak_by_micro_batch=dict(self.peak_by_micro_batch),
             budgets=self.budgets(budget),
             finished=self.finished,
+            nonfinite_losses=self.nonfinite_losses,
+            last_nonfinite_step=self.last_nonfinite_step,
         )
 
 

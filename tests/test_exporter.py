@@ -54,6 +54,7 @@ METRICS: dict[str, tuple[str, set[str], str]] = {
     "trainwarden_device_memory_cap_bytes": ("gauge", {"run"}, "bytes"),
     "trainwarden_tokens_total": ("counter", {"run"}, "total"),
     "trainwarden_samples_total": ("counter", {"run"}, "total"),
+    "trainwarden_nonfinite_losses_total": ("counter", {"run"}, "total"),
     "trainwarden_device_memory_used_bytes": ("gauge", {"run", "rank", "device"}, "bytes"),
     "trainwarden_device_memory_peak_bytes": ("gauge", {"run", "rank", "device"}, "bytes"),
     "trainwarden_device_memory_total_bytes": ("gauge", {"run", "rank", "device"}, "bytes"),
