@@ -158,11 +158,11 @@ class _QuietFileHandler(logging.FileHandler):
 
     _failed = False
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
+    def handleError(self, record: logging.LogRecord) -> None:
         if not self._failed:
             self._failed = True
             print(
-                f"trainwarden: cannot write {self.baseFilename} ({sys.exc_info()[1]}); logging to stderr only",
+                f"trainwarden: cannot write {self.baseFilename} ({sys.exc_info()[1]}); logging to stderr",
                 file=sys.stderr,
                 flush=True,
             )
@@ -211,11 +211,21 @@ def status_line(st: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"job was killed by {name} (exit {128 - rc})"
+    return f"job exited with {rc}"
+
+
 def _summary_text(summary: dict[str, Any], job_rc: int, run_dir: Path) -> str:
     acts = summary.get("actions") or {}
     applied = sum(n for k, n in acts.items() if k.endswith(":applied"))
     lines = [
-        f"trainwarden: job exited with {job_rc} after {_fmt_duration(summary.get('wall_time_s'))}",
+        f"trainwarden: {_describe_exit(job_rc)} after {_fmt_duration(summary.get('wall_time_s'))}",
         f"  steps {summary.get('step')}, tokens {summary.get('tokens')}, final loss "
         + (f"{summary['loss']:.4f}" if summary.get("loss") is not None else "?"),
         f"  memory peak {_fmt_bytes(summary.get('memory_peak_bytes'))}"
@@ -335,7 +345,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(_summary_text(summary, rc, run_dir), file=sys.stderr, flush=True)
     else:
         print(
-            f"trainwarden: job exited with {rc}; the controller wrote no summary "
+            f"trainwarden: {_describe_exit(rc)}; the controller wrote no summary "
             f"(see {run_dir / 'controller.log'})",
             file=sys.stderr,
         )
@@ -375,6 +385,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return cmd_run(ns)
+
+
+# ---- report --------------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from trainwarden.controller.report import ReportError, write_report
+
+    try:
+        rep = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    except ReportError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"trainwarden report: {rep.html}", file=sys.stderr)
+    for path in rep.images.values():
+        print(f"  {path}", file=sys.stderr)
+    return 0
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -420,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", help="where logs go (default runs/RUN_ID)")
     d.add_argument("--metrics-port", type=int, default=0, help="port for /metrics (default: a free one)")
     d.set_defaults(fn=cmd_demo)
+
+    rp = sub.add_parser("report", help="plots and an HTML page of a run, finished or running")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (where telemetry.jsonl is)")
+    rp.add_argument("--out", metavar="DIR", help="where the report goes (default RUN_DIR/report)")
+    rp.set_defaults(fn=cmd_report)
     return p
 
 
