@@ -37,6 +37,12 @@ from trainwarden.policies.schema import Budget, ControllerSettings, PolicyFile
 
 log = logging.getLogger(__name__)
 
+#: A kind of action that fails (rolled back or rejected by the job) this many times in a row
+#: is disabled for the run; between failures the controller waits BACKOFF_BASE_S, doubling.
+MAX_FAILURES = 3
+BACKOFF_BASE_S = 5.0
+BACKOFF_MAX_S = 300.0
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -93,6 +99,9 @@ class Controller:
         self._last_decide = float("-inf")
         self._observed: dict[int, int] = {}
         self._rejected: set[tuple[str, str]] = set()
+        self._failures: dict[str, int] = {}
+        self._retry_after: dict[str, float] = {}
+        self._disabled: set[str] = set()
         self.actions_total: Counter[tuple[str, str]] = Counter()
         self.last_decision: dict[str, Any] | None = None
         self.exit_code: int | None = None
@@ -245,6 +254,8 @@ class Controller:
         )
         if action.kind in snap.pending:
             return  # level-based: the pending action already asks for this knob
+        if action.kind in self._disabled or now < self._retry_after.get(action.kind, 0.0):
+            return  # backing off after failures: no retry storm
         problem = self._cannot_carry(action, snap)
         if problem:
             # A policy will ask again every round; one line per distinct request is enough.
@@ -279,6 +290,29 @@ class Controller:
         self._log_decision(
             act, decision.decided_step, decision.decided_at, out.outcome, out.step, out.duration_s, out.detail
         )
+        self._back_off(act.kind, out.outcome, now)
+
+    def _back_off(self, kind: str, outcome: str, now: float) -> None:
+        """After a failed switch wait before the next try (doubling), and after
+        `MAX_FAILURES` failures in a row stop trying that kind of action for this run."""
+        if outcome in ("applied", "noop"):
+            self._failures.pop(kind, None)
+            self._retry_after.pop(kind, None)
+            return
+        n = self._failures[kind] = self._failures.get(kind, 0) + 1
+        if n >= MAX_FAILURES:
+            self._disabled.add(kind)
+            log.error(
+                "%s failed %d times in a row; no more %s actions this run (the job keeps its "
+                "configuration). Check the decision log for the errors.",
+                kind,
+                n,
+                kind,
+            )
+            return
+        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (n - 1))
+        self._retry_after[kind] = now + delay
+        log.warning("%s %s (failure %d of %d); next try in %.0f s", kind, outcome, n, MAX_FAILURES, delay)
 
     def _log_decision(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from trainwarden.controller.loop import Controller
+from trainwarden.controller.loop import BACKOFF_BASE_S, Controller
 from trainwarden.controller.protocol import (
     KNOB_MICRO_BATCH,
     Action,
@@ -218,8 +219,11 @@ def test_rejected_outcome_is_logged_and_frees_the_knob(tmp_path: Path) -> None:
     [line] = decisions(ctl)
     assert line["outcome"] == "rolled_back" and line["detail"] == "OOM while switching"
     assert ctl.state.last_action_step == {}, "a change that did not happen starts no cooldown"
-    # The knob is free again: the same exchange decided anew.
-    [again] = nothing
+    # The knob is free again, after a back-off (no retry storm): nothing at once...
+    assert nothing == []
+    clock.t = 2.0 + BACKOFF_BASE_S
+    # ...then decided anew.
+    [again] = ctl.exchange([rec(3, 8, 9.5)], [])
     assert again.id != action.id and again.params == {"value": 4}
     ctl.close()
 
@@ -369,3 +373,27 @@ def test_without_a_policy_file_nothing_is_decided(tmp_path: Path) -> None:
     assert snap.memory_cap_bytes is None and snap.budgets == ()
     summary = ctl.close()
     assert summary["actions"] == {} and summary["budget"] is None
+
+
+def test_a_failing_kind_backs_off_then_is_disabled(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No retry storm: each failure doubles the wait; MAX_FAILURES in a row disable the kind."""
+    from trainwarden.controller.loop import MAX_FAILURES
+
+    ctl, clock = make(tmp_path)
+    ctl.hello(job_shape())
+    t, step, tries = 1.0, 1, []
+    while t < 1000.0:
+        clock.t = t
+        for a in ctl.exchange([rec(step, 8, 9.5)], []):
+            tries.append(t)
+            step += 1
+            clock.t = t + 0.1
+            ctl.exchange([rec(step, 8, 9.5)], [Outcome(a.id, "rolled_back", step, 0.2, "build failed")])
+        step += 1
+        t += 0.5
+    assert len(tries) == MAX_FAILURES, tries
+    gaps = [b - a for a, b in itertools.pairwise(tries)]
+    assert gaps[0] >= BACKOFF_BASE_S and gaps[1] >= 2 * BACKOFF_BASE_S, gaps
+    assert "no more micro_batch_size actions this run" in caplog.text
+    assert [d["outcome"] for d in decisions(ctl)] == ["rolled_back"] * MAX_FAILURES
+    ctl.close()
