@@ -1,4 +1,4 @@
-"""The `trainwarden` command: run, controller, validate, demo.
+"""The `trainwarden` command: run, controller, validate, demo, report.
 
 Every user error (a bad policy file, a bad flag, a port in use) ends in one clear message
 and a non-zero exit, never a Python traceback.

@@ -4,6 +4,22 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+# The dashboard and deploy tests run a real Prometheus (and promtool): Debian's package.
+if ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing Debian's prometheus package (the dashboard test scrapes a real one)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq prometheus >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq prometheus >/dev/null 2>&1; }
+  fi
+  if ! command -v prometheus >/dev/null 2>&1; then
+    if [ "${CI:-}" = "true" ]; then
+      echo "test.sh: cannot install prometheus (apt-get install prometheus, as root); CI needs it" >&2
+      exit 1
+    fi
+    echo "test.sh: no prometheus binary (apt-get install prometheus, as root): its tests will skip" >&2
+  fi
+fi
 .venv/bin/ruff check . || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -82,11 +82,13 @@ def test_manifests_parse_and_the_sidecar_args_are_the_controllers() -> None:
     objects = k8s_objects()
     assert {"Secret", "ConfigMap", "Service", "ServiceMonitor"} <= objects.keys()
     assert "Job" in objects or "Pod" in objects
-    meta, spec = pod_spec(objects)
+    _, spec = pod_spec(objects)
     cs = containers(spec)
     sidecar, trainer = cs["trainwarden"], cs["trainer"]
     if sidecar in spec.get("initContainers", []):
-        assert sidecar["restartPolicy"] == "Always", "an init container is a sidecar only with restartPolicy Always"
+        assert sidecar["restartPolicy"] == "Always", (
+            "an init container is a sidecar only with restartPolicy Always"
+        )
 
     # The real parser accepts the args, and they select the controller subcommand.
     assert sidecar["command"] == ["trainwarden"]
@@ -97,16 +99,15 @@ def test_manifests_parse_and_the_sidecar_args_are_the_controllers() -> None:
     assert args.run_dir == "/runs/gpt-train-abcde" and args.policy and args.token_file
     assert args.metrics_host == "0.0.0.0", "Prometheus scrapes the pod's address, not its loopback"
 
-    # The token: one Secret, mounted read-only in both containers where the flags say.
+    # The token: one Secret, mounted read-only in both containers, where each one reads it.
     secret = objects["Secret"]
-    for c, path in ((sidecar, args.token_file), (trainer, None)):
-        trainer_env = {e["name"]: e.get("value", "") for e in trainer["env"]}
-        path = path or trainer_env[protocol.ENV_TOKEN_FILE]
-        where = mount_of(c, spec, path)
-        assert where["mount"].get("readOnly") is True
+    trainer_env = {e["name"]: e.get("value", "") for e in trainer["env"]}
+    assert trainer_env[protocol.ENV_TOKEN_FILE] == args.token_file
+    for container in (sidecar, trainer):
+        where = mount_of(container, spec, args.token_file)
+        assert where["mount"].get("readOnly") is True, container["name"]
         assert where["volume"]["secret"]["secretName"] == secret["metadata"]["name"]
         assert where["rest"] in (secret.get("stringData") or secret.get("data") or {})
-    assert trainer_env[protocol.ENV_TOKEN_FILE] == args.token_file
 
     # The policy: the ConfigMap's file, where --policy points, and valid.
     cm = objects["ConfigMap"]
@@ -169,7 +170,9 @@ def test_the_metrics_port_is_the_same_everywhere() -> None:
     # prometheus.yml's static target is the controller's default metrics port.
     prom = yaml.safe_load(PROMETHEUS_YML.read_text())
     targets = [t for sc in prom["scrape_configs"] for s in sc.get("static_configs", []) for t in s["targets"]]
-    default_port = build_parser().parse_args(["controller", "--run-dir", "r", "--token-file", "t"]).metrics_port
+    default_port = (
+        build_parser().parse_args(["controller", "--run-dir", "r", "--token-file", "t"]).metrics_port
+    )
     assert targets == [f"127.0.0.1:{default_port}"]
 
 

@@ -305,7 +305,9 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path: Pat
         logged = {(d["kind"], d["outcome"]) for d in read_jsonl(tmp_path / "run" / "decisions.jsonl")}
         assert ("micro_batch_size", "applied") in logged and ("stop", "applied") in logged, logged
         marked = {
-            (s["metric"]["kind"], s["metric"]["outcome"]) for s in results["annotation 'Decisions'"] if s["values"]
+            (s["metric"]["kind"], s["metric"]["outcome"])
+            for s in results["annotation 'Decisions'"]
+            if s["values"]
         }
         assert marked == logged
     finally:
