@@ -411,6 +411,10 @@ class Controller:
             summary = self.status()
             summary["wall_time_s"] = now - self.started_at
             summary["job_lost"] = self.job_lost
+            summary["budgets"] = [
+                {"name": b.name, "unit": b.unit, "spent": b.spent, "limit": b.limit, "fraction": b.fraction}
+                for b in self.state.budgets(self.budget)
+            ]
             summary["nonfinite_losses"] = self.state.nonfinite_losses
             summary["exit_code"] = self.exit_code
             summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
