@@ -33,11 +33,23 @@ ENV_SYNC_EVERY = "TRAINWARDEN_SYNC_EVERY"
 KNOB_MICRO_BATCH = "micro_batch_size"
 KNOB_LR_MULTIPLIER = "lr_multiplier"
 KNOB_STOP = "stop"
+# The DeepSpeed adapter's engine knobs (adapters/deepspeed.py): each change builds a new engine.
+KNOB_ZERO_STAGE = "zero_stage"
+KNOB_PRECISION = "precision"
+KNOB_OFFLOAD_OPTIMIZER = "offload_optimizer"
+KNOB_OFFLOAD_PARAM = "offload_param"
+
+
+#: Integers on the wire are 64-bit: Python's json reads any number of digits exactly, and
+#: float() of an integer past 1.8e308 raises OverflowError.
+_INT_LIMIT = 2**63
 
 
 def _is_number(v: Any) -> bool:
     """A JSON number: int or float, and not a bool (which Python counts as an int)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return -_INT_LIMIT <= v < _INT_LIMIT
+    return isinstance(v, float)
 
 
 class ProtocolError(ValueError):
@@ -376,4 +388,6 @@ def _get(d: dict[str, Any], key: str, typ: Any, what: str, default: Any = _MISSI
     if not isinstance(value, typ):
         name = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
         raise ProtocolError(f"{what}.{key} must be {name}, got {type(value).__name__}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -_INT_LIMIT <= value < _INT_LIMIT:
+        raise ProtocolError(f"{what}.{key} is out of range: a 64-bit integer")
     return value

@@ -77,8 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         try:
             return check_version(json.loads(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            self._refuse(HTTPStatus.BAD_REQUEST, f"body is not JSON: {exc}")
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, digit limit
+            self._refuse(HTTPStatus.BAD_REQUEST, f"body is not JSON: {str(exc)[:200]}")
         except ProtocolError as exc:
             self._refuse(HTTPStatus.BAD_REQUEST, str(exc))
         return None
@@ -144,6 +144,13 @@ class ChannelServer(ThreadingHTTPServer):
         self.token = token
         self.job_finished = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up before its answer (BrokenPipe, reset) is not the controller's
+        # problem: one log line, not a traceback on stderr.
+        import sys
+
+        log.info("connection from %s ended early: %s", client_address[0], sys.exc_info()[1])
 
     @property
     def port(self) -> int:

@@ -43,6 +43,8 @@ if typing.TYPE_CHECKING:
 MAX_FILE_BYTES = 1 << 20
 #: Deepest nesting of mappings and lists; a real file needs four.
 MAX_DEPTH = 32
+#: Most values (scalars, lists, mappings) in a file; a real file has a few dozen.
+MAX_NODES = 10_000
 #: The only file format version this trainwarden reads.
 FILE_VERSION = 1
 
@@ -105,6 +107,7 @@ class _PlainLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         if self.check_event(AliasEvent):
@@ -115,6 +118,12 @@ class _PlainLoader(yaml.SafeLoader):
                 "write the value out in full",
             )
         self._depth += 1
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _Refused(
+                self.peek_event().start_mark.line + 1,
+                f"more than {MAX_NODES} values; a policy file needs only a few dozen",
+            )
         try:
             if self._depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark
@@ -141,6 +150,14 @@ _PlainLoader.add_implicit_resolver(
 )
 
 
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 60 else repr(text[:56] + "...")
+
+
+#: Largest whole number a file may write: any larger does not fit a float.
+_MAX_ABS_INT = 2**1000
+
+
 def _scalar(node: ScalarNode) -> Any:
     """The Python value of a plain scalar node; ValueError when its explicit tag does not fit."""
     text, tag = node.value, node.tag
@@ -148,28 +165,33 @@ def _scalar(node: ScalarNode) -> Any:
         return text
     if tag == _NULL:
         if text not in ("", "~", "null", "Null", "NULL"):
-            raise ValueError(f"{text!r} is not null")
+            raise ValueError(f"{_short(text)} is not null")
         return None
     if tag == _BOOL:
         if text.lower() not in ("true", "false"):
-            raise ValueError(f"{text!r} is not true or false")
+            raise ValueError(f"{_short(text)} is not true or false")
         return text.lower() == "true"
     if tag == _INT:
         clean = text.replace("_", "")
         try:
+            value = None
             for prefix, base in (("0o", 8), ("0x", 16)):
                 if clean.startswith(prefix):
-                    return int(clean[2:], base)
-            return int(clean)
+                    value = int(clean[2:], base)
+            if value is None:
+                value = int(clean)
         except ValueError:
-            raise ValueError(f"{text!r} is not a whole number") from None
+            raise ValueError(f"{_short(text)} is not a whole number") from None
+        if abs(value) > _MAX_ABS_INT:
+            raise ValueError(f"{_short(text)} is too large a number")
+        return value
     if tag == _FLOAT:
         clean = text.replace("_", "").lower()
         special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
         try:
             return special[clean] if clean in special else float(clean)
         except ValueError:
-            raise ValueError(f"{text!r} is not a number") from None
+            raise ValueError(f"{_short(text)} is not a number") from None
     raise ValueError(f"tag {_show_tag(tag)} is not allowed")
 
 
@@ -198,6 +220,7 @@ class _Ctx:
     """Nodes already reported (bad tag): readers skip them without a second message."""
 
     def add(self, where: Node | int | None, key: str, message: str) -> Any:
+        key = key if len(key) <= 120 else key[:117] + "..."
         line = where if isinstance(where, int) else (where.start_mark.line + 1 if where is not None else 0)
         self.problems.append(Problem(self.file, line, key, message))
         return _BAD
@@ -302,7 +325,7 @@ def _unknown(word: str, what: str, valid: Iterable[str], listed_as: str, of: str
     """`unknown key 'budgt'; did you mean 'budget'? Valid keys: version, budget, ...`."""
     valid = list(valid)
     listing = f"{listed_as}: {', '.join(valid) if valid else '(none)'}"
-    unknown = f"unknown {what} {word!r}{of}"
+    unknown = f"unknown {what} {_short(word)}{of}"
     guess = _closest(word, valid)
     if guess is None:
         return f"{unknown}; {listing}"
@@ -362,9 +385,9 @@ def _number(ctx: _Ctx, node: Node, path: str, *, integer: bool, minimum: float, 
     if isinstance(value, bool) or not isinstance(value, ok_types):
         what = "a whole number" if integer else "a number"
         return ctx.add(node, path, f"expected {what}, got {_describe(node)}")
-    if math.isnan(value) or value < minimum or (above and value == minimum):
+    if not math.isfinite(value) or value < minimum or (above and value == minimum) or value > 2**63 - 1:
         bound = f"greater than {minimum:g}" if above else f"at least {minimum:g}"
-        return ctx.add(node, path, f"{value!r} is out of range: it must be {bound}")
+        return ctx.add(node, path, f"{_shown(node, value)} is out of range: it must be {bound} and finite")
     return value if integer else float(value)
 
 
@@ -788,7 +811,7 @@ def _check_meta(ctx: _Ctx, node: Node, path: str, meta: _Meta, value: Any) -> An
 def _shown(node: Node, value: Any) -> str:
     """A value as the file wrote it: `2`, `'3TiB'`, `'off'`."""
     if isinstance(node, ScalarNode):
-        return repr(node.value) if node.tag == _STR else node.value
+        return _short(node.value) if node.tag == _STR else node.value[:60]
     return repr(value)
 
 
@@ -869,10 +892,15 @@ def _compose(ctx: _Ctx, text: str) -> Node | None:
     except _Refused as e:
         ctx.add(e.line, "", e.message)
         return None
+    except yaml.reader.ReaderError as e:
+        line = len((text[: e.position] + "x").splitlines())
+        char = e.character if isinstance(e.character, str) else chr(e.character)
+        ctx.add(line, "", f"the character U+{ord(char):04X} is not allowed in a YAML file; remove it")
+        return None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         # An error at the end of the stream is reported on the last line that exists.
-        last = text.count("\n") + (0 if text.endswith("\n") else 1)
+        last = len(text.splitlines())
         line = min(mark.line + 1, max(last, 1)) if mark is not None else 0
         ctx.add(line, "", _syntax_message(e))
         return None
