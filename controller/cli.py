@@ -198,6 +198,8 @@ def status_line(st: dict[str, Any]) -> str:
         return "waiting for the job to connect..."
     parts = [f"step {st['step']}"]
     parts.append(f"loss {st['loss']:.3f}" if st.get("loss") is not None else "loss ?")
+    if st.get("nonfinite_losses"):
+        parts.append(f"{st['nonfinite_losses']} NaN/inf losses")
     tps = st.get("tokens_per_second")
     parts.append(f"{tps / 1000:.1f}k tok/s" if tps else "? tok/s")
     cap = st.get("memory_cap_bytes")

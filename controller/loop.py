@@ -387,6 +387,7 @@ class Controller:
                     "remaining_s": binding.remaining_s,
                 },
                 "elapsed_s": snap.elapsed_s,
+                "nonfinite_losses": snap.nonfinite_losses,
                 "last_decision": self.last_decision,
                 "actions": {f"{k}:{o}": n for (k, o), n in self.actions_total.items()},
             }

@@ -17,6 +17,8 @@ from trainwarden.policies.schema import Budget
 
 #: Smoothing of the reported loss (EMA weight of the newest step).
 LOSS_EMA = 0.1
+#: Seconds a job's clock may run ahead of its steps before it counts as a jump.
+CLOCK_JUMP_SLACK_S = 60.0
 #: Steps in the throughput window: long enough to average out noise, short enough to see a switch.
 THROUGHPUT_WINDOW = 20
 
@@ -43,6 +45,7 @@ class JobState:
     nonfinite_losses: int = 0
     last_nonfinite_step: int | None = None
     clock_jumps: int = 0
+    _clock_offset: float = 0.0
     _window: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=THROUGHPUT_WINDOW))
 
     def ingest(self, rec: StepRecord) -> None:
@@ -50,10 +53,19 @@ class JobState:
             return  # a resent record: telemetry is idempotent by step
         # Whatever the job's clock says, never a negative step time or a clock running back.
         step_time = rec.step_time_s if math.isfinite(rec.step_time_s) and rec.step_time_s > 0 else 0.0
-        t = rec.time if math.isfinite(rec.time) else (self.last_time or 0.0)
-        if self.last_time is not None and t < self.last_time:
-            self.clock_jumps += 1
-            t = self.last_time
+        t = (rec.time if math.isfinite(rec.time) else (self.last_time or 0.0)) - self._clock_offset
+        if self.last_time is not None:
+            # A clock running back is held; one leaping far ahead of what the steps took (an NTP
+            # correction, a bad host) advances only by the step time, so a jump cannot spend a
+            # wall-time budget (and stop the job) on its own. The jump is remembered as an
+            # offset, so the records after it are read on the same time line.
+            typical = self.step_time_s or step_time or 1.0
+            most = CLOCK_JUMP_SLACK_S + 10 * typical * max(1, rec.step - self.step)
+            if t < self.last_time or t - self.last_time > most:
+                self.clock_jumps += 1
+                held = self.last_time + (step_time if t > self.last_time else 0.0)
+                self._clock_offset += t - held
+                t = held
         if self.first_time is None:
             # The first step's start, not its end: wall time includes the first step.
             self.first_time = t - step_time

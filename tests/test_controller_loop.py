@@ -397,3 +397,18 @@ def test_a_failing_kind_backs_off_then_is_disabled(tmp_path: Path, caplog: pytes
     assert "no more micro_batch_size actions this run" in caplog.text
     assert [d["outcome"] for d in decisions(ctl)] == ["rolled_back"] * MAX_FAILURES
     ctl.close()
+
+
+def test_a_clock_leaping_ahead_does_not_spend_the_wall_time_budget(tmp_path: Path) -> None:
+    """An NTP correction of a day must not read as a spent budget (which would stop the job)."""
+    ctl, _clock = make(tmp_path, "version: 1\nbudget:\n  wall_time: 1h\n")
+    ctl.hello(job_shape())
+    ctl.exchange([rec(s, 8, 1.0) for s in range(1, 11)], [])
+    ctl.exchange([rec(11, 8, 1.0, t=100.0 + 11 + 86_400)], [])  # the job's clock leaps a day
+    ctl.exchange([rec(12, 8, 1.0, t=100.0 + 12 + 86_400)], [])
+    snap = ctl.observe()
+    assert snap.elapsed_s == pytest.approx(12.0)
+    [wall] = snap.budgets
+    assert wall.fraction < 0.01
+    assert ctl.state.clock_jumps == 1
+    ctl.close()
