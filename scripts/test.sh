@@ -4,6 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+# DeepSpeed JIT-builds its CPU ops (about 2 minutes, once); keep them where the next run finds them.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/trainwarden/torch_extensions}
 # The dashboard and deploy tests run a real Prometheus (and promtool): Debian's package.
 if ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -1,0 +1,619 @@
+"""Training state of a DeepSpeed engine, carried in host memory from one engine to the next.
+
+DeepSpeed changes ZeRO stage, precision or offload only through a checkpoint on disk, an
+offline conversion and a restart, and for many pairs (stage 1/2 <-> 3, fp32 -> bf16) not at
+all. Here the state moves in memory instead: `capture` reads, from the live engine, the full
+fp32 master weights, the optimizer's per-element state (Adam's exp_avg and exp_avg_sq, and any
+other state shaped like the parameter) and its step count, the param groups' hyperparameters
+(the LR the scheduler set), the LR scheduler's state, the fp16 loss scaler, the engine's step
+and sample counters and the RNG states, into one host-side fp32 copy (`HostState`). `restore`
+writes it into a freshly built engine of any stage, precision and offload, exactly: the same
+bits come back.
+
+It reads and writes through DeepSpeed's own `safe_get_full_*` / `safe_set_full_*` where those
+cover the engine (ZeRO 1-3 and the BF16 optimizer), and through the wrappers' own tensors where
+they do not (stage 0: the plain optimizer, and FP16_Optimizer / FP16_UnfusedOptimizer for bf16
+and fp16). ZeRO creates optimizer state lazily, at its first step; a fresh engine's state is
+created here the way DeepSpeed's own universal-checkpoint loader does it (state tensors set
+directly on the flat fp32 partitions, then linked), never by a step, which would change it.
+
+`clean_module` undoes what an engine did to the user's module (ZeRO-3 partitions, hooks'
+bookkeeping, low-precision casts, mappings attached to each parameter) and sets every
+parameter to its fp32 master, so the next engine is built from a plain module holding exactly
+the carried weights; its low-precision copies are then the masters' rounding by construction.
+
+Cost: the host copy holds 4 bytes per parameter for the weights plus 4 per parameter per
+optimizer state tensor (12 bytes a parameter for Adam), on every rank (full tensors: the
+`safe_get_full_*` calls gather them). Reading and writing are memory copies plus, with several
+ranks, one all-reduce or all-gather per parameter and state tensor.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: Engine counters carried across a switch.
+COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+#: Dynamic loss scaler fields carried between two fp16 engines.
+LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+class StateError(RuntimeError):
+    """The engine's state cannot be carried exactly; the message says why."""
+
+
+# ---- the user's module, before and after an engine ---------------------------------------------
+
+
+@dataclass
+class ModuleSnapshot:
+    """What the user's module looked like before DeepSpeed touched it."""
+
+    module_keys: dict[int, frozenset[str]]
+    parameters_type: dict[int, type]
+    param_keys: dict[int, frozenset[str]]
+    buffer_dtypes: dict[tuple[int, str], torch.dtype]
+
+    @staticmethod
+    def take(module: torch.nn.Module) -> ModuleSnapshot:
+        mods = list(module.modules())
+        return ModuleSnapshot(
+            module_keys={id(m): frozenset(vars(m)) for m in mods},
+            parameters_type={id(m): type(m._parameters) for m in mods},
+            param_keys={id(p): frozenset(vars(p)) for p in module.parameters()},
+            buffer_dtypes={
+                (id(m), name): b.dtype for m in mods for name, b in m._buffers.items() if b is not None
+            },
+        )
+
+
+def module_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The module's parameters in a fixed order, each once (tied weights once), without
+    triggering ZeRO-3's fetch-on-access."""
+    seen: set[int] = set()
+    out: list[torch.nn.Parameter] = []
+    for m in module.modules():
+        for p in dict.values(m._parameters):
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def clean_module(
+    module: torch.nn.Module, snapshot: ModuleSnapshot, values: list[torch.Tensor] | None
+) -> None:
+    """Undo what a destroyed engine did to `module`, and set each parameter to `values[i]`.
+
+    Removes the attributes DeepSpeed attached to each parameter (ZeRO-3's ds_* and partition
+    methods, ZeRO-1/2's fp32 mappings) and to each submodule (ds_* bookkeeping), gives each
+    submodule a plain parameter dict again (ZeRO-3 wraps it to fetch on access), casts floating
+    buffers back to their original dtype, and drops gradients. Idempotent.
+    """
+    for m in module.modules():
+        _drop_deepspeed_hooks(m, _MODULE_HOOK_DICTS)
+        params = m._parameters
+        want = snapshot.parameters_type.get(id(m), dict)
+        if type(params) is not want:
+            plain = want()
+            for k, v in dict.items(params):  # not the wrapper's __getitem__ (it would fetch)
+                plain[k] = v
+            m._parameters = plain
+        keys = snapshot.module_keys.get(id(m))
+        if keys is not None:
+            for name in [
+                k for k in vars(m) if k not in keys and (k.startswith("ds_") or k in _ZERO3_MODULE_ATTRS)
+            ]:
+                delattr(m, name)
+        for name, b in list(m._buffers.items()):
+            dtype = snapshot.buffer_dtypes.get((id(m), name))
+            if b is not None and dtype is not None and b.dtype != dtype:
+                m._buffers[name] = b.to(dtype)
+    params_list = module_params(module)
+    for i, p in enumerate(params_list):
+        keys = snapshot.param_keys.get(id(p), frozenset())
+        for name in [k for k in vars(p) if k not in keys]:
+            try:
+                delattr(p, name)
+            except AttributeError:
+                pass
+        _drop_deepspeed_hooks(p, _TENSOR_HOOK_DICTS)
+        p.grad = None
+        if values is not None:
+            # On the parameter's device (ZeRO-3 left it an empty tensor there): where a freshly
+            # built module would have it.
+            p.data = values[i].to(device=p.device, copy=True)
+
+
+#: What ZeRO-3 attaches to each submodule besides its ds_* attributes (DeepSpeed 0.19).
+_ZERO3_MODULE_ATTRS = frozenset(
+    {
+        "_external_params",
+        "_original_parameters",
+        "all_parameters",
+        "applied_pre_backward_ref_cnt",
+        "post_bwd_fn",
+        "pre_bwd_fn",
+    }
+)
+_MODULE_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_TENSOR_HOOK_DICTS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
+def _is_deepspeed_hook(fn: Any) -> bool:
+    fn = getattr(fn, "__func__", fn)
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    module = getattr(fn, "__module__", None) or getattr(type(fn), "__module__", "")
+    return module.startswith("deepspeed")
+
+
+def _drop_deepspeed_hooks(obj: Any, dict_names: tuple[str, ...]) -> None:
+    """Remove the hooks a destroyed engine left behind. `engine.destroy()` leaves the engine's own
+    forward hooks on the module: their closures keep the whole dead engine (optimizer, state,
+    buffers) alive and run it at the next forward. Only DeepSpeed's functions are removed."""
+    for name in dict_names:
+        hooks = getattr(obj, name, None)
+        if not hooks:
+            continue
+        for key in [k for k, fn in hooks.items() if _is_deepspeed_hook(fn)]:
+            del hooks[key]
+            for extra in (
+                "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called",
+                "_forward_pre_hooks_with_kwargs",
+            ):
+                side = getattr(obj, extra, None)
+                if isinstance(side, dict):
+                    side.pop(key, None)
+
+
+# ---- which optimizer the engine runs, and where its state lives ---------------------------------
+
+
+def _classes() -> dict[str, type]:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return {
+        "z3": DeepSpeedZeroOptimizer_Stage3,
+        "zero": DeepSpeedZeroOptimizer,
+        "bf16": BF16_Optimizer,
+        "fused16": FP16_Optimizer,
+        "unfused16": FP16_UnfusedOptimizer,
+    }
+
+
+def engine_kind(engine: Any) -> str:
+    """How the engine holds its fp32 masters: 'z3' / 'hp' (DeepSpeed's safe_* API covers them),
+    'fused16' / 'unfused16' (stage 0 with bf16/fp16), 'plain' (stage 0 fp32: the module's own
+    parameters are the masters)."""
+    opt = engine.optimizer
+    c = _classes()
+    if opt is None:
+        raise StateError("the engine has no optimizer: there is no training state to carry")
+    if isinstance(opt, c["z3"]):
+        return "z3"
+    if isinstance(opt, (c["zero"], c["bf16"])):
+        return "hp"
+    if isinstance(opt, c["unfused16"]):
+        return "unfused16"
+    if isinstance(opt, c["fused16"]):
+        return "fused16"
+    if isinstance(opt, torch.optim.Optimizer):
+        return "plain"
+    raise StateError(f"unsupported DeepSpeed optimizer wrapper {type(opt).__name__}")
+
+
+def inner_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that really steps (the basic optimizer inside DeepSpeed's wrapper)."""
+    opt = engine.optimizer
+    return opt if engine_kind(engine) == "plain" else opt.optimizer
+
+
+def flat_partitions(engine: Any) -> list[torch.Tensor]:
+    """The fp32 tensors the inner optimizer steps (its state is keyed by them)."""
+    kind = engine_kind(engine)
+    opt = engine.optimizer
+    if kind == "z3":
+        return list(opt.fp32_partitioned_groups_flat)
+    if kind == "hp":
+        if isinstance(opt, _classes()["bf16"]):
+            return list(opt.fp32_groups_flat_partition)
+        return list(opt.single_partition_of_fp32_groups)
+    if kind == "fused16":
+        return list(opt.fp32_groups_flat)
+    if kind == "unfused16":
+        return [p for group in opt.fp32_groups for p in group]
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _per_param_masters(engine: Any) -> dict[int, torch.Tensor]:
+    """Stage 0: module parameter id -> the fp32 tensor that is its master (or a view of it)."""
+    kind = engine_kind(engine)
+    opt = engine.optimizer
+    out: dict[int, torch.Tensor] = {}
+    if kind == "plain":
+        for g in opt.param_groups:
+            for p in g["params"]:
+                out[id(p)] = p
+    elif kind == "unfused16":
+        for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
+            for lp, hp in zip(lp_group, hp_group):
+                out[id(lp)] = hp
+    elif kind == "fused16":
+        for lp_group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+            offset = 0
+            for lp in lp_group:
+                out[id(lp)] = flat.narrow(0, offset, lp.numel()).view(lp.shape)
+                offset += lp.numel()
+    return out
+
+
+def _state_of_master(engine: Any, master: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor, int]:
+    """Stage 0: the optimizer state dict holding `master`'s state, the tensor it is keyed by and
+    master's offset in it (the fused FP16 optimizer keys one flat tensor per group)."""
+    inner = inner_optimizer(engine)
+    if engine_kind(engine) == "fused16":
+        for flat in engine.optimizer.fp32_groups_flat:
+            if master.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
+                return inner.state[flat], flat, master.storage_offset() - flat.storage_offset()
+        raise StateError("a parameter's fp32 master is in no fp16 group")
+    return inner.state[master], master, 0
+
+
+def _is_element_state(value: Any, like: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.numel() == like.numel()
+
+
+def _step_int(value: Any) -> int:
+    return int(value.item()) if torch.is_tensor(value) else int(value)
+
+
+def _step_value(inner: torch.optim.Optimizer, group: dict[str, Any], step: int, device: Any) -> Any:
+    """`step` as `inner` keeps it: a float tensor for torch's optimizers, an int for DeepSpeed's."""
+    if type(inner).__module__.startswith("torch.optim"):
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        fused = bool(group.get("fused"))
+        if group.get("capturable") or fused:
+            return torch.tensor(float(step), dtype=_get_scalar_dtype(is_fused=fused), device=device)
+        return torch.tensor(float(step), dtype=_get_scalar_dtype())
+    return step
+
+
+# ---- the host copy ------------------------------------------------------------------------------
+
+
+@dataclass
+class HostState:
+    """One engine's training state, on the host, in fp32, independent of stage and precision."""
+
+    values: list[torch.Tensor]  # every module parameter, fp32 (the master where one exists)
+    trained: list[bool]  # whether the optimizer holds that parameter
+    moments: dict[str, list[torch.Tensor | None]]  # optimizer element state, per parameter
+    step: int | None  # the optimizer's step count (None: it has not stepped yet)
+    groups: list[dict[str, Any]]  # param groups' hyperparameters (no 'params')
+    scheduler: dict[str, Any] | None
+    loss_scale: dict[str, Any] | None
+    counters: dict[str, int]
+    rng: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensors held: weights and optimizer state."""
+        n = sum(t.numel() * t.element_size() for t in self.values)
+        for ts in self.moments.values():
+            n += sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return n
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
+def _gathered_values(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Full values of ZeRO-3 parameters (gathered for the moment of the copy)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return [_host(p.data) for p in params]
+
+
+def capture_rng() -> dict[str, Any]:
+    out: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        out["numpy"] = np.random.get_state()
+    return out
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "random" in rng:
+        random.setstate(rng["random"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "numpy" in rng and "numpy" in sys.modules:
+        sys.modules["numpy"].random.set_state(rng["numpy"])
+
+
+def _loss_scale_of(optimizer: Any) -> dict[str, Any] | None:
+    for holder in (getattr(optimizer, "loss_scaler", None), getattr(optimizer, "loss_scale_config", None)):
+        if holder is not None and getattr(holder, "dynamic", getattr(holder, "dynamic_loss_scale", False)):
+            return {k: getattr(holder, k) for k in LOSS_SCALE_FIELDS if hasattr(holder, k)}
+    return None
+
+
+def _set_loss_scale(optimizer: Any, saved: dict[str, Any]) -> None:
+    for holder in (getattr(optimizer, "loss_scaler", None), getattr(optimizer, "loss_scale_config", None)):
+        if holder is not None and getattr(holder, "dynamic", getattr(holder, "dynamic_loss_scale", False)):
+            for k, v in saved.items():
+                if hasattr(holder, k):
+                    setattr(holder, k, v)
+
+
+def capture(engine: Any, params: list[torch.nn.Parameter]) -> HostState:
+    """Read the engine's whole training state into host memory (every rank gets the full copy).
+
+    Collective with several ranks (one all-reduce or all-gather per tensor): every rank calls it.
+    Raises StateError, before anything is changed, when the state cannot be carried exactly.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    kind = engine_kind(engine)
+    inner = inner_optimizer(engine)
+    flats = flat_partitions(engine)
+    states = [inner.state[f] for f in flats if inner.state.get(f)]
+
+    steps = {_step_int(s["step"]) for s in states if "step" in s}
+    if len(steps) > 1 and type(inner).__name__ == "FusedAdam":
+        # DeepSpeed's FusedAdam counts the step of a group in one of its tensors' state (the last
+        # one stepped) and uses that for the whole group; the others stay where they started.
+        steps = {max(steps)}
+    if len(steps) > 1:
+        raise StateError(
+            f"the optimizer's step counts differ across its tensors ({sorted(steps)}); a ZeRO engine "
+            "keeps one per group, so this state cannot be carried exactly"
+        )
+    step = steps.pop() if steps else None
+    keys = sorted({k for f in flats for k, v in inner.state.get(f, {}).items() if _is_element_state(v, f)})
+
+    values: list[torch.Tensor] = []
+    trained: list[bool] = []
+    moments: dict[str, list[torch.Tensor | None]] = {k: [] for k in keys}
+    if kind in ("z3", "hp"):
+        frozen: list[int] = []
+        for i, p in enumerate(params):
+            # A ZeRO-3 parameter the optimizer was not given has no fp32 master (no _z3_optimizer).
+            in_optimizer = p.requires_grad and (kind != "z3" or hasattr(p, "_z3_optimizer"))
+            hp = safe_get_full_fp32_param(p) if in_optimizer else None
+            trained.append(hp is not None)
+            if hp is None:
+                frozen.append(i)
+                values.append(torch.empty(0))
+                for k in keys:
+                    moments[k].append(None)
+                continue
+            values.append(_host(hp).view(p.ds_shape if kind == "z3" else p.shape))
+            for k in keys:
+                moments[k].append(_host(safe_get_full_optimizer_state(p, k)).view(values[-1].shape))
+        if frozen:
+            fp = [params[i] for i in frozen]
+            got = _gathered_values(fp) if kind == "z3" else [_host(p.data) for p in fp]
+            for i, v in zip(frozen, got):
+                values[i] = v
+    else:
+        masters = _per_param_masters(engine)
+        for p in params:
+            master = masters.get(id(p))
+            trained.append(master is not None)
+            values.append(_host(master if master is not None else p.data))
+            for k in keys:
+                if master is None:
+                    moments[k].append(None)
+                    continue
+                st, _, offset = _state_of_master(engine, master)
+                t = st.get(k)
+                if t is None:
+                    moments[k].append(None)
+                else:
+                    piece = t.view(-1).narrow(0, offset, master.numel()) if kind == "fused16" else t
+                    moments[k].append(_host(piece).view(p.shape))
+
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    sched = engine.lr_scheduler
+    return HostState(
+        values=values,
+        trained=trained,
+        moments=moments,
+        step=step,
+        groups=groups,
+        scheduler=sched.state_dict() if sched is not None and hasattr(sched, "state_dict") else None,
+        loss_scale=_loss_scale_of(engine.optimizer),
+        counters={k: int(getattr(engine, k, 0)) for k in COUNTERS},
+        rng=capture_rng(),
+    )
+
+
+def _ensure_optimizer_state(engine: Any, state: HostState) -> None:
+    """Create the optimizer's state on a fresh engine, as its first step would, without stepping.
+
+    DeepSpeed's own loader does the same (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3):
+    state tensors are set on the flat fp32 partitions, then ZeRO-1/2 link each parameter's
+    fragment of them. Values are written afterwards; zeros here are placeholders."""
+    if state.step is None:
+        return
+    kind = engine_kind(engine)
+    inner = inner_optimizer(engine)
+    group_of = {id(p): g for g in inner.param_groups for p in g["params"]}
+    for f in flat_partitions(engine):
+        st = inner.state[f]
+        group = group_of.get(id(f), inner.param_groups[0])
+        st["step"] = _step_value(inner, group, state.step, f.device)
+        for k in state.moments:
+            if not torch.is_tensor(st.get(k)) or st[k].shape != f.shape:
+                st[k] = torch.zeros_like(f, memory_format=torch.preserve_format)
+    if kind == "hp":
+        opt = engine.optimizer
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def restore(engine: Any, params: list[torch.nn.Parameter], state: HostState, *, same_scheduler: bool) -> None:
+    """Write `state` into a freshly built engine over the same module.
+
+    The engine must have been built from a module holding `state.values` (see `clean_module`),
+    so its low-precision copies are already those values' rounding; this writes the exact fp32
+    masters and optimizer state, and refreshes the low-precision copies from them anyway.
+    Collective with several ranks.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    kind = engine_kind(engine)
+    opt = engine.optimizer
+    if len(opt.param_groups) != len(state.groups):
+        raise StateError(
+            f"the new engine has {len(opt.param_groups)} param groups, the old one had {len(state.groups)}"
+        )
+    _ensure_optimizer_state(engine, state)
+    keys = list(state.moments)
+    if kind in ("z3", "hp"):
+        for i, p in enumerate(params):
+            if not state.trained[i]:
+                continue
+            safe_set_full_fp32_param(p, state.values[i])
+            for k in keys:
+                m = state.moments[k][i]
+                if m is not None:
+                    safe_set_full_optimizer_state(p, m, k)
+        if kind == "hp":
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    p.data.copy_(state.values[i])
+        else:
+            _refresh_zero3_partitions(opt)
+    else:
+        masters = _per_param_masters(engine)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                master = masters.get(id(p))
+                if master is None:
+                    p.data.copy_(state.values[i])
+                    continue
+                master.copy_(state.values[i])
+                if master is not p:
+                    p.data.copy_(state.values[i])
+                if not keys:
+                    continue
+                st, _, offset = _state_of_master(engine, master)
+                for k in keys:
+                    m = state.moments[k][i]
+                    if m is None:
+                        continue
+                    if kind == "fused16":
+                        st[k].view(-1).narrow(0, offset, master.numel()).copy_(m.view(-1))
+                    else:
+                        st[k] = m.to(master.device, copy=True).view_as(master)
+    for g, saved in zip(opt.param_groups, state.groups):
+        for k, v in saved.items():
+            g[k] = v
+    if state.scheduler is not None and engine.lr_scheduler is not None and not same_scheduler:
+        engine.lr_scheduler.load_state_dict(state.scheduler)
+    if state.loss_scale is not None:
+        _set_loss_scale(opt, state.loss_scale)
+    for k, v in state.counters.items():
+        if hasattr(engine, k):
+            setattr(engine, k, v)
+    restore_rng(state.rng)
+
+
+def _refresh_zero3_partitions(opt: Any) -> None:
+    """ZeRO-3: copy each fp32 master partition into its low-precision partition, and re-gather
+    the persistent (small, unpartitioned) parameters, as DeepSpeed does after a step."""
+    with torch.no_grad():
+        for i, fp32 in enumerate(opt.fp32_partitioned_groups_flat):
+            lp = opt.fp16_partitioned_groups_flat[i]
+            if lp is not None and fp32.numel() > 0:
+                lp.data.copy_(fp32.data)
+                if hasattr(opt, "_unflatten_partitioned_parameters"):
+                    opt._unflatten_partitioned_parameters(i)
+        persistent = getattr(opt, "persistent_parameters", [])
+        if persistent:
+            persistent[0].all_gather(persistent)
+        if hasattr(opt, "invalidate_secondary_tensor"):
+            opt.invalidate_secondary_tensor()
+
+
+# ---- what a rank holds ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldBytes:
+    """Bytes of model state one rank's engine holds: parameters (low-precision or fp32 copies the
+    model computes with), fp32 masters kept apart from them, optimizer state, and where the
+    optimizer state lives."""
+
+    params: int
+    masters: int
+    optimizer_state: int
+    optimizer_state_device: str
+
+
+def _nbytes(ts: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def held_bytes(engine: Any) -> HeldBytes:
+    kind = engine_kind(engine)
+    inner = inner_optimizer(engine)
+    params = module_params(engine.module)
+    if kind == "z3":
+        lp = _nbytes(p.ds_tensor for p in params if hasattr(p, "ds_tensor"))
+        lp += _nbytes(p.data for p in params if getattr(p, "ds_persist", False))
+    else:
+        lp = _nbytes(p.data for p in params)
+    flats = flat_partitions(engine)
+    masters = 0 if kind == "plain" else _nbytes(flats)
+    tensors = [
+        v for f in flats for v in inner.state.get(f, {}).values() if torch.is_tensor(v) and v.dim() > 0
+    ]
+    device = str(tensors[0].device) if tensors else (str(flats[0].device) if flats else "none")
+    return HeldBytes(lp, masters, _nbytes(tensors), device)
+
+
+__all__ = [
+    "HeldBytes",
+    "HostState",
+    "ModuleSnapshot",
+    "StateError",
+    "capture",
+    "clean_module",
+    "engine_kind",
+    "flat_partitions",
+    "held_bytes",
+    "inner_optimizer",
+    "module_params",
+    "restore",
+]
