@@ -63,6 +63,19 @@ class ComputePolicy(PolicyKind):
         if binding is None:
             return []
         f = binding.fraction
+        # Stop at the boundary nearest the budget's end: when the next step would end more than
+        # half a step past it, this boundary is the nearer one (a slow step would overrun by its
+        # whole length otherwise).
+        remaining, step_time = binding.remaining_s, snapshot.step_time_s
+        why_stop = (
+            f"the {binding.name} budget is spent ({binding.spent:.4g} of {binding.limit:.4g} {binding.unit})"
+        )
+        if f < 1.0 and remaining is not None and step_time and remaining < 0.5 * step_time:
+            f = 1.0
+            why_stop = (
+                f"the next step would end past the {binding.name} budget ({remaining:.3g} s left, "
+                f"steps take {step_time:.3g} s)"
+            )
         actions: list[Action] = []
         if (
             p.stop_at_budget
@@ -76,8 +89,7 @@ class ComputePolicy(PolicyKind):
                     kind=KNOB_STOP,
                     params={},
                     step=snapshot.step + 1,
-                    reason=f"the {binding.name} budget is spent ({binding.spent:.4g} of {binding.limit:.4g} "
-                    f"{binding.unit})",
+                    reason=why_stop,
                 )
             )
         current = snapshot.config.get(KNOB_LR_MULTIPLIER)

@@ -479,3 +479,35 @@ def test_budget_use_arithmetic() -> None:
     assert BudgetUse("tokens", "tokens", 10.0, 100.0, None).remaining_s is None
     assert BudgetUse("tokens", "tokens", 10.0, 100.0, 0.0).remaining_s is None
     assert snapshot().binding_budget is None
+
+
+def test_compute_stops_at_the_boundary_nearest_the_budget_end() -> None:
+    """A slow step must not overrun the budget by its whole length: stop when the next step would
+    end more than half a step past the budget."""
+    from trainwarden.controller.snapshot import BudgetUse, Snapshot
+    from trainwarden.policies.compute import ComputeParams, ComputePolicy
+    from trainwarden.policies.schema import Budget
+
+    def snap(spent: float) -> Snapshot:
+        return Snapshot(
+            step=50,
+            elapsed_s=spent,
+            loss=2.0,
+            tokens=0,
+            samples=0,
+            tokens_per_second=None,
+            step_time_s=10.0,
+            memory=(),
+            memory_cap_bytes=None,
+            config={"lr_multiplier": 0.1},
+            knobs={
+                "stop": KnobSpec("stop", False, choices=(True,)),
+                "lr_multiplier": KnobSpec("lr_multiplier", 1.0, minimum=0.0, maximum=10.0),
+            },
+            budgets=(BudgetUse("wall_time", "seconds", spent, 100.0, 1.0),),
+        )
+
+    policy = ComputePolicy("compute", ComputeParams())
+    assert not [a for a in policy.decide(snap(94.0), Budget()) if a.kind == "stop"]  # 6 s left: one more step
+    [stop] = [a for a in policy.decide(snap(96.0), Budget()) if a.kind == "stop"]  # 4 s left, steps take 10
+    assert "the next step would end past the wall_time budget" in stop.reason
