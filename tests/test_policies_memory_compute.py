@@ -484,9 +484,6 @@ def test_budget_use_arithmetic() -> None:
 def test_compute_stops_at_the_boundary_nearest_the_budget_end() -> None:
     """A slow step must not overrun the budget by its whole length: stop when the next step would
     end more than half a step past the budget."""
-    from trainwarden.controller.snapshot import BudgetUse, Snapshot
-    from trainwarden.policies.compute import ComputeParams, ComputePolicy
-    from trainwarden.policies.schema import Budget
 
     def snap(spent: float) -> Snapshot:
         return Snapshot(
