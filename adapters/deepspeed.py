@@ -46,6 +46,57 @@ its previous configuration with its state intact, and may go on); `ConfigError` 
 that can never work, before anything changes. Actions from the controller never raise into
 the loop: `apply` reports them applied, rejected or rolled back. Only a failed rollback (no
 engine can be built at all) raises `SwitchFailed`: the job cannot continue without an engine.
+
+Activation checkpointing is a knob (`activation_checkpointing`, reported only where the model
+can switch it): a model with `set_activation_checkpointing(bool)` (trainwarden.examples.gpt.GPT)
+or HF transformers' `gradient_checkpointing_enable()` / `gradient_checkpointing_disable()` (called
+with `use_reentrant=False` where accepted). It changes at a step boundary, on the module, with no
+new engine; recomputation is exact, so the weights follow the run that never switched. A model
+with only the setter is taken to start with it off unless it has an `activation_checkpointing`
+attribute.
+
+Out of memory inside a step (`torch.cuda.OutOfMemoryError`, or the types given as
+`oom_errors=`) raised from the handle's forward, backward or step: the handle drops the step
+(the partial gradients go with the engine, which is rebuilt from the state as it was when the
+step began: counters and RNG included), moves one rung down the OOM ladder (adapters/ds_oom.py:
+micro-batch halved with the global batch kept, then activation checkpointing, ZeRO stage up with
+several ranks, optimizer offload, parameter offload), and raises `StepRetry` so that the step is
+trained again from its first sample. Two ways to have it retried:
+
+    loss = engine.train_batch(data_iter, loss_fn=lambda b: engine(b["x"], b["y"]))   # one step
+
+`train_batch` takes one optimizer step's samples from `data_iter` (any iterator of micro-batches:
+tensors with samples first, or tuples/lists/dicts of them; default: the loader `initialize` made
+from `training_data`, repeated), cuts them at the current micro-batch size, runs forward,
+backward and step on each, and on an OOM retries the same samples one rung down: no step and no
+sample is lost, and the step is bitwise the one a run switched by hand at that boundary takes.
+Or keep DeepSpeed's usual loop over trainwarden's loader and catch `StepRetry`:
+
+    for batch in loader:
+        try:
+            loss = engine(batch)
+            engine.backward(loss)
+            engine.step()
+        except StepRetry:
+            continue          # the loader rewound to the step's first sample
+
+With a loader of your own, the micro-batch rung is not used (your loader keeps its size) and
+the micro-batches of the interrupted step that your loader already gave are not replayed
+(`StepRetry.retry.replayed` is False). Without a catch, `StepRetry` ends the loop as the OOM
+would have, after the step down. Not retried (the OOM is raised as it was, with a log line
+saying why): an OOM inside the optimizer's update once it has changed a weight (detected from
+the optimizer's step counts; with device-side step counts, as fused or capturable torch
+optimizers keep them, any OOM inside the update), an engine that cannot be rebuilt (zero.Init,
+pipelines), and one at the bottom of the ladder. With several ranks, the retry needs every rank
+to hit the OOM in the same call (the rebuild is collective); a rank that OOMs alone leaves the
+others waiting in their next collective, as without trainwarden. In your own loop, the `loss`
+your loop still holds after an OOM in backward keeps what autograd had not yet freed of its
+graph until it is rebound (train_batch holds no such reference). What it costs: per optimizer
+step, a copy of the torch RNG state (~5 KB) and a read of the optimizer's step counts (about
+12 us together, measured here); an OOM costs one engine rebuild (as a switch, above).
+
+`trainwarden run --attach` makes `deepspeed.initialize` return this handle in a job whose code is
+not changed (adapters/attach_hook.py).
 """
 
 from __future__ import annotations
@@ -56,13 +107,14 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from trainwarden.adapters import ds_state
+from trainwarden.adapters import attach_hook, ds_oom, ds_state
 from trainwarden.adapters.agent import Agent
 from trainwarden.adapters.connect import connect, run_id_from_env
 from trainwarden.adapters.ds_config import (
@@ -75,9 +127,11 @@ from trainwarden.adapters.ds_config import (
     rewrite,
     setting_of,
 )
+from trainwarden.adapters.knobs import MAX_LR_MULTIPLIER, apply_shared_knob, lr_scaled
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
     ENV_SYNC_EVERY,
+    KNOB_ACTIVATION_CHECKPOINTING,
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
     KNOB_OFFLOAD_OPTIMIZER,
@@ -95,15 +149,16 @@ from trainwarden.policies.schema import ControllerSettings
 log = logging.getLogger("trainwarden")
 
 #: Largest LR multiplier the adapter accepts (a policy asking for more is a bug).
-MAX_LR_MULTIPLIER = 10.0
 #: Knobs whose change needs a new engine.
 ENGINE_KNOBS = (KNOB_ZERO_STAGE, KNOB_PRECISION, KNOB_OFFLOAD_OPTIMIZER, KNOB_OFFLOAD_PARAM)
 
 __all__ = [
     "ConfigError",
     "DeepSpeedHandle",
+    "OomRetry",
     "ReconfigureError",
     "ReconfigureResult",
+    "StepRetry",
     "SwitchFailed",
     "available_precisions",
     "initialize",
@@ -121,6 +176,19 @@ class ReconfigureError(RuntimeError):
 
 class SwitchFailed(RuntimeError):
     """A switch failed and so did the rollback: there is no engine to train with."""
+
+
+class StepRetry(RuntimeError):
+    """An optimizer step ran out of memory; the handle moved one rung down and rewound the step.
+
+    Train the step again from its first sample: `train_batch` does it by itself; in your own loop,
+    catch this and go on (trainwarden's loader gives the step's samples again). `retry` says what
+    happened. Not an OutOfMemoryError subclass on purpose: code that halves its own batch on an
+    OOM would step down a second time."""
+
+    def __init__(self, message: str, retry: OomRetry) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -164,6 +232,148 @@ class ReconfigureResult:
             f"{self.memory_after_bytes / mb:.0f} MiB (peak {self.memory_peak_bytes / mb:.0f}); "
             f"{self.bytes_moved / mb:.1f} MiB of state moved"
         )
+
+
+@dataclass(frozen=True)
+class OomRetry:
+    """One OOM survived: the optimizer step it interrupted (`step`, as global_steps will count it),
+    where (`forward`, `backward`, `step`, `loss_fn`), the error's first line, the rung taken
+    (`rung`, in words), the rebuild (`result`, as a switch reports it), and whether the samples
+    the step had already used will be given again (`replayed`: trainwarden's loader or
+    train_batch; False with a loader of your own)."""
+
+    step: int
+    where: str
+    micro_step: int
+    error: str
+    rung: str
+    result: ReconfigureResult
+    replayed: bool
+
+
+@dataclass
+class _StepStart:
+    """What a step began with, to begin it again after an OOM: the engine's counters and the torch
+    RNG states (the rest of the state is not touched before the optimizer's update)."""
+
+    counters: dict[str, int]
+    rng: dict[str, Any]
+
+
+def _detach_traceback(exc: BaseException) -> BaseException:
+    """Let the frames of a failed forward or backward go (their activations with them) before
+    anything is rebuilt: the traceback is kept as text in a note, the frames are cleared."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)
+            e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    if hasattr(exc, "add_note"):
+        exc.add_note("trainwarden: where it was raised (frames released for the retry):\n" + text)
+    return exc
+
+
+#: Attribute set on an OOM the handle judged impossible to retry, so that no outer call retries it.
+_NOT_RETRIED = "trainwarden_not_retried"
+
+
+def _mark_not_retried(exc: BaseException, reason: str) -> None:
+    try:
+        setattr(exc, _NOT_RETRIED, reason)
+    except AttributeError:  # an exception type with __slots__: nothing outer will retry it anyway
+        pass
+
+
+class _ProgressReader:
+    """Reads the step counts of the optimizer that really steps: each param group's own
+    (DeepSpeed's Adams keep it there) and that of the tensors it steps (torch's keep it per
+    tensor; for a per-parameter optimizer only the first and last of each group, which torch steps
+    first and last), 0 before the first step. `read()` is None where reading one would cost a
+    device synchronisation. About 10 us a read; what to read is found once per engine.
+
+    Read from the flat partitions, not from the inner optimizer's param groups: ZeRO-3 puts a
+    partition in its group only for the time of the update (and leaves it there when the update
+    raises), so the groups alone would say the step had moved when it had not."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.inner: Any = None
+        self.tensors: list[torch.Tensor] = []
+        try:
+            kind = ds_state.engine_kind(engine)
+            self.inner = ds_state.inner_optimizer(engine)
+            if kind == "plain":
+                groups = self.inner.param_groups
+                self.tensors = [t for g in groups for t in (g["params"][:1] + g["params"][-1:])]
+            elif kind == "unfused16":
+                groups = engine.optimizer.fp32_groups
+                self.tensors = [t for group in groups for t in (group[:1] + group[-1:])]
+            else:
+                self.tensors = ds_state.flat_partitions(engine)
+        except Exception:
+            self.inner = None
+
+    def read(self) -> tuple[int, ...] | None:
+        inner = self.inner
+        if inner is None:
+            return None
+        values = [g.get("step") for g in inner.param_groups]
+        values += [(inner.state.get(t) or {}).get("step") for t in self.tensors]
+        out: list[int] = []
+        for v in values:
+            if torch.is_tensor(v):
+                if v.device.type != "cpu":
+                    return None
+                v = v.item()
+            out.append(0 if v is None else int(v))
+        return tuple(out)
+
+
+def _checkpointing_api(module: torch.nn.Module) -> str | None:
+    """How `module` switches activation checkpointing: 'setter' (set_activation_checkpointing),
+    'hf' (gradient_checkpointing_enable/disable), or None (it cannot)."""
+    if callable(getattr(module, "set_activation_checkpointing", None)):
+        return "setter"
+    if (
+        callable(getattr(module, "gradient_checkpointing_enable", None))
+        and callable(getattr(module, "gradient_checkpointing_disable", None))
+        and getattr(module, "supports_gradient_checkpointing", True) is not False
+    ):
+        return "hf"
+    return None
+
+
+def _loss_of(out: Any) -> torch.Tensor:
+    """The loss in a model's output: the output itself (one element), its `loss` attribute or key
+    (HF models), or the one single-element tensor of a tuple or list."""
+    if torch.is_tensor(out) and out.numel() == 1:
+        return out
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if torch.is_tensor(loss):
+        return loss
+    if isinstance(out, (tuple, list)):
+        scalars = [t for t in out if torch.is_tensor(t) and t.numel() == 1]
+        if len(scalars) == 1:
+            return scalars[0]
+    raise TypeError(
+        f"train_batch cannot find the loss in the model's output ({type(out).__name__}); pass "
+        "loss_fn=lambda batch: <the loss of one micro-batch>"
+    )
+
+
+def _repeat(loader: Any) -> Iterator[Any]:
+    """The loader's batches, epoch after epoch (DeepSpeed's RepeatingLoader), until one is empty."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
 
 
 def available_precisions() -> tuple[str, ...]:
@@ -293,7 +503,9 @@ class MicroBatchLoader:
 
     Reads in the training process (no worker processes): a worker would already have cut the
     next micro-batches at the old size when a switch changes it. The position in the epoch
-    survives every switch (this object is kept; each new engine is given it).
+    survives every switch (this object is kept; each new engine is given it). The indices given
+    since the last optimizer step are kept (a few ints a sample) so that a step interrupted by
+    an OOM can be given again from its first sample (`rewind_step`).
     """
 
     def __init__(self, ds_loader: Any, micro_batch_size: Callable[[], int]) -> None:
@@ -306,6 +518,7 @@ class MicroBatchLoader:
         self.drop_last = bool(getattr(ds_loader, "dataloader_drop_last", False))
         self._size = micro_batch_size
         self._indices: Iterator[int] | None = None
+        self._consumed: list[int] = []
 
     def __iter__(self) -> MicroBatchLoader:
         self._indices = iter(self.data_sampler)
@@ -319,7 +532,22 @@ class MicroBatchLoader:
         if not idx or (self.drop_last and len(idx) < n):
             self._indices = None
             raise StopIteration
+        self._consumed.extend(idx)
         return self.collate_fn([self.dataset[i] for i in idx])
+
+    def mark_step(self) -> None:
+        """An optimizer step begins here: forget the indices of the previous one."""
+        self._consumed = []
+
+    def rewind_step(self) -> int:
+        """Give the samples of the current optimizer step again, from its first, cut at the size
+        then current; returns how many samples will be given again."""
+        n = len(self._consumed)
+        if n:
+            rest = self._indices if self._indices is not None else iter(())
+            self._indices = itertools.chain(self._consumed, rest)
+            self._consumed = []
+        return n
 
     def __len__(self) -> int:
         n, size = len(self.data_sampler), self._size()
@@ -382,7 +610,7 @@ class _Builder:
                     kw["optimizer"] = self.optimizer_factory(None)
                 else:
                     kw["optimizer"] = self.optimizer_factory
-        engine, _, _, _ = deepspeed.initialize(**kw)
+        engine, _, _, _ = attach_hook.original_initialize(deepspeed)(**kw)
         if setting is not None and self.scheduler_object is not None:
             # The user's scheduler object steps the new engine's optimizer from now on.
             self.scheduler_object.optimizer = engine.basic_optimizer
@@ -454,6 +682,8 @@ class DeepSpeedHandle:
         run_dir: str | os.PathLike[str] | None,
         sync_every: int | None,
         attach_agent: bool,
+        oom_errors: tuple[type[BaseException], ...] | None = None,
+        oom_retry: bool = True,
     ) -> None:
         s = object.__setattr__
         s(self, "_builder", builder)
@@ -477,6 +707,19 @@ class DeepSpeedHandle:
         s(self, "tokens_per_sample", tokens_per_sample)
         s(self, "agent", None)
         s(self, "controller", None)
+        #: Exceptions that mean "out of memory" (see the module docstring); `oom_retry=False`
+        #: lets them through untouched.
+        s(self, "oom_errors", tuple(oom_errors) if oom_errors else ds_oom.default_oom_errors())
+        s(self, "oom_retry", oom_retry)
+        #: Every OOM survived, in order.
+        s(self, "oom_retries", [])
+        s(self, "_in_train_batch", False)
+        s(self, "_train_iter", None)
+        s(self, "_carry", None)
+        s(self, "_step_start", None)
+        s(self, "_progress_reader", None)
+        s(self, "_ckpt_api", _checkpointing_api(engine.module))
+        s(self, "_ckpt_value", bool(getattr(engine.module, "activation_checkpointing", False)))
         base = setting_of(builder.config, engine.dp_world_size)
         s(
             self,
@@ -499,6 +742,7 @@ class DeepSpeedHandle:
             loader = MicroBatchLoader(engine.training_dataloader, lambda: self._setting.micro_batch_size)
             s(self, "_loader", loader)
             engine.training_dataloader = loader
+        self._mark_step_start()
         if attach_agent:
             self._attach(policy, run_dir, sync_every)
             atexit.register(self.close)
@@ -522,10 +766,21 @@ class DeepSpeedHandle:
             setattr(self._engine, name, value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._engine(*args, **kwargs)
+        return self.forward(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._engine(*args, **kwargs)
+        """engine(...); an OOM in a training forward is retried (StepRetry, see the module
+        docstring). One in eval mode or under no_grad (an evaluation) is raised as it is: the
+        training configuration is not stepped down for it."""
+        err: BaseException | None = None
+        try:
+            return self._engine(*args, **kwargs)
+        except self.oom_errors as exc:
+            if not self._retries(exc) or not (self._module.training and torch.is_grad_enabled()):
+                raise
+            err = _detach_traceback(exc)
+        del args, kwargs
+        raise self._recover_oom(err, "forward") from err
 
     def __repr__(self) -> str:
         return f"<trainwarden DeepSpeedHandle ({self._setting.describe()}) for {type(self._engine).__name__}>"
@@ -561,7 +816,17 @@ class DeepSpeedHandle:
         return self._engine.named_parameters(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self._engine.backward(loss, *args, **kwargs)
+        """engine.backward(loss); an OOM in it is retried (StepRetry, see the module docstring)."""
+        err: BaseException | None = None
+        try:
+            out = self._engine.backward(loss, *args, **kwargs)
+        except self.oom_errors as exc:
+            if not self._retries(exc):
+                raise
+            err = _detach_traceback(exc)
+        if err is not None:
+            del loss  # what autograd had not freed of the graph goes now, unless the caller holds it
+            raise self._recover_oom(err, "backward") from err
         self._pending_backward = True
         part = loss.detach().float()
         self._loss_sum = part if self._loss_sum is None else self._loss_sum + part
@@ -569,20 +834,262 @@ class DeepSpeedHandle:
         return out
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
-        """engine.step(); at an optimizer-step boundary also telemetry and the actions now due."""
+        """engine.step(); at an optimizer-step boundary also telemetry and the actions now due. An
+        OOM in it is retried (StepRetry) unless the optimizer had begun changing the weights."""
         engine = self._engine
         boundary = engine.is_gradient_accumulation_boundary()
         before = engine.global_steps
         applied_lr = self._scheduled_lr()
-        if boundary and self.lr_multiplier != 1.0:
-            out = self._step_with_multiplier(args, kwargs)
-            applied_lr = None if applied_lr is None else applied_lr * self.lr_multiplier
-        else:
-            out = engine.step(*args, **kwargs)
+        progress = self._progress() if boundary and self.oom_retry else None
+        err: BaseException | None = None
+        try:
+            if boundary and self.lr_multiplier != 1.0:
+                out = self._step_with_multiplier(args, kwargs)
+                applied_lr = None if applied_lr is None else applied_lr * self.lr_multiplier
+            else:
+                out = engine.step(*args, **kwargs)
+        except self.oom_errors as exc:
+            if not self._retries(exc):
+                raise
+            err = _detach_traceback(exc)
+        if err is not None:
+            raise self._recover_oom(err, "step", progress=progress if boundary else ()) from err
         if engine.global_steps != before:
             self._pending_backward = False
             self._on_boundary(applied_lr)
+            self._mark_step_start()
         return out
+
+    # ---- whole steps, and OOM -------------------------------------------------------------------
+    def train_batch(
+        self,
+        data_iter: Iterator[Any] | None = None,
+        loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> float | None:
+        """One optimizer step: its micro-batches' forward, backward and step; the mean loss.
+
+        `data_iter`: micro-batches (tensors with samples first, or tuples/lists/dicts of them), of
+        any size: one step takes exactly `train_batch_size / world_size` samples from it, cut at
+        the current micro-batch size (a batch that crosses the step's end is split, its rest kept
+        for the next call with the same iterator). Default: trainwarden's loader (`training_data`),
+        repeated epoch after epoch, as DeepSpeed's pipeline engine does. If the data ends inside
+        a step, that partial step is dropped and StopIteration raised.
+        `loss_fn(micro_batch) -> loss`; default: the model called on the micro-batch (a tuple as
+        positional arguments, a dict as keywords) and the loss found in its output.
+        An OOM (see the module docstring) is retried over the same samples one rung down, as
+        often as the ladder has rungs. On a pipeline engine this is DeepSpeed's own train_batch.
+        """
+        engine = self._engine
+        if type(engine).__name__ == "PipelineEngine":
+            return engine.train_batch(data_iter=data_iter)
+        if not self.at_step_boundary():
+            raise RuntimeError(
+                "train_batch runs whole optimizer steps: finish the step begun by hand first (micro-step "
+                f"{engine.micro_steps}, gradient accumulation {engine.gradient_accumulation_steps()})"
+            )
+        it = data_iter if data_iter is not None else self._loader_iter()
+        batches = self._take_step(it)
+        object.__setattr__(self, "_in_train_batch", True)
+        try:
+            while True:
+                err: BaseException | None = None
+                try:
+                    return self._run_step(batches, loss_fn)
+                except StepRetry:
+                    continue  # one rung down, the step rewound: the same samples again
+                except self.oom_errors as exc:  # raised outside the engine's calls (in loss_fn)
+                    if not self._retries(exc):
+                        raise
+                    err = _detach_traceback(exc)
+                self._recover_oom(err, "loss_fn")
+        finally:
+            object.__setattr__(self, "_in_train_batch", False)
+
+    def _loader_iter(self) -> Iterator[Any]:
+        if self._loader is None:
+            raise TypeError(
+                "train_batch needs data_iter= (an iterator of micro-batches) when initialize was not "
+                "given training_data"
+            )
+        if self._train_iter is None:
+            object.__setattr__(self, "_train_iter", _repeat(self._loader))
+        return self._train_iter
+
+    def _take_step(self, it: Iterator[Any]) -> list[Any]:
+        """Batches holding exactly one optimizer step's samples for this rank."""
+        need = self._setting.micro_batch_size * self._setting.gradient_accumulation_steps
+        got: list[Any] = []
+        n = 0
+        carry = self._carry
+        object.__setattr__(self, "_carry", None)
+        if carry is not None and carry[0] is it:
+            got.append(carry[1])
+            n = ds_oom.batch_len(carry[1])
+        while n < need:
+            try:
+                batch = next(it)
+            except StopIteration:
+                if n:
+                    log.info("trainwarden: the data ended inside a step; its %d samples are dropped", n)
+                raise
+            k = ds_oom.batch_len(batch)
+            if n + k > need:
+                cut = need - n
+                object.__setattr__(self, "_carry", (it, ds_oom.slice_batch(batch, cut, k)))
+                batch, k = ds_oom.slice_batch(batch, 0, cut), cut
+            if k:
+                got.append(batch)
+                n += k
+        return got
+
+    def _run_step(self, batches: list[Any], loss_fn: Callable[[Any], torch.Tensor] | None) -> float | None:
+        for micro in ds_oom.recut(batches, self._setting.micro_batch_size):
+            # No local name holds the loss: after an OOM in backward its graph is freed at once.
+            self.backward(self._micro_loss(micro, loss_fn))
+            self.step()
+        return self.last_loss
+
+    def _micro_loss(self, batch: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+        if loss_fn is not None:
+            return loss_fn(batch)
+        if isinstance(batch, Mapping):
+            return _loss_of(self(**batch))
+        if isinstance(batch, (tuple, list)):
+            return _loss_of(self(*batch))
+        return _loss_of(self(batch))
+
+    def _mark_step_start(self) -> None:
+        """Remember what this optimizer step begins with (for a retry after an OOM)."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        engine = self._engine
+        object.__setattr__(
+            self, "_step_start", _StepStart({k: int(getattr(engine, k, 0)) for k in ds_state.COUNTERS}, rng)
+        )
+        if self._loader is not None:
+            self._loader.mark_step()
+
+    def _progress(self) -> tuple[int, ...] | None:
+        """The current engine's optimizer step counts (see _ProgressReader)."""
+        reader = self._progress_reader
+        if reader is None or reader.engine is not self._engine:
+            reader = _ProgressReader(self._engine)
+            object.__setattr__(self, "_progress_reader", reader)
+        return reader.read()
+
+    def _retries(self, exc: BaseException) -> bool:
+        """Whether an exception of one of the OOM types is to be retried here: not a StepRetry,
+        retry on, and not one already judged impossible to retry (raised through a nested call)."""
+        return self.oom_retry and not isinstance(exc, StepRetry) and getattr(exc, _NOT_RETRIED, None) is None
+
+    def _recover_oom(
+        self, err: BaseException, where: str, progress: tuple[int, ...] | None = ()
+    ) -> StepRetry:
+        """After an OOM in `where`: rebuild one rung down at the step's start and return the
+        StepRetry to raise; raise `err` itself when the step cannot be retried exactly.
+
+        `progress`: the optimizer's step counts read before an optimizer step (`()`: the OOM was
+        not inside one; None: they could not be read)."""
+        engine = self._engine
+        start = self._step_start
+        assert start is not None
+        step = start.counters["global_steps"] + 1
+        micro = max(0, int(engine.micro_steps) - start.counters["micro_steps"])
+        first_line = (str(err).splitlines() or [""])[0]
+        what = f"{type(err).__name__} in {where} at step {step} (micro-step {micro + 1})"
+        reason: str | None = None
+        if progress != ():
+            now = self._progress()
+            if progress is None or now is None:
+                reason = (
+                    "the optimizer keeps its step counts on the device, so whether it had begun "
+                    "updating the weights is unknown"
+                )
+            elif now != progress:
+                reason = "the optimizer had already begun updating the weights; the step cannot be undone"
+        if reason is None and self._builder.cannot_rebuild:
+            reason = self._builder.cannot_rebuild
+        if reason is not None:
+            log.error("trainwarden: %s: %s; not retried: %s", what, first_line, reason)
+            _mark_not_retried(err, reason)
+            raise err
+        old, old_ckpt = self._setting, self._ckpt()
+        can_recut = self._micro_knob or self._in_train_batch
+        meter = self._meter
+        t0 = time.perf_counter()
+        before = meter.start()
+
+        def at_step_start(state: ds_state.HostState) -> None:
+            state.counters.update(start.counters)
+            state.rng = dict(start.rng)
+
+        current, ckpt = old, old_ckpt
+        failures: list[str] = []
+        moved = 0
+        while True:
+            rung = ds_oom.next_rung(current, ckpt, world_size=engine.dp_world_size, can_recut=can_recut)
+            if rung is None:
+                log.error(
+                    "trainwarden: %s: %s; no leaner configuration to retry it in (%s)%s",
+                    what,
+                    first_line,
+                    old.describe(),
+                    "; " + "; ".join(failures) if failures else "",
+                )
+                _mark_not_retried(err, "no leaner configuration")
+                raise err
+            try:
+                moved, error = self._rebuild(old, rung.setting, fix=at_step_start)
+            except ds_state.StateError as exc:  # raised by the capture, before anything changed
+                log.error("trainwarden: %s: %s; not retried: %s", what, first_line, exc)
+                _mark_not_retried(err, str(exc))
+                raise err from None
+            if error is None:
+                break
+            failures.append(f"{rung.why} failed: {error}")
+            current, ckpt = rung.setting, rung.activation_checkpointing
+            engine = self._engine
+        self._setting = rung.setting
+        if rung.activation_checkpointing is not None and rung.activation_checkpointing != old_ckpt:
+            self._set_ckpt(rung.activation_checkpointing)
+        self._pending_backward = False
+        self._loss_sum, self._loss_count = None, 0
+        if self._in_train_batch:
+            replayed = True
+        elif self._loader is not None:
+            self._loader.rewind_step()
+            replayed = True
+        else:
+            replayed = False
+        if self.agent is not None:
+            self.agent.probe.release()
+        result = ReconfigureResult(
+            changes=self._changes(old, rung.setting, old_ckpt, self._ckpt()),
+            implied=(),
+            rebuilt=True,
+            rolled_back=False,
+            error=None,
+            step=step - 1,
+            duration_s=time.perf_counter() - t0,
+            memory_kind=meter.kind,
+            memory_before_bytes=before,
+            memory_after_bytes=meter.now(),
+            memory_peak_bytes=meter.peak(),
+            bytes_moved=moved,
+        )
+        retry = OomRetry(step, where, micro + 1, first_line, rung.why, result, replayed)
+        self.oom_retries.append(retry)
+        message = (
+            f"{what}: {first_line}; moved one rung down ({rung.why}) in {result.duration_s:.2f} s and "
+            + (
+                "rewound the step: its samples are given again"
+                if replayed
+                else f"rewound the step; the {micro + 1} micro-batch(es) your loader gave for it are lost"
+            )
+        )
+        log.warning("trainwarden: %s", message)
+        return StepRetry(message, retry)
 
     def _scheduled_lr(self) -> float | None:
         groups = self._engine.optimizer.param_groups if self._engine.optimizer is not None else []
@@ -598,14 +1105,8 @@ class DeepSpeedHandle:
         m = self.lr_multiplier
 
         def step_at_multiplied_lr(*a: Any, **k: Any) -> Any:
-            scheduled = [g["lr"] for g in inner.param_groups]
-            for g, lr in zip(inner.param_groups, scheduled):
-                g["lr"] = lr * m
-            try:
+            with lr_scaled(inner.param_groups, m):
                 return bound(*a, **k)
-            finally:
-                for g, lr in zip(inner.param_groups, scheduled):
-                    g["lr"] = lr
 
         inner.step = step_at_multiplied_lr
         try:
@@ -656,9 +1157,50 @@ class DeepSpeedHandle:
             "train_batch_size": s.train_batch_size,
             KNOB_LR_MULTIPLIER: self.lr_multiplier,
             KNOB_STOP: self.should_stop,
+            **({KNOB_ACTIVATION_CHECKPOINTING: self._ckpt()} if self._ckpt_api else {}),
         }
 
     current = config
+
+    def _ckpt(self) -> bool | None:
+        """Activation checkpointing now, or None where the model cannot switch it."""
+        if self._ckpt_api is None:
+            return None
+        module = self._module
+        if self._ckpt_api == "hf" and isinstance(getattr(module, "is_gradient_checkpointing", None), bool):
+            return bool(module.is_gradient_checkpointing)
+        value = getattr(module, "activation_checkpointing", None)
+        return bool(value) if isinstance(value, bool) else self._ckpt_value
+
+    def _set_ckpt(self, on: bool) -> None:
+        """Switch the model's activation checkpointing (no new engine: the next forward uses it)."""
+        module = self._module
+        if self._ckpt_api == "setter":
+            module.set_activation_checkpointing(on)
+        elif on:
+            import inspect
+
+            enable = module.gradient_checkpointing_enable
+            if "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters:
+                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                enable()
+        else:
+            module.gradient_checkpointing_disable()
+        object.__setattr__(self, "_ckpt_value", on)
+
+    @staticmethod
+    def _changes(
+        old: Setting, new: Setting, old_ckpt: bool | None, new_ckpt: bool | None
+    ) -> tuple[tuple[str, Any, Any], ...]:
+        changes = [
+            (k, getattr(old, k), getattr(new, k))
+            for k in ("zero_stage", "precision", "offload_optimizer", "offload_param", "micro_batch_size")
+            if getattr(old, k) != getattr(new, k)
+        ]
+        if old_ckpt != new_ckpt:
+            changes.append((KNOB_ACTIVATION_CHECKPOINTING, old_ckpt, new_ckpt))
+        return tuple(changes)
 
     def _knob_specs(self) -> tuple[KnobSpec, ...]:
         s = self._setting
@@ -675,6 +1217,8 @@ class DeepSpeedHandle:
                     KNOB_MICRO_BATCH, s.micro_batch_size, choices=micro_batch_choices(s.train_batch_size, ws)
                 )
             )
+        if self._ckpt_api is not None:
+            specs.append(KnobSpec(KNOB_ACTIVATION_CHECKPOINTING, self._ckpt(), choices=(False, True)))
         specs += [
             KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
             KnobSpec(KNOB_STOP, False, choices=(True,)),
@@ -700,7 +1244,7 @@ class DeepSpeedHandle:
     def _apply(self, action: Action) -> tuple[str, str]:
         value = action.params.get("value")
         kind = action.kind
-        if kind in ENGINE_KNOBS or kind == KNOB_MICRO_BATCH:
+        if kind in ENGINE_KNOBS or kind in (KNOB_MICRO_BATCH, KNOB_ACTIVATION_CHECKPOINTING):
             if kind == KNOB_MICRO_BATCH and not self._micro_knob:
                 return "rejected", "micro_batch_size is not a knob of this job (it brings its own loader)"
             try:
@@ -708,26 +1252,9 @@ class DeepSpeedHandle:
             except ConfigError as exc:
                 return "rejected", str(exc)
             return ("applied" if result.changes else "noop"), result.describe()
-        if kind == KNOB_LR_MULTIPLIER:
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not 0.0 <= value <= MAX_LR_MULTIPLIER
-            ):
-                return (
-                    "rejected",
-                    f"lr_multiplier must be a number in [0, {MAX_LR_MULTIPLIER}], got {value!r}",
-                )
-            if float(value) == self.lr_multiplier:
-                return "noop", ""
-            self.lr_multiplier = float(value)
-            return "applied", ""
-        if kind == KNOB_STOP:
-            if self.should_stop:
-                return "noop", ""
-            self.should_stop = True
-            log.warning("trainwarden: stop requested: %s", action.reason)
-            return "applied", "should_stop is now true"
+        shared = apply_shared_knob(self, action)
+        if shared is not None:
+            return shared
         return "rejected", f"the deepspeed adapter has no knob {kind!r}"
 
     # ---- the switch ----------------------------------------------------------------------------
@@ -752,12 +1279,15 @@ class DeepSpeedHandle:
         offload_optimizer: bool | None = None,
         offload_param: bool | None = None,
         micro_batch_size: int | None = None,
+        activation_checkpointing: bool | None = None,
     ) -> ReconfigureResult:
         """Switch to another setting at this step boundary, with the training state exact.
 
-        Knobs left None keep their value. Raises ConfigError (nothing changed) for a request that
-        cannot work or when called between a backward and its optimizer step; ReconfigureError
-        after a failed switch was rolled back; SwitchFailed if the rollback failed too.
+        Knobs left None keep their value. `activation_checkpointing` needs a model that can switch
+        it (see the module docstring) and never needs a new engine. Raises ConfigError (nothing
+        changed) for a request that cannot work or when called between a backward and its
+        optimizer step; ReconfigureError after a failed switch was rolled back; SwitchFailed if the
+        rollback failed too.
         """
         if not self.at_step_boundary():
             raise ConfigError(
@@ -776,11 +1306,20 @@ class DeepSpeedHandle:
             world_size=self._engine.dp_world_size,
             precisions=self._precisions,
         )
-        changes = tuple(
-            (k, getattr(old, k), getattr(target, k))
-            for k in ("zero_stage", "precision", "offload_optimizer", "offload_param", "micro_batch_size")
-            if getattr(old, k) != getattr(target, k)
-        )
+        old_ckpt = self._ckpt()
+        new_ckpt = old_ckpt
+        if activation_checkpointing is not None:
+            if old_ckpt is None:
+                raise ConfigError(
+                    "this model cannot switch activation checkpointing: it has neither "
+                    "set_activation_checkpointing(bool) nor gradient_checkpointing_enable/disable"
+                )
+            if not isinstance(activation_checkpointing, bool):
+                raise ConfigError(
+                    f"activation_checkpointing must be true or false, got {activation_checkpointing!r}"
+                )
+            new_ckpt = activation_checkpointing
+        changes = self._changes(old, target, old_ckpt, new_ckpt)
         meter = self._meter
         t0 = time.perf_counter()
         before = meter.start()
@@ -789,16 +1328,19 @@ class DeepSpeedHandle:
             return ReconfigureResult(
                 (), (), False, False, None, step, 0.0, meter.kind, before, before, before, 0
             )
-        rebuild = any(k not in ("micro_batch_size",) for k, _, _ in changes)
+        rebuild = any(k not in ("micro_batch_size", KNOB_ACTIVATION_CHECKPOINTING) for k, _, _ in changes)
         if rebuild and self._builder.cannot_rebuild:
             raise ConfigError(self._builder.cannot_rebuild)
         moved = 0
         error: str | None = None
         if rebuild:
             moved, error = self._rebuild(old, target)
-        else:
+        elif target != old:
             self._set_batch(target)
         self._setting = old if error else target
+        if error is None and new_ckpt != old_ckpt:
+            assert new_ckpt is not None
+            self._set_ckpt(new_ckpt)
         if self.agent is not None:
             self.agent.probe.release()
         result = ReconfigureResult(
@@ -822,6 +1364,7 @@ class DeepSpeedHandle:
                 f"switch to {target.describe()} failed and was rolled back: {error}", result
             )
         log.info("trainwarden: %s", result.describe())
+        self._mark_step_start()
         return result
 
     def _set_batch(self, target: Setting) -> None:
@@ -838,12 +1381,21 @@ class DeepSpeedHandle:
         engine = self._engine
         engine.micro_steps = -(-engine.micro_steps // gas) * gas
 
-    def _rebuild(self, old: Setting, target: Setting) -> tuple[int, str | None]:
+    def _rebuild(
+        self,
+        old: Setting,
+        target: Setting,
+        fix: Callable[[ds_state.HostState], None] | None = None,
+    ) -> tuple[int, str | None]:
         """Capture, destroy, build `target`, restore; on failure rebuild `old`. (bytes moved, error).
 
-        With several ranks, they agree before going on: if the switch failed on any rank, every
-        rank rolls back (a rank on another configuration would wait forever in a collective)."""
+        `fix` amends the captured state before either build (an OOM retry puts the counters and
+        RNG of the step's start back). With several ranks, they agree before going on: if the
+        switch failed on any rank, every rank rolls back (a rank on another configuration would
+        wait forever in a collective)."""
         state = ds_state.capture(self._engine, self._params)  # StateError here: nothing changed yet
+        if fix is not None:
+            fix(state)
         self._destroy_engine()
         error: str | None = None
         try:
@@ -905,6 +1457,7 @@ class DeepSpeedHandle:
     def _destroy_engine(self) -> None:
         engine = self.__dict__.get("_engine")
         object.__setattr__(self, "_engine", None)
+        object.__setattr__(self, "_progress_reader", None)  # it holds the engine's partitions
         if engine is not None:
             _destroy(engine)
         del engine
@@ -1020,6 +1573,8 @@ def initialize(
     run_dir: str | os.PathLike[str] | None = None,
     sync_every: int | None = None,
     attach_agent: bool = True,
+    oom_errors: tuple[type[BaseException], ...] | None = None,
+    oom_retry: bool = True,
 ) -> tuple[DeepSpeedHandle, OptimizerProxy | None, MicroBatchLoader | None, SchedulerProxy | None]:
     """`deepspeed.initialize`, returning (engine handle, optimizer, loader, scheduler) that stay
     valid across switches. Same arguments; trainwarden's own are keyword-only:
@@ -1028,6 +1583,8 @@ def initialize(
     knob although the job brings its own loader (which then must cut at
     `engine.train_micro_batch_size_per_gpu()`). policy, run_dir, sync_every: as for the other
     adapters' attach. attach_agent=False: no controller, no telemetry; `reconfigure` still works.
+    oom_errors: the exception types that mean out of memory (default torch.cuda.OutOfMemoryError);
+    oom_retry=False: an OOM is raised as it is, with no step down (module docstring).
     """
     if model is None:
         raise ConfigError("initialize needs a model")
@@ -1058,6 +1615,8 @@ def initialize(
         run_dir=run_dir,
         sync_every=sync_every,
         attach_agent=attach_agent,
+        oom_errors=oom_errors,
+        oom_retry=oom_retry,
     )
     opt_proxy = OptimizerProxy(lambda: handle._engine.optimizer) if engine.optimizer is not None else None
     sched_proxy = (

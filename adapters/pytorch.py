@@ -30,6 +30,7 @@ import torch
 from trainwarden.adapters.agent import Agent
 from trainwarden.adapters.batching import batch_size, micro_slices, regroup, slice_batch
 from trainwarden.adapters.connect import AttachError, connect, run_id_from_env
+from trainwarden.adapters.knobs import MAX_LR_MULTIPLIER, apply_shared_knob, lr_scaled
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
     ENV_SYNC_EVERY,
@@ -44,9 +45,6 @@ from trainwarden.controller.protocol import (
 from trainwarden.policies.schema import ControllerSettings
 
 log = logging.getLogger("trainwarden")
-
-#: Largest LR multiplier the adapter accepts (a policy asking for more is a bug).
-MAX_LR_MULTIPLIER = 10.0
 
 
 def _divisors(n: int) -> tuple[int, ...]:
@@ -215,26 +213,9 @@ class Handle:
             self._micro = value
             self.agent.probe.release()
             return "applied", f"gradient accumulation now {self.gradient_accumulation_steps}"
-        if action.kind == KNOB_LR_MULTIPLIER:
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not 0.0 <= value <= MAX_LR_MULTIPLIER
-            ):
-                return (
-                    "rejected",
-                    f"lr_multiplier must be a number in [0, {MAX_LR_MULTIPLIER}], got {value!r}",
-                )
-            if float(value) == self.lr_multiplier:
-                return "noop", ""
-            self.lr_multiplier = float(value)
-            return "applied", ""
-        if action.kind == KNOB_STOP:
-            if self.should_stop:
-                return "noop", ""
-            self.should_stop = True
-            log.warning("trainwarden: stop requested: %s", action.reason)
-            return "applied", "should_stop is now true"
+        shared = apply_shared_knob(self, action)
+        if shared is not None:
+            return shared
         return "rejected", f"the pytorch adapter has no knob {action.kind!r}"
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -252,15 +233,9 @@ class Handle:
 
     def step(self, domain_loss: dict[str, float] | None = None) -> None:
         """Optimizer step with the LR multiplier, scheduler step, zero_grad, telemetry, actions."""
-        scheduled = [g["lr"] for g in self.optimizer.param_groups]
-        if self.lr_multiplier != 1.0:
-            for g, lr in zip(self.optimizer.param_groups, scheduled):
-                g["lr"] = lr * self.lr_multiplier
-        self.optimizer.step()
-        applied_lr = self.optimizer.param_groups[0]["lr"]
-        # The scheduler sees its own LR, never ours: chainable schedulers would compound it.
-        for g, lr in zip(self.optimizer.param_groups, scheduled):
-            g["lr"] = lr
+        with lr_scaled(self.optimizer.param_groups, self.lr_multiplier):
+            self.optimizer.step()
+            applied_lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

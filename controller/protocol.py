@@ -27,6 +27,9 @@ ENV_RUN_DIR = "TRAINWARDEN_RUN_DIR"
 ENV_POLICY = "TRAINWARDEN_POLICY"
 ENV_DISABLE = "TRAINWARDEN_DISABLE"
 ENV_SYNC_EVERY = "TRAINWARDEN_SYNC_EVERY"
+#: `trainwarden run --attach`: the job's `deepspeed.initialize` returns trainwarden's handle
+#: (an import hook installed by a sitecustomize on the job's PYTHONPATH; adapters/attach_hook.py).
+ENV_ATTACH = "TRAINWARDEN_ATTACH"
 
 #: Knob names the adapters may report. Each is set by an Action whose kind is the knob name
 #: and whose params are {"value": ...}; `stop` takes no value.
@@ -38,6 +41,8 @@ KNOB_ZERO_STAGE = "zero_stage"
 KNOB_PRECISION = "precision"
 KNOB_OFFLOAD_OPTIMIZER = "offload_optimizer"
 KNOB_OFFLOAD_PARAM = "offload_param"
+#: Recompute activations in the backward pass (bool); offered only by models that can switch it.
+KNOB_ACTIVATION_CHECKPOINTING = "activation_checkpointing"
 
 
 #: Integers on the wire are 64-bit: Python's json reads any number of digits exactly, and

@@ -123,7 +123,7 @@ def test_bad_requests_are_rejected_and_a_failed_rollback_is_fatal(
     engine = h.engine
     out = h.apply(Action(kind=KNOB_PRECISION, params={"value": "fp8"}, reason="test", step=0))
     assert out.outcome == "rejected" and "precision" in out.detail
-    out = h.apply(Action(kind="activation_checkpointing", params={"value": True}, reason="test", step=0))
+    out = h.apply(Action(kind="activation_checkpointing", params={"value": "yes"}, reason="test", step=0))
     assert out.outcome == "rejected"
     assert h.engine is engine
 

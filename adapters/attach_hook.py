@@ -1,0 +1,279 @@
+"""`trainwarden run --attach`: `deepspeed.initialize` in a job whose code nobody changes returns
+trainwarden's live handle.
+
+    trainwarden run --attach --policy P.yaml -- torchrun --nproc_per_node 8 train.py ...
+
+How: `trainwarden run` writes a `sitecustomize.py` into the run directory (`<run_dir>/attach/`)
+and puts that directory first on the job's PYTHONPATH, with `TRAINWARDEN_ATTACH=1`. Python
+imports `sitecustomize` at start-up in every interpreter of the job (the launcher, every rank,
+any Python subprocess that inherits the environment). Ours does two things:
+
+1. it inserts a finder at the front of `sys.meta_path` that answers only for the top-level
+   name `deepspeed`: when the job imports DeepSpeed, the real module is found and executed as
+   usual, and right after, `deepspeed.initialize` is replaced by trainwarden's drop-in
+   (`trainwarden.adapters.deepspeed.initialize`, same arguments, same return tuple). Nothing is
+   imported early: a job that never imports DeepSpeed is untouched, and one that does gets the
+   module it would have got, with one attribute replaced (`deepspeed.__loader__` and
+   `__spec__.loader` are the real loader again once it is loaded). `from deepspeed import
+   initialize` sees the drop-in, since the replacement happens before the import returns.
+2. it then runs the `sitecustomize` it hides, if any (the next one on sys.path: Debian's, a
+   cluster's, a user's), so prepending ours takes nothing away.
+
+A PYTHONPATH directory is used rather than a `.pth` file because it needs no write access to
+the environment and lives only as long as the job's environment does. What it costs: the
+import of this module (standard library only: a few milliseconds) in each Python process of
+the job, and a string comparison per import.
+
+What is not attached (DeepSpeed's own `initialize` runs, as without --attach):
+- calls from libraries that expect a real `DeepSpeedEngine` back (Accelerate, HF transformers,
+  Lightning, DeepSpeed itself): they have their own integration points;
+- a `PipelineModule` (pipeline engines train through `train_batch`, which the handle cannot
+  observe step by step);
+- a second `deepspeed.initialize` while an attached handle is open (an evaluation or teacher
+  engine) gets a handle too, but no agent: one job reports to its controller once.
+Interpreters started with `-E`, `-I` or `-S` ignore PYTHONPATH or site, and launchers that do
+not forward the environment (pdsh for multi-node DeepSpeed launches: put PYTHONPATH and
+TRAINWARDEN_ATTACH in `.deepspeed_env`) start ranks without the hook.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import inspect
+import logging
+import os
+import sys
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from trainwarden.controller.protocol import ENV_ATTACH
+
+log = logging.getLogger("trainwarden")
+
+#: The drop-in keeps DeepSpeed's own initialize under this attribute (trainwarden builds its
+#: engines with it, and `original_initialize` finds it).
+ORIGINAL_ATTR = "__trainwarden_original__"
+#: Directory under the run directory that holds the job's sitecustomize.py.
+SITE_DIR_NAME = "attach"
+#: Top-level packages whose calls to deepspeed.initialize are left to DeepSpeed.
+LIBRARY_CALLERS = frozenset(
+    {"accelerate", "transformers", "lightning", "pytorch_lightning", "lightning_fabric", "deepspeed"}
+)
+
+#: The job's sitecustomize.py. Standard library only until TRAINWARDEN_ATTACH says to attach;
+#: never raises (site would print "Error in sitecustomize" and go on, but a job should not
+#: see trainwarden fail at start-up).
+SITECUSTOMIZE = '''\
+"""Written by `trainwarden run --attach` (trainwarden.adapters.attach_hook): makes
+deepspeed.initialize return trainwarden's live handle, then runs the sitecustomize this one
+hides. Only on the PYTHONPATH of that run's job."""
+
+
+def _trainwarden_attach() -> None:
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    if os.environ.get("TRAINWARDEN_ATTACH", "") not in ("", "0"):
+        try:
+            from trainwarden.adapters import attach_hook
+
+            attach_hook.install()
+        except Exception as exc:  # trainwarden not importable in this interpreter, or broken
+            sys.stderr.write(
+                f"trainwarden --attach: not attached in {sys.executable} ({type(exc).__name__}: {exc}); "
+                "the job runs without trainwarden\\n"
+            )
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
+    if spec is not None and spec.loader is not None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sitecustomize"] = module
+        spec.loader.exec_module(module)
+
+
+_trainwarden_attach()
+del _trainwarden_attach
+'''
+
+
+def write_site_dir(directory: str | os.PathLike[str]) -> Path:
+    """Write the sitecustomize.py into `directory` (created); returns the directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return d
+
+
+def job_env(run_dir: str | os.PathLike[str], env: Mapping[str, str]) -> dict[str, str]:
+    """The variables a job needs to be attached: PYTHONPATH with the site directory first (the
+    job's own PYTHONPATH kept after it) and TRAINWARDEN_ATTACH=1. Writes the site directory."""
+    site = write_site_dir(Path(run_dir) / SITE_DIR_NAME)
+    existing = env.get("PYTHONPATH", "")
+    return {
+        "PYTHONPATH": os.pathsep.join([str(site), existing]) if existing else str(site),
+        ENV_ATTACH: "1",
+    }
+
+
+# ---- the import hook ----------------------------------------------------------------------------
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """The real loader of `deepspeed`, plus the replacement of `initialize` once it has run."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        # The module is the real loader's from here on: nothing of the hook stays visible.
+        spec = module.__spec__
+        if spec is not None:
+            spec.loader = self._loader
+        module.__loader__ = self._loader
+        self._loader.exec_module(module)
+        patch(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class DeepSpeedFinder(importlib.abc.MetaPathFinder):
+    """Finds `deepspeed` with the finders after it, and wraps its loader (see the docstring)."""
+
+    def __init__(self) -> None:
+        self._busy = False
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "deepspeed" or self._busy:
+            return None
+        self._busy = True
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                if finder is self or find is None:
+                    continue
+                spec = find(fullname, path, target)
+                if spec is not None:
+                    break
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None  # not installed, or a kind of module this hook leaves alone
+        spec.loader = _PatchingLoader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Make `deepspeed.initialize` return trainwarden's handle in this process, now if DeepSpeed
+    is already imported, else when it is. Idempotent."""
+    if not any(isinstance(f, DeepSpeedFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, DeepSpeedFinder())
+    module = sys.modules.get("deepspeed")
+    if module is not None:
+        patch(module)
+
+
+def uninstall() -> None:
+    """Remove the finder and give `deepspeed.initialize` back (for tests and by hand)."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, DeepSpeedFinder)]
+    module = sys.modules.get("deepspeed")
+    if module is not None:
+        original = getattr(getattr(module, "initialize", None), ORIGINAL_ATTR, None)
+        if original is not None:
+            module.initialize = original
+
+
+def original_initialize(deepspeed_module: ModuleType) -> Callable[..., Any]:
+    """DeepSpeed's own initialize, whether or not the drop-in replaced it."""
+    fn = deepspeed_module.initialize
+    return getattr(fn, ORIGINAL_ATTR, fn)
+
+
+def patch(module: ModuleType) -> None:
+    """Replace `module.initialize` (DeepSpeed's) by the drop-in; idempotent. A DeepSpeed without
+    `initialize` is left alone, with a warning."""
+    fn = getattr(module, "initialize", None)
+    if fn is None:
+        log.warning("trainwarden --attach: deepspeed has no initialize(); not attached")
+        return
+    if getattr(fn, ORIGINAL_ATTR, None) is not None:
+        return
+    module.initialize = make_dropin(fn)
+
+
+#: The handle that reports to the controller (one per process).
+_reporting: weakref.ReferenceType[Any] | None = None
+
+
+def make_dropin(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A function with `original`'s signature that returns trainwarden's handle instead."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def initialize(*args: Any, **kwargs: Any) -> Any:
+        global _reporting
+        caller = sys._getframe(1).f_globals.get("__name__", "") or ""
+        if caller.split(".")[0] in LIBRARY_CALLERS:
+            return original(*args, **kwargs)
+        arguments = signature.bind(*args, **kwargs).arguments
+        model = arguments.get("model")
+        if type(model).__name__ == "PipelineModule":
+            log.warning(
+                "trainwarden --attach: a PipelineModule is trained through train_batch, which "
+                "trainwarden cannot observe step by step; this engine is DeepSpeed's own"
+            )
+            return original(*args, **kwargs)
+        from trainwarden.adapters import deepspeed as twds
+
+        unknown = set(arguments) - set(inspect.signature(twds.initialize).parameters)
+        if unknown:  # a newer DeepSpeed's argument trainwarden does not know: run it untouched
+            log.warning(
+                "trainwarden --attach: deepspeed.initialize got %s, which trainwarden does not know; "
+                "this engine is DeepSpeed's own",
+                ", ".join(sorted(unknown)),
+            )
+            return original(*args, **kwargs)
+        live = _reporting() if _reporting is not None else None
+        report = live is None or live._closed
+        if not report:
+            log.warning(
+                "trainwarden --attach: another deepspeed.initialize while an attached engine is "
+                "open; this one can be switched by hand (engine.reconfigure) but reports nothing"
+            )
+        out = twds.initialize(**arguments, attach_agent=report)
+        if report:
+            _reporting = weakref.ref(out[0])
+            log.info("trainwarden --attach: deepspeed.initialize returns trainwarden's live handle")
+        return out
+
+    setattr(initialize, ORIGINAL_ATTR, original)
+    return initialize
+
+
+__all__ = [
+    "LIBRARY_CALLERS",
+    "ORIGINAL_ATTR",
+    "SITECUSTOMIZE",
+    "DeepSpeedFinder",
+    "install",
+    "job_env",
+    "make_dropin",
+    "original_initialize",
+    "patch",
+    "uninstall",
+    "write_site_dir",
+]
