@@ -72,6 +72,13 @@ class Snapshot:
     """Knobs with an action issued and not yet answered: policies leave them alone."""
     peak_by_micro_batch: Mapping[int, int] = field(default_factory=dict)
     """Highest per-step memory peak (max over ranks) observed at each micro-batch size."""
+    peak_by_config: Mapping[str, int] = field(default_factory=dict)
+    """Highest per-step memory peak (max over ranks) observed under each configuration, keyed by
+    `trainwarden.policies.memory.config_key` (ZeRO stage, offloads, precision, micro-batch):
+    what the memory ladder learns each rung's footprint from."""
+    recent_peaks: tuple[tuple[int, int], ...] = ()
+    """(step, per-step peak, max over ranks) of the latest memory samples, oldest first (at most
+    `state.PEAK_HISTORY`): what the memory ladder's trend forecast fits its line through."""
     budgets: tuple[BudgetUse, ...] = ()
     finished: bool = False
     nonfinite_losses: int = 0

@@ -13,6 +13,7 @@ from typing import Any
 
 from trainwarden.controller.protocol import KNOB_MICRO_BATCH, JobShape, KnobSpec, RankMemory, StepRecord
 from trainwarden.controller.snapshot import BudgetUse, Snapshot
+from trainwarden.policies.memory import config_key
 from trainwarden.policies.schema import Budget
 
 #: Smoothing of the reported loss (EMA weight of the newest step).
@@ -21,6 +22,8 @@ LOSS_EMA = 0.1
 CLOCK_JUMP_SLACK_S = 60.0
 #: Steps in the throughput window: long enough to average out noise, short enough to see a switch.
 THROUGHPUT_WINDOW = 20
+#: Memory samples kept for the memory policy's trend forecast (it fits at most the last 16).
+PEAK_HISTORY = 64
 
 
 @dataclass
@@ -40,6 +43,8 @@ class JobState:
     memory: dict[int, RankMemory] = field(default_factory=dict)
     last_action_step: dict[str, int] = field(default_factory=dict)
     peak_by_micro_batch: dict[int, int] = field(default_factory=dict)
+    peak_by_config: dict[str, int] = field(default_factory=dict)
+    recent_peaks: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=PEAK_HISTORY))
     domain_loss: dict[str, float] = field(default_factory=dict)
     finished: bool = False
     nonfinite_losses: int = 0
@@ -92,10 +97,16 @@ class JobState:
         for m in rec.memory:
             self.memory[m.rank] = m
         if rec.memory:
+            # A record's configuration is the one its memory sample was taken under: adapters
+            # record the step, then apply the actions due at it.
+            peak = max(m.peak_bytes for m in rec.memory)
             mb = rec.config.get(KNOB_MICRO_BATCH)
             if isinstance(mb, int):
-                peak = max(m.peak_bytes for m in rec.memory)
                 self.peak_by_micro_batch[mb] = max(peak, self.peak_by_micro_batch.get(mb, 0))
+            key = config_key(rec.config)
+            if key:
+                self.peak_by_config[key] = max(peak, self.peak_by_config.get(key, 0))
+            self.recent_peaks.append((rec.step, peak))
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -167,6 +178,8 @@ class JobState:
             last_action_step=dict(self.last_action_step),
             pending=pending,
             peak_by_micro_batch=dict(self.peak_by_micro_batch),
+            peak_by_config=dict(self.peak_by_config),
+            recent_peaks=tuple(self.recent_peaks),
             budgets=self.budgets(budget),
             finished=self.finished,
             nonfinite_losses=self.nonfinite_losses,

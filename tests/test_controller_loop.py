@@ -126,7 +126,7 @@ class AsksForMissingKnobs(PolicyKind):
 class Explodes(PolicyKind):
     kind = "test_loop_explodes"
     Params = NoParams
-    knobs = frozenset({"zero_stage"})
+    knobs = frozenset({"test_only_explodes"})
 
     def decide(self, snapshot: Snapshot, budget: Budget) -> list[Action]:
         raise RuntimeError("policy bug under test")

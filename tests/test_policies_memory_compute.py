@@ -116,10 +116,13 @@ def test_step_down_with_a_forecast_skips_to_the_largest_rung_that_fits() -> None
     assert target(memory().decide(snap, NO_BUDGET)) == 16
 
 
-def test_step_down_to_the_leanest_rung_when_nothing_is_forecast_to_fit() -> None:
+def test_step_down_halves_when_nothing_is_forecast_to_fit() -> None:
+    """A line through two noisy points must not send the job to the bottom rung (measured on the
+    demo: peaks 671 and 631 MiB at 64 and 32 forecast nothing under 540 MiB, yet 8 fitted)."""
     history = {64: 14.0, 32: 10.0}
     snap = snapshot(mb=32, peaks_now=(10.0,), history=history, cap=6 * GiB)
-    assert target(memory().decide(snap, NO_BUDGET)) == 1
+    assert target(memory().decide(snap, NO_BUDGET)) == 16
+    snap = snapshot(mb=8, peaks_now=(10.0,), history={**history, 16: 10.0, 8: 10.0}, cap=6 * GiB)
     assert target(memory(min_micro_batch=4).decide(snap, NO_BUDGET)) == 4
 
 
@@ -258,7 +261,7 @@ def test_memory_params_check() -> None:
 @pytest.mark.parametrize(
     ("params_type", "names"),
     [
-        (MemoryParams, {"high_water", "low_water", "cooldown_steps"}),
+        (MemoryParams, {"high_water", "low_water", "cooldown_steps", "forecast_steps", "room_steps"}),
         (ComputeParams, {"cooldown_fraction", "resolution"}),
     ],
 )
