@@ -201,9 +201,9 @@ def test_cooldown_after_an_applied_change_then_the_next_step_down(tmp_path: Path
     clock.t += 1.0
     [second] = ctl.exchange([rec(5, 4, 9.4)], [])
     assert second.id != first.id
-    # Two sizes observed (8 -> 9.5, 4 -> 9.4 GiB): the line forecasts every rung above 9 GiB,
-    # so the policy goes to the leanest one.
-    assert second.params == {"value": 1}
+    # Two sizes observed (8 -> 9.5, 4 -> 9.4 GiB): the line forecasts every rung above 9 GiB, so
+    # the policy halves again and measures (an extrapolation never sends it to the bottom rung).
+    assert second.params == {"value": 2}
     ctl.close()
 
 
