@@ -50,3 +50,14 @@ def wait_for(pred, timeout: float, interval: float = 0.05) -> bool:  # type: ign
             return True
         time.sleep(interval)
     return bool(pred())
+
+
+def tiny_job(steps: int) -> list[str]:
+    """The demo's own script (examples/train_gpt.py) on a one-layer model: a real job that runs
+    ~100 steps a second, for tests that need a controller to see many steps quickly."""
+    return [
+        sys.executable,
+        str(REPO / "examples" / "train_gpt.py"),
+        *("--steps", str(steps), "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32"),
+        *("--global-batch", "16", "--micro-batch", "16", "--eval-every", "0", "--threads", "1"),
+    ]

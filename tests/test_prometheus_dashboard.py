@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import REPO, TRAINWARDEN, free_port, job_env, wait_for
+from helpers import REPO, TRAINWARDEN, free_port, job_env, tiny_job, wait_for
 
 from trainwarden.controller.exporter import ControllerCollector
 from trainwarden.controller.loop import Controller
@@ -158,12 +157,7 @@ policies:
     resolution: 0.05
 """
 
-JOB = [
-    sys.executable,
-    str(REPO / "examples" / "train_gpt.py"),
-    *("--steps", "1000000", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32"),
-    *("--global-batch", "16", "--micro-batch", "16", "--eval-every", "0", "--threads", "1"),
-]
+JOB = tiny_job(1_000_000)
 
 
 def prometheus_binary() -> str:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TRAINWARDEN, free_port, job_env, wait_for
+from helpers import TRAINWARDEN, free_port, job_env, tiny_job, wait_for
 
 from trainwarden.controller import cli
 from trainwarden.controller.report import INSTALL_HINT, ReportError, load_run, write_report
@@ -51,12 +51,7 @@ policies:
     resolution: 0.1
 """
 
-JOB = [
-    sys.executable,
-    str(REPO / "examples" / "train_gpt.py"),
-    *("--steps", "1000000", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32"),
-    *("--global-batch", "16", "--micro-batch", "16", "--eval-every", "0", "--threads", "1"),
-]
+JOB = tiny_job(1_000_000)
 PLOTS = ("overview", "config", "memory", "loss", "throughput", "budget")
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TRAINWARDEN, free_port, job_env, scrape, wait_for
+from helpers import TRAINWARDEN, free_port, job_env, scrape, tiny_job, wait_for
 
 from trainwarden.controller.runlog import read_jsonl
 
@@ -36,28 +36,7 @@ policies:
     min_micro_batch: 2
 """
 
-TINY_JOB = [
-    sys.executable,
-    str(REPO / "examples" / "train_gpt.py"),
-    "--steps",
-    "400",
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "32",
-    "--n-head",
-    "2",
-    "--block-size",
-    "32",
-    "--global-batch",
-    "16",
-    "--micro-batch",
-    "16",
-    "--eval-every",
-    "0",
-    "--threads",
-    "1",
-]
+TINY_JOB = tiny_job(400)
 
 
 def test_run_switches_the_job_and_metrics_show_it(tmp_path: Path) -> None:
@@ -207,7 +186,7 @@ def test_sidecar_controller_alone(tmp_path: Path) -> None:
     try:
         assert wait_for(lambda: (run_dir / "controller.json").exists(), 30), "controller did not start"
         job = subprocess.run(
-            [*TINY_JOB[:3], "300", *TINY_JOB[4:]],
+            tiny_job(300),
             env=job_env(
                 TRAINWARDEN_ENDPOINT=f"http://127.0.0.1:{port}", TRAINWARDEN_TOKEN_FILE=str(token_file)
             ),
