@@ -520,14 +520,7 @@ def plot_loss(run: Run, Figure: Any) -> Any:
             linewidth=1.4,
             label=f"domain {dom}",
         )
-    _steps_axis(ax, run)
-    ax.set_ylabel("training loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_title(_title(run, "Loss"), loc="left")
-    _mark_decisions([ax], run, lambda d: d["step"])
-    _legend(ax)
-    fig.tight_layout()
-    return fig
+    return _finish_step_plot(fig, ax, run, "training loss", "Loss")
 
 
 def _memory_series(run: Run) -> dict[tuple[int, str], list[tuple[float, float, float]]]:
@@ -588,17 +581,22 @@ def _draw_memory(ax: Any, run: Run, used: bool) -> None:
     _bytes_axis(ax, (top or 2**20) * 1.25)
 
 
-def plot_memory(run: Run, Figure: Any) -> Any:
-    fig, (ax,) = _new(Figure, 4.6)
-    _draw_memory(ax, run, used=True)
+def _finish_step_plot(fig: Any, ax: Any, run: Run, ylabel: str, title: str) -> Any:
+    """The common end of a one-axis plot over optimizer steps: labels, title, decisions, legend."""
     _steps_axis(ax, run)
-    ax.set_ylabel("memory per rank")
+    ax.set_ylabel(ylabel)
     ax.set_xlabel("optimizer step")
-    ax.set_title(_title(run, "Memory per rank against the cap"), loc="left")
+    ax.set_title(_title(run, title), loc="left")
     _mark_decisions([ax], run, lambda d: d["step"])
     _legend(ax)
     fig.tight_layout()
     return fig
+
+
+def plot_memory(run: Run, Figure: Any) -> Any:
+    fig, (ax,) = _new(Figure, 4.6)
+    _draw_memory(ax, run, used=True)
+    return _finish_step_plot(fig, ax, run, "memory per rank", "Memory per rank against the cap")
 
 
 def _throughput(run: Run, w: int) -> tuple[list[float], list[float]]:
