@@ -34,7 +34,15 @@ from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from trainwarden.policies import units
-from trainwarden.policies.schema import Budget, ControllerSettings, Cost, PolicyFile, PolicySpec
+from trainwarden.policies.schema import (
+    Budget,
+    ControllerSettings,
+    Cost,
+    Objective,
+    PolicyFile,
+    PolicySpec,
+    Tuned,
+)
 
 if typing.TYPE_CHECKING:
     from trainwarden.policies.base import PolicyKind
@@ -54,7 +62,7 @@ _MAP, _SEQ = _TAG + "map", _TAG + "seq"
 _SCALAR_TAGS = frozenset({_STR, _INT, _FLOAT, _BOOL, _NULL})
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
-_TOP_KEYS = ("version", "budget", "controller", "policies")
+_TOP_KEYS = ("version", "budget", "controller", "policies", "objective", "tuned")
 _BUDGET_KEYS = ("device_memory", "wall_time", "tokens", "flops", "cost")
 _COST_KEYS = ("max", "per_device_hour")
 _CONTROLLER_KEYS = ("sync_every", "decide_interval_s")
@@ -885,6 +893,16 @@ def load_policy_text(text: str, path: str = "<string>") -> PolicyFile:
     return pf
 
 
+def load_plain(text: str, path: str = "<string>") -> dict[str, Any]:
+    """A valid file as plain data (read as the loader reads it: YAML 1.2 scalars), for tools that
+    write a changed copy of it (`trainwarden tune`). Raises PolicyFileError for an invalid file."""
+    load_policy_text(text, path)
+    ctx = _Ctx(path)
+    root = _compose(ctx, text)
+    assert root is not None
+    return dict(_plain(ctx, root))
+
+
 def _compose(ctx: _Ctx, text: str) -> Node | None:
     """The root node, or None with the problem recorded."""
     try:
@@ -924,7 +942,7 @@ def _read_file(ctx: _Ctx, root: Node, path: str) -> PolicyFile | None:
     if id(root) in ctx.bad_nodes:
         return None
     if not isinstance(root, MappingNode):
-        keys = ", ".join(_TOP_KEYS)
+        keys = ", ".join(_TOP_KEYS[:4])  # the optional objective and tuned sections are for `tune`
         ctx.add(root, "", f"the file must be a mapping with the keys {keys}; got {_describe(root)}")
         return None
     entries = _mapping(ctx, root, "", "the file")
@@ -934,7 +952,31 @@ def _read_file(ctx: _Ctx, root: Node, path: str) -> PolicyFile | None:
     budget = _read_budget(ctx, entries["budget"][1] if "budget" in entries else None, root)
     controller = _read_controller(ctx, entries["controller"][1] if "controller" in entries else None)
     policies = _read_policies(ctx, entries["policies"][1] if "policies" in entries else None)
-    return PolicyFile(path=path, version=version, budget=budget, controller=controller, policies=policies)
+    objective = _read_section(ctx, entries, "objective", Objective, "objective")
+    tuned = _read_section(ctx, entries, "tuned", Tuned, "the tuned section")
+    return PolicyFile(
+        path=path,
+        version=version,
+        budget=budget,
+        controller=controller,
+        policies=policies,
+        objective=objective,
+        tuned=tuned,
+    )
+
+
+def _read_section(
+    ctx: _Ctx, entries: dict[str, tuple[ScalarNode, Node]], key: str, cls: type, owner: str
+) -> Any:
+    """An optional top-level section read into its frozen dataclass (None when absent or wrong)."""
+    if key not in entries or _is_null(entries[key][1]):
+        return None
+    node = entries[key][1]
+    fields = _mapping(ctx, node, key, key)
+    if fields is None:
+        return None
+    value = _build_dataclass(ctx, cls, fields, key, _line(node), owner)
+    return None if value is _BAD else value
 
 
 def load_policy_file(path: str | os.PathLike[str]) -> PolicyFile:

@@ -6,7 +6,7 @@ untrusted input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -81,6 +81,78 @@ class PolicySpec:
     """Line of the policy in the file, for messages."""
 
 
+#: What `trainwarden tune` can optimise, each read from a run (or a replayed one) at its end.
+OBJECTIVE_METRICS = ("final_loss", "tokens", "tokens_per_second", "wall_time_s")
+
+
+def _choices(*values: str, doc: str = "") -> Any:
+    return field(default=None, metadata={"choices": values, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What `trainwarden tune` optimises: one metric, one direction, and what makes a trial fail."""
+
+    minimize: str | None = _choices(*OBJECTIVE_METRICS)
+    """Metric to minimise: final_loss (the smoothed training loss at the end), wall_time_s, ..."""
+    maximize: str | None = _choices(*OBJECTIVE_METRICS)
+    """Metric to maximise: tokens (trained within the budget), tokens_per_second, ..."""
+    max_cap_violations: int = 0
+    """Steps whose memory peak may exceed the cap before the trial counts as failed (an OOM on a
+    GPU); a failed trial is recorded as failed, never as a value."""
+    grace_steps: int = 0
+    """Steps at the start not counted as violations: the job's starting configuration runs them
+    before any policy has seen a memory sample."""
+
+    @property
+    def metric(self) -> str:
+        return self.minimize or self.maximize or ""
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if self.minimize else "maximize"
+
+    def check(self) -> list[str]:
+        problems = []
+        if (self.minimize is None) == (self.maximize is None):
+            problems.append("give exactly one of `minimize:` or `maximize:` (e.g. `minimize: final_loss`)")
+        for name in ("max_cap_violations", "grace_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
+        return problems
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """Where a tuned policy file came from: written by `trainwarden tune`, read back by `validate`."""
+
+    study: str
+    """Name of the Optuna study in its storage."""
+    trial: int
+    """Number of the trial whose parameters this file holds."""
+    value: float
+    """That trial's objective value."""
+    metric: str = field(default="", metadata={"choices": ("", *OBJECTIVE_METRICS)})
+    direction: str = field(default="minimize", metadata={"choices": ("minimize", "maximize")})
+    mode: str = field(default="replay", metadata={"choices": ("replay", "run")})
+    """`replay`: trials replayed recorded traces; `run`: trials were short real runs."""
+    trials: int = 0
+    """Trials the study had finished when this file was written."""
+    traces: tuple[str, ...] = ()
+    """Run directories replayed (replay mode)."""
+    command: tuple[str, ...] = ()
+    """Launch command of the trial runs (run mode)."""
+    storage: str = ""
+    """The Optuna storage URL, any password removed."""
+    base: str = ""
+    """The policy file that was tuned."""
+    created: str = ""
+    """When this file was written (UTC, ISO 8601)."""
+
+    def check(self) -> list[str]:
+        return [] if self.trial >= 0 else [f"trial must be 0 or more, got {self.trial}"]
+
+
 @dataclass(frozen=True)
 class PolicyFile:
     """A whole budget file."""
@@ -90,3 +162,7 @@ class PolicyFile:
     budget: Budget
     controller: ControllerSettings
     policies: tuple[PolicySpec, ...]
+    objective: Objective | None = None
+    """What `trainwarden tune` optimises (ignored by `run`)."""
+    tuned: Tuned | None = None
+    """Provenance of a tuned file (ignored by `run`)."""
