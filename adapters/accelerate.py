@@ -1,0 +1,485 @@
+"""The Accelerate adapter: `Accelerator` as a drop-in, switched mid-run at step boundaries.
+
+    from trainwarden.adapters.accelerate import Accelerator      # instead of `from accelerate import ...`
+    accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=2)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.should_stop:       # the budget is spent (optional: the stop knob)
+            break
+
+It is `accelerate.Accelerator` (a subclass: same constructor, `prepare`, `backward`, `accumulate`,
+`autocast`, `save_state`, everything else inherited), plus an agent that reports each optimizer
+step (loss, samples, tokens, step time, memory, per-domain loss given to `log_domain_loss`) and
+carries the controller's actions at step boundaries:
+
+- `precision` (fp32 / bf16 / fp16 where Accelerate really applies it: not fp16 on a CPU, where
+  Accelerate's fp16 is a silent no-op): adapters/accelerate_precision.py, no tensor copied;
+- `micro_batch_size`: the gradient accumulation follows with the global batch kept; offered when
+  the training loader was prepared here (the first DataLoader given to `prepare`; it is returned
+  as a `MicroBatchLoader`, adapters/accelerate_loader.py) and the loop uses `accumulate()`;
+- `lr_multiplier` (on top of the user's scheduler, for the optimizer step only) and `stop`
+  (`should_stop`), as every adapter does them (adapters/knobs.py).
+
+Where: the optimizer-step boundary is the prepared optimizer's `step()` with gradients synced
+(its telemetry is recorded there). Actions due there apply at the first of: the training loader
+cutting the next step, `accumulate()` or `autocast()` entered, `optimizer.zero_grad()`: all before
+the next step's first forward, at the same point of the loop on every rank. An action that
+fails is reported (`rejected`, or `rolled_back` when the switch had begun and was undone), never
+raised into the loop. The agent starts at the first optimizer step (by then `prepare` has seen
+the model, optimizer and loader, so the knobs it reports are the ones the job can carry).
+
+Not carried here: a DeepSpeed or FSDP plugin's engine knobs (the DeepSpeed adapter switches a
+plain DeepSpeed job; see docs/hf.md), fp8.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import accelerate
+import torch
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
+
+from trainwarden.adapters import accelerate_precision as precision_switch
+from trainwarden.adapters.accelerate_loader import MicroBatchLoader
+from trainwarden.adapters.agent import Agent
+from trainwarden.adapters.connect import connect, run_id_from_env
+from trainwarden.adapters.knobs import MAX_LR_MULTIPLIER, apply_shared_knob, lr_scaled
+from trainwarden.adapters.probes import probe_for
+from trainwarden.controller.protocol import (
+    ENV_SYNC_EVERY,
+    KNOB_LR_MULTIPLIER,
+    KNOB_MICRO_BATCH,
+    KNOB_PRECISION,
+    KNOB_STOP,
+    Action,
+    JobShape,
+    KnobSpec,
+    Outcome,
+)
+from trainwarden.policies.schema import ControllerSettings
+
+log = logging.getLogger("trainwarden")
+
+#: Distributed types whose precision lives in Accelerate's autocast (the switch is carried);
+#: DeepSpeed, FSDP and Megatron keep it in their own engines.
+_AUTOCAST_TYPES = frozenset(
+    {
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+        DistributedType.MULTI_GPU,
+        DistributedType.MULTI_XPU,
+        DistributedType.MULTI_NPU,
+        DistributedType.MULTI_MLU,
+    }
+)
+
+
+def _divisors(n: int) -> tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+class TrackedOptimizer(AcceleratedOptimizer):
+    """Accelerate's prepared optimizer, whose synced `step()` is the job's step boundary.
+
+    Made from the AcceleratedOptimizer that `prepare` returns by changing its class (no new
+    fields, no copy), so `isinstance(opt, AcceleratedOptimizer)` and everything it does stay."""
+
+    _tw_accelerator: Accelerator
+
+    def step(self, closure: Any = None) -> Any:
+        acc = self._tw_accelerator
+        synced = self.gradient_state.sync_gradients
+        with lr_scaled(self.optimizer.param_groups, acc.lr_multiplier):
+            out = super().step(closure)
+            applied_lr = float(self.optimizer.param_groups[0]["lr"])
+        if synced and self is acc._optimizers[0]:
+            acc._tw_boundary(applied_lr)
+        return out
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        self._tw_accelerator._tw_safe_point()
+        super().zero_grad(set_to_none)
+
+
+class Accelerator(accelerate.Accelerator):
+    """`accelerate.Accelerator` with trainwarden attached; see the module docstring.
+
+    trainwarden's own arguments are keyword-only: `policy`, `run_dir`, `sync_every` (as for the
+    other adapters' attach), `tokens_per_sample` (default: counted from each micro-batch's
+    `input_ids`, or its first 2-D tensor), `attach_agent=False` (no controller, no telemetry;
+    `reconfigure` still works).
+    """
+
+    adapter_name = "accelerate"
+
+    def __init__(
+        self,
+        *args: Any,
+        policy: str | os.PathLike[str] | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        sync_every: int | None = None,
+        tokens_per_sample: int | None = None,
+        attach_agent: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # Kept to build the fresh Accelerator a precision switch takes its settings from.
+        self._tw_init = (args, dict(kwargs))
+        self._tw_options = {"policy": policy, "run_dir": run_dir, "sync_every": sync_every}
+        self._tw_attach_agent = attach_agent
+        self.tokens_per_sample = tokens_per_sample
+        self.lr_multiplier = 1.0
+        self.should_stop = False
+        self.step_count = 0
+        self.micro_batch_size: int | None = None
+        self.agent: Agent | None = None
+        self.controller: Any = None
+        self.last_loss: float | None = None
+        self.last_lr: float | None = None
+        self.last_switch_s: float | None = None
+        self._tw_loader: MicroBatchLoader | None = None
+        self._tw_pending: list[Action] = []
+        self._tw_loss_sum: torch.Tensor | None = None
+        self._tw_loss_n = 0
+        self._tw_samples = 0
+        self._tw_tokens = 0
+        self._tw_samples_seen = 0
+        self._tw_tokens_seen = 0
+        self._tw_domain: dict[str, list[float]] = {}
+        self._tw_slice_last: bool | None = None
+        self._tw_accumulate_used = False
+        self._tw_step_started = time.perf_counter()
+        self._tw_closed = False
+        if precision_switch.refusal(self.mixed_precision, self.device) and self.mixed_precision == "fp16":
+            log.warning(
+                "trainwarden: mixed_precision='fp16' has no effect on the CPU in Accelerate (no autocast, "
+                "no grad scaler): this job computes in fp32"
+            )
+        atexit.register(self.close)
+
+    # ---- prepare ------------------------------------------------------------------------------
+    def prepare(self, *args: Any, device_placement: Any = None) -> Any:
+        out = super().prepare(*args, device_placement=device_placement)
+        single = len(args) == 1
+        items = [out] if single else list(out)
+        for i, item in enumerate(items):
+            if isinstance(item, AcceleratedOptimizer) and not isinstance(item, TrackedOptimizer):
+                item.__class__ = TrackedOptimizer
+                item._tw_accelerator = self
+            elif (
+                isinstance(item, torch.utils.data.DataLoader)
+                and self._tw_loader is None
+                and self.distributed_type in _AUTOCAST_TYPES
+            ):
+                self._tw_loader = MicroBatchLoader(
+                    item, self, self.gradient_accumulation_steps, self.tokens_per_sample
+                )
+                items[i] = self._tw_loader
+        return items[0] if single else tuple(items)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        part = loss.detach().float()
+        self._tw_loss_sum = part if self._tw_loss_sum is None else self._tw_loss_sum + part
+        self._tw_loss_n += 1
+        super().backward(loss, **kwargs)
+
+    @contextmanager
+    def accumulate(self, *models: Any) -> Iterator[None]:
+        self._tw_safe_point()
+        self._tw_accumulate_used = True
+        with super().accumulate(*models):
+            yield
+
+    @contextmanager
+    def autocast(self, autocast_handler: Any = None) -> Iterator[None]:
+        self._tw_safe_point()
+        with super().autocast(autocast_handler):
+            yield
+
+    def _do_sync(self) -> None:
+        # With trainwarden's loader, a step ends on its last micro-batch (whatever the
+        # micro-batch size now, and for a short last step of an epoch too).
+        last = self._tw_slice_last
+        if last is None:
+            super()._do_sync()
+            return
+        self.step = 0 if last else self.step + 1
+        self.gradient_state._set_sync_gradients(last)
+
+    def log_domain_loss(self, losses: Mapping[str, float], counts: Mapping[str, int] | None = None) -> None:
+        """Per-domain loss of this micro-batch (mean per domain; `counts` weigh them within the
+        step, default 1 each). Reported with the step, for the data policies."""
+        for name, value in losses.items():
+            n = float(counts.get(name, 1)) if counts is not None else 1.0
+            acc = self._tw_domain.setdefault(name, [0.0, 0.0])
+            acc[0] += float(value) * n
+            acc[1] += n
+
+    # Called by the MicroBatchLoader.
+    def _tw_step_starts(self, loader: MicroBatchLoader) -> None:
+        self._tw_safe_point()
+
+    def _tw_micro_batch(self, samples: int, tokens: int, last: bool) -> None:
+        self._tw_samples += samples
+        self._tw_tokens += tokens
+        self._tw_slice_last = last
+
+    # ---- the step boundary ----------------------------------------------------------------
+    def _tw_boundary(self, applied_lr: float) -> None:
+        self.step_count += 1
+        loss = float(self._tw_loss_sum) / self._tw_loss_n if self._tw_loss_sum is not None else None
+        self._tw_loss_sum, self._tw_loss_n = None, 0
+        self._tw_samples_seen += self._tw_samples
+        self._tw_tokens_seen += self._tw_tokens
+        self._tw_samples = self._tw_tokens = 0
+        domain = {k: s / n for k, (s, n) in self._tw_domain.items() if n}
+        self._tw_domain = {}
+        now = time.perf_counter()
+        step_time, self._tw_step_started = now - self._tw_step_started, now
+        self.last_loss, self.last_lr = loss, applied_lr
+        if self._tw_closed or not self._tw_attach_agent:
+            return
+        if self.agent is None:
+            self._tw_attach()
+        assert self.agent is not None
+        world = self.num_processes
+        due = self.agent.on_step(
+            step=self.step_count,
+            loss=loss,
+            samples=self._tw_samples_seen * world,
+            tokens=self._tw_tokens_seen * world,
+            step_time_s=step_time,
+            lr=applied_lr,
+            config=self.config(),
+            domain_loss=domain,
+        )
+        self._tw_pending.extend(due)
+
+    def _tw_safe_point(self) -> None:
+        """Before the next step's first forward: apply what the last boundary brought."""
+        if not self._tw_pending:
+            return
+        due, self._tw_pending = self._tw_pending, []
+        for action in due:
+            outcome = self.apply(action)
+            if self.agent is not None:
+                self.agent.report(outcome)
+
+    # ---- knobs --------------------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        """The precision in effect, in trainwarden's names (fp32, bf16, fp16)."""
+        return precision_switch.knob_value(self.mixed_precision)
+
+    def _precision_knob(self) -> bool:
+        return self.distributed_type in _AUTOCAST_TYPES
+
+    def _micro_knob(self) -> str | None:
+        """Why the micro-batch is not a knob of this job, or None when it is."""
+        if self._tw_loader is None or self._tw_loader.step_samples is None:
+            return "no training DataLoader was prepared by this Accelerator (the first one given to prepare)"
+        if not self._tw_accumulate_used:
+            return "the loop does not use accelerator.accumulate(model), which is where accumulation happens"
+        return None
+
+    def config(self) -> dict[str, Any]:
+        """The configuration applied now (what `current()` of an adapter returns)."""
+        out: dict[str, Any] = {
+            KNOB_PRECISION: self.precision,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            KNOB_LR_MULTIPLIER: self.lr_multiplier,
+            KNOB_STOP: self.should_stop,
+        }
+        if self.micro_batch_size is not None:
+            out[KNOB_MICRO_BATCH] = self.micro_batch_size
+        return out
+
+    current = config
+
+    def _knob_specs(self) -> tuple[KnobSpec, ...]:
+        specs: list[KnobSpec] = []
+        if self._precision_knob():
+            specs.append(
+                KnobSpec(
+                    KNOB_PRECISION,
+                    self.precision,
+                    choices=precision_switch.available_precisions(self.device),
+                )
+            )
+        if self._micro_knob() is None:
+            assert self._tw_loader is not None and self._tw_loader.step_samples is not None
+            specs.append(
+                KnobSpec(
+                    KNOB_MICRO_BATCH, self.micro_batch_size, choices=_divisors(self._tw_loader.step_samples)
+                )
+            )
+        specs += [
+            KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
+            KnobSpec(KNOB_STOP, False, choices=(True,)),
+        ]
+        return tuple(specs)
+
+    def apply(self, action: Action) -> Outcome:
+        """Carry one action now (call it at a step boundary); never raises into the user's loop."""
+        t = time.perf_counter()
+        try:
+            outcome, detail = self._apply(action)
+        except Exception as exc:
+            log.exception("trainwarden: applying %s failed", action.kind)
+            outcome, detail = "rejected", f"{type(exc).__name__}: {exc}"
+        return Outcome(action.id, outcome, self.step_count, time.perf_counter() - t, detail)
+
+    def _apply(self, action: Action) -> tuple[str, str]:
+        value = action.params.get("value")
+        if action.kind == KNOB_PRECISION:
+            return self._set_precision(value)
+        if action.kind == KNOB_MICRO_BATCH:
+            return self._set_micro_batch(value)
+        shared = apply_shared_knob(self, action)
+        if shared is not None:
+            return shared
+        return "rejected", f"the accelerate adapter has no knob {action.kind!r}"
+
+    def reconfigure(self, precision: str | None = None, micro_batch_size: int | None = None) -> None:
+        """Switch by hand, at a step boundary (between an optimizer step and the next forward).
+        Raises ValueError for a request that cannot be carried, RuntimeError after a failed
+        switch was rolled back."""
+        for kind, value in ((KNOB_PRECISION, precision), (KNOB_MICRO_BATCH, micro_batch_size)):
+            if value is None:
+                continue
+            outcome, detail = self._apply(Action(kind, {"value": value}, "by hand", self.step_count))
+            if outcome == "rejected":
+                raise ValueError(detail)
+            if outcome == "rolled_back":
+                raise RuntimeError(detail)
+
+    def _set_precision(self, value: Any) -> tuple[str, str]:
+        if not self._precision_knob():
+            return "rejected", (
+                f"precision is not switched by trainwarden under {self.distributed_type.value}: the "
+                "engine keeps its own precision (see docs/hf.md)"
+            )
+        why = precision_switch.refusal(value, self.device)
+        if why is not None:
+            return "rejected", why
+        target = "fp32" if value == "no" else str(value)
+        if target == self.precision:
+            return "noop", f"already {target}"
+        old = self.precision
+        t = time.perf_counter()
+        error: str | None = None
+        try:
+            precision_switch.switch(self, target, *self._tw_init)
+        except Exception as exc:  # everything was put back by switch()
+            error = f"{type(exc).__name__}: {exc}"
+        error = self._agree(error)
+        if error is not None:
+            if self.precision != old:  # another rank failed: undo ours too
+                precision_switch.switch(self, old, *self._tw_init)
+            log.warning("trainwarden: precision switch %s -> %s rolled back: %s", old, target, error)
+            return "rolled_back", f"precision {old} -> {target} failed and was undone: {error}"
+        self.last_switch_s = time.perf_counter() - t
+        log.info("trainwarden: precision %s -> %s in %.1f ms", old, target, 1e3 * self.last_switch_s)
+        return "applied", f"precision now {target}"
+
+    def _set_micro_batch(self, value: Any) -> tuple[str, str]:
+        why = self._micro_knob()
+        if why is not None:
+            return "rejected", f"micro_batch_size is not a knob of this job: {why}"
+        assert self._tw_loader is not None and self._tw_loader.step_samples is not None
+        step = self._tw_loader.step_samples
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or step % value:
+            return (
+                "rejected",
+                f"micro_batch_size must divide the step's {step} samples per process, got {value!r}",
+            )
+        if value == self.micro_batch_size:
+            return "noop", "already at that micro-batch size"
+        self.micro_batch_size = value
+        self.gradient_accumulation_steps = step // value
+        self.step = 0  # Accelerate counts micro-batches modulo the accumulation from here
+        if self.agent is not None:
+            self.agent.probe.release()
+        return "applied", f"gradient accumulation now {step // value}"
+
+    def _agree(self, error: str | None) -> str | None:
+        """This rank's error, or one saying another rank failed; None only if every rank succeeded."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return error
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and error is None:
+            return "the switch failed on another rank; every rank rolls back"
+        return error
+
+    # ---- the agent ----------------------------------------------------------------------------
+    def _tw_attach(self) -> None:
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialized else 0
+        world = dist.get_world_size() if initialized else 1
+        run_id = run_id_from_env()
+        opts = self._tw_options
+        channel, self.controller = connect(rank, run_id, opts["policy"], opts["run_dir"])
+        settings_sync = self.controller.settings.sync_every if self.controller is not None else None
+        sync = (
+            opts["sync_every"]
+            or settings_sync
+            or int(os.environ.get(ENV_SYNC_EVERY, ControllerSettings.sync_every))
+        )
+        pids: tuple[int, ...] = (os.getpid(),)
+        if initialized and world > 1:
+            # Every rank must run its collectives at the same steps: rank 0's cadence is the job's.
+            out: list[Any] = [None] * world
+            dist.all_gather_object(out, (os.getpid(), sync))
+            pids, sync = tuple(int(p) for p, _ in out), int(out[0][1])
+        model = self._models[0] if self._models else None
+        params = list(precision_switch.inner_module(model).parameters()) if model is not None else []
+        probe = probe_for(params[0].device if params else self.device)
+        step_samples = self._tw_loader.step_samples if self._tw_loader is not None else None
+        shape = JobShape(
+            run_id=run_id,
+            adapter=self.adapter_name,
+            world_size=world,
+            param_count=sum(p.numel() for p in params),
+            global_batch_size=(step_samples or 0) * world,
+            tokens_per_sample=self.tokens_per_sample or 1,
+            knobs=self._knob_specs(),
+            pids=pids,
+            device=probe.device,
+            device_total_bytes=probe.total_bytes,
+            sync_every=sync,
+        )
+        self.agent = Agent(shape, channel, probe, rank=rank, world_size=world, sync_every=sync)
+
+    def close(self) -> None:
+        """Flush telemetry, tell the controller the job is done; idempotent. Training may go on."""
+        if self._tw_closed:
+            return
+        self._tw_closed = True
+        if self.agent is not None:
+            self.agent.close()
+        atexit.unregister(self.close)
+
+    def end_training(self) -> None:
+        self.close()
+        super().end_training()
+
+
+__all__ = ["Accelerator", "MicroBatchLoader", "TrackedOptimizer"]
