@@ -1,4 +1,4 @@
-"""The `trainwarden` command: run, controller, validate, demo, report.
+"""The `trainwarden` command: run, controller, validate, demo, report, tune.
 
 Every user error (a bad policy file, a bad flag, a port in use) ends in one clear message
 and a non-zero exit, never a Python traceback.
@@ -492,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (where telemetry.jsonl is)")
     rp.add_argument("--out", metavar="DIR", help="where the report goes (default RUN_DIR/report)")
     rp.set_defaults(fn=cmd_report)
+
+    t = sub.add_parser(
+        "tune",
+        help="tune a policy's parameters with Optuna, on recorded runs (--trace) or short real runs (-- CMD)",
+    )
+    from trainwarden.policies import tune_cli  # argparse only; Optuna is imported when it runs
+
+    tune_cli.add_arguments(t)
+    t.set_defaults(fn=tune_cli.cmd_tune)
     return p
 
 

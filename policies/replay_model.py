@@ -1,0 +1,252 @@
+"""How each knob changes memory, step time and loss, calibrated on recorded runs.
+
+Three fits, each the simplest that the recordings can pin down:
+
+- Memory: per-step peak = a + b x micro-batch, one line per engine configuration (ZeRO stage,
+  offloads, precision, checkpointing: `config_key` without the micro-batch), through the median
+  peak seen at each micro-batch. Activations grow with the micro-batch; the rest does not.
+- Step time: seconds per optimizer step = c + d x micro-batches per step, per engine
+  configuration, through the median at each count: the samples of a step cost the same however
+  they are cut, each micro-batch adds a fixed overhead (kernel launches, Python).
+  With one micro-batch size seen, the line is flat (said in `notes`).
+- Loss: the learning-rate annealing law of Tissue et al. 2024 ("Scaling Law with Learning Rate
+  Annealing"): L(s) = L0 + A x S1^-alpha - C x S2, where S1 is the sum of the LR so far (the
+  "forward area") and S2 the annealing area (a momentum of the LR's decreases). It is fitted on
+  every recorded step's loss and LR, so the LR multiplier's cooldown moves the predicted loss
+  as a real cooldown does. The micro-batch does not enter: trainwarden's adapters keep the
+  global batch, so the same samples give the same gradient whatever the micro-batch.
+
+A run's noise is replayed, not averaged away: each recorded memory sample and step time is
+kept as its ratio to the fit, and the replay multiplies the fit of the configuration it runs
+by the ratio at the same sample index (cycled past the recording's end). Warm-up transients
+and spikes land where they landed, and the same trace gives the same replay every time.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trainwarden.controller.protocol import KNOB_MICRO_BATCH
+from trainwarden.policies.memory import config_key
+from trainwarden.policies.replay_trace import Trace
+
+#: Grids of the loss law's two non-linear constants (the rest is a linear least-squares fit).
+_ALPHAS = (0.01, 0.02, 0.03, *(0.05 * i for i in range(1, 31)))
+_DECAYS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
+def engine_key(config: Mapping[str, Any]) -> str:
+    """The configuration's footprint key without the micro-batch: what a line is fitted per."""
+    return config_key({k: v for k, v in config.items() if k != KNOB_MICRO_BATCH})
+
+
+@dataclass(frozen=True)
+class Line:
+    """y = intercept + slope x x."""
+
+    intercept: float
+    slope: float
+
+    def at(self, x: float) -> float:
+        return self.intercept + self.slope * x
+
+
+def _fit_line(points: Mapping[float, Sequence[float]]) -> Line:
+    """Least-squares line through the median y at each x; flat with one x; slope never negative
+    (more samples never need less memory or time, and noise must not say they do)."""
+    xs = sorted(points)
+    ys = [statistics.median(points[x]) for x in xs]
+    if len(xs) == 1:
+        return Line(ys[0], 0.0)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
+    return Line(my - slope * mx, slope)
+
+
+@dataclass(frozen=True)
+class LossLaw:
+    """L = l0 + a x S1^-alpha - c x S2 over the LR normalised by `lr_ref` (Tissue et al. 2024)."""
+
+    l0: float
+    a: float
+    alpha: float
+    c: float
+    decay: float
+    """Momentum of the annealing area (their lambda)."""
+    lr_ref: float
+    rmse: float
+    """Root-mean-square error of the fit on the recorded steps."""
+
+
+class LossCurve:
+    """The law's running sums over one replayed run: `next(lr)` is the loss of the next step."""
+
+    def __init__(self, law: LossLaw) -> None:
+        self.law = law
+        self.s1 = 0.0
+        self.s2 = 0.0
+        self.m = 0.0
+        self.prev: float | None = None
+
+    def next(self, lr: float) -> float:
+        eta = lr / self.law.lr_ref if self.law.lr_ref > 0 else 0.0
+        if self.prev is not None:
+            self.m = self.law.decay * self.m + (self.prev - eta)
+        self.prev = eta
+        self.s1 += eta
+        self.s2 += self.m
+        law = self.law
+        return law.l0 + law.a * max(self.s1, 1e-9) ** -law.alpha - law.c * self.s2
+
+
+def _areas(etas: Sequence[float], decay: float) -> tuple[list[float], list[float]]:
+    s1, s2, m, prev = 0.0, 0.0, 0.0, None
+    out1, out2 = [], []
+    for eta in etas:
+        if prev is not None:
+            m = decay * m + (prev - eta)
+        prev = eta
+        s1 += eta
+        s2 += m
+        out1.append(s1)
+        out2.append(s2)
+    return out1, out2
+
+
+def fit_loss_law(traces: Sequence[Trace]) -> LossLaw:
+    """The law fitted on every finite recorded loss of every trace (least squares on a grid)."""
+    import numpy as np
+
+    lr_ref = max((s.lr or 0.0) for t in traces for s in t.steps) or 1.0
+    best: tuple[float, LossLaw] | None = None
+    for decay in _DECAYS:
+        cols: list[tuple[float, float, float]] = []  # (S1, S2, loss)
+        for t in traces:
+            etas = [(s.lr or 0.0) / lr_ref for s in t.steps]
+            s1, s2 = _areas(etas, decay)
+            for rec, a1, a2 in zip(t.steps, s1, s2):
+                if rec.loss is not None and math.isfinite(rec.loss) and a1 > 0:
+                    cols.append((a1, a2, rec.loss))
+        arr = np.array(cols)
+        y = arr[:, 2]
+        for alpha in _ALPHAS:
+            for use_c in (True, False):
+                x = [np.ones(len(arr)), arr[:, 0] ** -alpha] + ([-arr[:, 1]] if use_c else [])
+                design = np.stack(x, axis=1)
+                coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+                c = float(coef[2]) if use_c else 0.0
+                if coef[1] < 0 or c < 0:
+                    continue  # loss must fall with LR area, and annealing must not raise it
+                rmse = float(np.sqrt(np.mean((design @ coef - y) ** 2)))
+                law = LossLaw(float(coef[0]), float(coef[1]), alpha, c, decay, lr_ref, rmse)
+                if best is None or rmse < best[0]:
+                    best = (rmse, law)
+    if best is None:  # nothing decreasing to fit: the mean loss, flat
+        mean = float(np.mean([s.loss for t in traces for s in t.steps if s.loss is not None]))
+        return LossLaw(mean, 0.0, 1.0, 0.0, 0.0, lr_ref, float("nan"))
+    return best[1]
+
+
+@dataclass(frozen=True)
+class KnobModel:
+    """Memory and step time per configuration, and the loss law, fitted on some traces."""
+
+    memory: Mapping[str, Line]
+    """engine key -> per-step peak bytes as a line in the micro-batch."""
+    step_time: Mapping[str, Line]
+    """engine key -> seconds per optimizer step as a line in micro-batches per step."""
+    loss: LossLaw
+    switch_s: Mapping[str, float]
+    """knob -> median seconds an applied switch of it took (decisions.jsonl), added to the next step."""
+    notes: tuple[str, ...] = ()
+    """What the recordings could not pin down (said by `tune`, kept in the results)."""
+
+    def peak_bytes(self, config: Mapping[str, Any]) -> tuple[float, bool]:
+        """Per-step peak under `config`, and whether its engine configuration was ever recorded
+        (when not: the highest of the recorded lines at this micro-batch, a pessimistic guess)."""
+        mb = float(config.get(KNOB_MICRO_BATCH) or 1)
+        line = self.memory.get(engine_key(config))
+        if line is not None:
+            return line.at(mb), True
+        return max(line.at(mb) for line in self.memory.values()), False
+
+    def seconds_per_step(self, config: Mapping[str, Any], global_batch: int) -> tuple[float, bool]:
+        n_micro = _n_micro(config, global_batch)
+        line = self.step_time.get(engine_key(config))
+        if line is not None:
+            return line.at(n_micro), True
+        return statistics.mean(line.at(n_micro) for line in self.step_time.values()), False
+
+
+def _n_micro(config: Mapping[str, Any], global_batch: int) -> int:
+    mb = int(config.get(KNOB_MICRO_BATCH) or global_batch or 1)
+    return math.ceil(global_batch / mb) if global_batch else 1
+
+
+def fit_model(traces: Sequence[Trace]) -> KnobModel:
+    """Calibrate on `traces` (runs of the same job: same model, same global batch)."""
+    mem_points: dict[str, dict[float, list[float]]] = {}
+    time_points: dict[str, dict[float, list[float]]] = {}
+    for t in traces:
+        gb = t.shape.global_batch_size
+        for i, rec in enumerate(t.steps):
+            key = engine_key(rec.config)
+            if rec.memory:
+                mb = float(rec.config.get(KNOB_MICRO_BATCH) or 1)
+                peak = float(max(m.peak_bytes for m in rec.memory))
+                mem_points.setdefault(key, {}).setdefault(mb, []).append(peak)
+            # The first step carries start-up work (allocator, caches): not a step of the configuration.
+            if i > 0 and rec.step_time_s > 0 and math.isfinite(rec.step_time_s):
+                n = float(_n_micro(rec.config, gb))
+                time_points.setdefault(key, {}).setdefault(n, []).append(rec.step_time_s)
+    notes = []
+    for key, pts in sorted(mem_points.items()):
+        if len(pts) == 1:
+            notes.append(
+                f"memory of {key or 'the configuration'} was recorded at one micro-batch only: "
+                "assumed the same at every micro-batch (record a run that changes it)"
+            )
+    switch: dict[str, list[float]] = {}
+    for t in traces:
+        for d in t.decisions:
+            if d.get("outcome") == "applied" and isinstance(d.get("duration_s"), (int, float)):
+                switch.setdefault(str(d.get("kind")), []).append(float(d["duration_s"]))
+    return KnobModel(
+        memory={k: _fit_line(v) for k, v in mem_points.items()},
+        step_time={k: _fit_line(v) for k, v in time_points.items()},
+        loss=fit_loss_law(traces),
+        switch_s={k: statistics.median(v) for k, v in switch.items()},
+        notes=tuple(notes),
+    )
+
+
+@dataclass(frozen=True)
+class Residuals:
+    """One trace's noise as ratios to the model: memory per sample, step time per step."""
+
+    memory: tuple[float, ...]
+    step_time: tuple[float, ...]
+
+    def memory_at(self, i: int) -> float:
+        return self.memory[i % len(self.memory)] if self.memory else 1.0
+
+    def time_at(self, i: int) -> float:
+        return self.step_time[i % len(self.step_time)] if self.step_time else 1.0
+
+
+def residuals(model: KnobModel, trace: Trace) -> Residuals:
+    gb = trace.shape.global_batch_size
+    mem, times = [], []
+    for rec in trace.steps:
+        if rec.memory:
+            fit, _ = model.peak_bytes(rec.config)
+            mem.append(max(m.peak_bytes for m in rec.memory) / fit if fit > 0 else 1.0)
+        fit_t, _ = model.seconds_per_step(rec.config, gb)
+        ok = rec.step_time_s > 0 and math.isfinite(rec.step_time_s) and fit_t > 0
+        times.append(rec.step_time_s / fit_t if ok else 1.0)
+    return Residuals(tuple(mem), tuple(times))

@@ -1,0 +1,172 @@
+"""`trainwarden tune`: the command's arguments, checked, and the two modes put together.
+
+    trainwarden tune --policy P.yaml --trace RUN_DIR [--trace ...] --trials N [--storage URL]
+    trainwarden tune --policy P.yaml --trials N [--storage URL] -- <launch command>
+
+Errors a user can fix (no objective, a bad trace, a storage that cannot be opened, both modes
+or neither) are TuneError or TraceError; the CLI prints them as one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainwarden.policies.replay_trace import TraceError
+from trainwarden.policies.schema import PolicyFile
+from trainwarden.policies.tune import (
+    TuneError,
+    best_trial,
+    default_storage,
+    finished,
+    make_sampler,
+    open_study,
+    run_study,
+    write_tuned,
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policy", required=True, help="the policy file to tune; it needs an `objective:` section"
+    )
+    p.add_argument(
+        "--trace",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="a recorded run to replay (repeat for several); without --trace, give -- and a launch command",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        required=True,
+        help="finished trials the study should have: running the same command again resumes it",
+    )
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL (default sqlite:///<policy name>-tune.db here; an RDB URL lets "
+        "several machines tune one study)",
+    )
+    p.add_argument("--study", help="study name (default <policy name>-replay or <policy name>-run)")
+    p.add_argument("--out", help="tuned policy file to write (default <policy name>.tuned.yaml here)")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random"), help="Optuna sampler (default tpe)")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed, for a repeatable search")
+    p.add_argument(
+        "--work-dir",
+        help="run mode: where each trial's policy and run directory go (default tune-runs/<study>)",
+    )
+    p.add_argument(
+        "--trial-timeout",
+        type=float,
+        default=1800.0,
+        help="run mode: seconds after which a trial's run is stopped and the trial failed (default 1800)",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, help="run mode: -- then the job's launch command")
+
+
+def load(path: str) -> PolicyFile:
+    from trainwarden.policies.loader import PolicyFileError, load_policy_file
+
+    try:
+        pf = load_policy_file(path)
+    except PolicyFileError as exc:
+        raise TuneError(f"the policy file is not valid:\n{exc}") from None
+    if pf.objective is None:
+        raise TuneError(
+            f"{path} has no `objective:` section; add one, e.g.\n"
+            "objective:\n  minimize: final_loss\n  max_cap_violations: 0"
+        )
+    return pf
+
+
+def tune_main(args: argparse.Namespace, say: Any = None) -> int:
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.trials < 1:
+        raise TuneError(f"--trials {args.trials}: give at least 1")
+    if args.trace and command:
+        raise TuneError("give either --trace RUN_DIR (replay) or -- a launch command (real runs), not both")
+    if not args.trace and not command:
+        raise TuneError(
+            "nothing to tune on: give --trace RUN_DIR (a recorded run) or -- and the job's launch command"
+        )
+    pf = load(args.policy)
+    objective = pf.objective
+    assert objective is not None
+    try:
+        import optuna
+    except ImportError:
+        raise TuneError("Optuna is not installed: pip install 'trainwarden[tune]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    mode = "replay" if args.trace else "run"
+    stem = Path(args.policy).stem
+    storage = args.storage or default_storage(args.policy)
+    study_name = args.study or f"{stem}-{mode}"
+    out = Path(args.out or f"{stem}.tuned.yaml")
+    sampler = make_sampler(args.sampler, args.seed)
+    if mode == "replay":
+        from trainwarden.policies.tune_replay import load_traces, replay_evaluator
+
+        traces = load_traces(args.trace)
+        evaluate, model = replay_evaluator(traces, objective)
+        say(
+            f"trainwarden tune: replaying {len(traces)} trace(s); loss law fitted with rmse "
+            f"{model.loss.rmse:.3g}"
+        )
+        for note in model.notes:
+            say(f"  note: {note}")
+        pruner = optuna.pruners.NopPruner()
+    else:
+        from trainwarden.policies.tune_run import run_evaluator
+
+        work = Path(args.work_dir or Path("tune-runs") / study_name)
+        evaluate = run_evaluator(command, objective, work, timeout_s=args.trial_timeout, say=say)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=10)
+    study = open_study(storage, study_name, objective.direction, sampler, pruner)
+    say(
+        f"trainwarden tune: study {study_name!r} in {storage}: {len(finished(study))} finished trial(s), "
+        f"running to {args.trials}; {objective.direction} {objective.metric}"
+    )
+    try:
+        run_study(pf, study, evaluate, args.trials, say=say)
+    except KeyboardInterrupt:
+        say(f"trainwarden tune: interrupted; run the same command again to resume study {study_name!r}")
+        return 130
+    best = best_trial(study)
+    path = write_tuned(
+        pf,
+        study,
+        best,
+        out,
+        mode=mode,
+        storage=storage,
+        traces=[str(Path(t).resolve()) for t in args.trace],
+        command=command,
+    )
+    states = [t.state.name for t in finished(study)]
+    counts = ", ".join(
+        f"{states.count(s)} {s.lower()}" for s in ("COMPLETE", "FAIL", "PRUNED") if s in states
+    )
+    say(
+        f"trainwarden tune: {len(states)} trials ({counts}); best trial {best.number}: "
+        f"{objective.metric} {best.value:.6g}\n  wrote {path} (check it: trainwarden validate {path})"
+    )
+    print(path)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """The CLI's entry: user errors become the CLI's UsageError (one line, exit 2)."""
+    from trainwarden.controller.cli import UsageError
+
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    try:
+        return tune_main(args)
+    except (TuneError, TraceError) as exc:
+        raise UsageError(str(exc)) from None
