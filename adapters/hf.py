@@ -1,0 +1,280 @@
+"""The HF Trainer adapter: one callback gives telemetry, the LR multiplier, cooldown and stop.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[TrainwardenCallback()])        # or trainer.add_callback(...)
+    trainer.train()
+
+Modelled on the Trainer's own split between callbacks (which observe) and `TrainerControl`
+(through which they steer the loop): at each optimizer-step boundary (`on_step_end`: after the
+optimizer, the scheduler and zero_grad) the callback records the step and applies what the
+controller decided; the Trainer's own control flags carry the rest.
+
+- telemetry: the loss of each optimizer step (the mean of its micro-batches' losses, read by a
+  forward hook on the model from its output's `loss` while it trains), samples and tokens (from
+  each micro-batch's `input_ids`), step time, memory; per-domain loss given to `log_domain_loss`.
+- `lr_multiplier` (the compute budget's cooldown): in `on_pre_optimizer_step` each param group's
+  LR is multiplied, and in `on_optimizer_step` (before the Trainer steps its scheduler) the
+  scheduled LR is put back, so the Trainer's scheduler never sees it, as in the other adapters.
+- `stop`: `control.should_training_stop`, and `control.should_save` (unless `save_on_stop=False`)
+  so the Trainer writes its checkpoint at that step, as it does at the end of training.
+
+What the Trainer cannot switch mid-run (precision, micro-batch and accumulation, ZeRO stage,
+...) and why: docs/hf.md. Those knobs are not reported, so the controller never asks for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from trainwarden.adapters.agent import Agent
+from trainwarden.adapters.connect import connect, run_id_from_env
+from trainwarden.adapters.knobs import MAX_LR_MULTIPLIER, apply_shared_knob
+from trainwarden.adapters.probes import probe_for
+from trainwarden.controller.protocol import (
+    ENV_SYNC_EVERY,
+    KNOB_LR_MULTIPLIER,
+    KNOB_STOP,
+    Action,
+    JobShape,
+    KnobSpec,
+    Outcome,
+)
+from trainwarden.policies.schema import ControllerSettings
+
+log = logging.getLogger("trainwarden")
+
+
+def _output_loss(output: Any) -> torch.Tensor | None:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+class TrainwardenCallback(TrainerCallback):
+    """Attach trainwarden to a `transformers.Trainer`; see the module docstring.
+
+    Arguments (all optional): `policy`, `run_dir`, `sync_every` as for the other adapters;
+    `tokens_per_sample` (default: the element count of each micro-batch's `input_ids`);
+    `save_on_stop` (default True): ask the Trainer for a checkpoint when trainwarden stops it.
+    """
+
+    adapter_name = "hf-trainer"
+
+    def __init__(
+        self,
+        *,
+        policy: str | os.PathLike[str] | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        sync_every: int | None = None,
+        tokens_per_sample: int | None = None,
+        save_on_stop: bool = True,
+    ) -> None:
+        self._options = {"policy": policy, "run_dir": run_dir, "sync_every": sync_every}
+        self.tokens_per_sample = tokens_per_sample
+        self.save_on_stop = save_on_stop
+        self.lr_multiplier = 1.0
+        self.should_stop = False
+        self.agent: Agent | None = None
+        self.controller: Any = None
+        self.last_loss: float | None = None
+        self.last_lr: float | None = None
+        self._hook: Any = None
+        self._scheduled: list[float] | None = None
+        self._applied_lr: float | None = None
+        self._loss_sum = 0.0
+        self._loss_n = 0
+        self._scaled_losses = False
+        self._samples = 0
+        self._tokens = 0
+        self._samples_seen = 0
+        self._tokens_seen = 0
+        self._domain: dict[str, list[float]] = {}
+        self._step_started = time.perf_counter()
+        self._world = 1
+        self._closed = False
+
+    # ---- what the model sees ----------------------------------------------------------------
+    def _on_forward(self, module: torch.nn.Module, _args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if not module.training or not torch.is_grad_enabled():
+            return  # evaluation and prediction are not training steps
+        loss = _output_loss(output)
+        if loss is not None:
+            self._loss_sum += float(loss.detach())
+            self._loss_n += 1
+            # With `num_items_in_batch` the model divides by the whole step's token count, so
+            # the step's loss is the sum of its micro-batches' losses, not their mean.
+            self._scaled_losses = kwargs.get("num_items_in_batch") is not None
+        ids = kwargs.get("input_ids", _args[0] if _args and isinstance(_args[0], torch.Tensor) else None)
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
+            samples = int(ids.shape[0])
+            self._samples += samples
+            self._tokens += samples * self.tokens_per_sample if self.tokens_per_sample else int(ids.numel())
+
+    def log_domain_loss(self, losses: Mapping[str, float], counts: Mapping[str, int] | None = None) -> None:
+        """Per-domain loss of a micro-batch (e.g. from `compute_loss`); reported with its step."""
+        for name, value in losses.items():
+            n = float(counts.get(name, 1)) if counts is not None else 1.0
+            acc = self._domain.setdefault(name, [0.0, 0.0])
+            acc[0] += float(value) * n
+            acc[1] += n
+
+    # ---- the Trainer's events ---------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model = kwargs.get("model")
+        if model is not None and self._hook is None:
+            self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        self._world = max(1, int(args.world_size))
+        self._step_started = time.perf_counter()
+        if self.agent is None and not self._closed:
+            self._attach(args, model)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        opt = kwargs.get("optimizer")
+        if opt is None:
+            return
+        groups = opt.param_groups
+        self._scheduled = [g["lr"] for g in groups]
+        if self.lr_multiplier != 1.0:
+            for g, lr in zip(groups, self._scheduled):
+                g["lr"] = lr * self.lr_multiplier
+        self._applied_lr = float(groups[0]["lr"]) if groups else None
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # Before the Trainer steps its scheduler: it must never see our multiplier.
+        opt = kwargs.get("optimizer")
+        if opt is not None and self._scheduled is not None:
+            for g, lr in zip(opt.param_groups, self._scheduled):
+                g["lr"] = lr
+        self._scheduled = None
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if self._loss_n:
+            loss: float | None = self._loss_sum if self._scaled_losses else self._loss_sum / self._loss_n
+            if self._scaled_losses and getattr(args, "average_tokens_across_devices", False):
+                loss = self._loss_sum * self._world  # the model divided by every rank's tokens
+        else:
+            loss = None
+        self._loss_sum, self._loss_n = 0.0, 0
+        self._samples_seen += self._samples
+        self._tokens_seen += self._tokens
+        self._samples = self._tokens = 0
+        domain = {k: s / n for k, (s, n) in self._domain.items() if n}
+        self._domain = {}
+        now = time.perf_counter()
+        step_time, self._step_started = now - self._step_started, now
+        self.last_loss, self.last_lr = loss, self._applied_lr
+        if self.agent is not None:
+            due = self.agent.on_step(
+                step=int(state.global_step),
+                loss=loss,
+                samples=self._samples_seen * self._world,
+                tokens=self._tokens_seen * self._world,
+                step_time_s=step_time,
+                lr=self._applied_lr,
+                config=self.config(),
+                domain_loss=domain,
+            )
+            for action in due:
+                self.agent.report(self.apply(action, int(state.global_step)))
+        if self.should_stop and not control.should_training_stop:
+            control.should_training_stop = True
+            if self.save_on_stop:
+                control.should_save = True
+        return control
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.close()
+
+    # ---- knobs ------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {KNOB_LR_MULTIPLIER: self.lr_multiplier, KNOB_STOP: self.should_stop}
+
+    current = config
+
+    def apply(self, action: Action, step: int = 0) -> Outcome:
+        """Carry one action at this step boundary; never raises into the Trainer."""
+        t = time.perf_counter()
+        try:
+            shared = apply_shared_knob(self, action)
+            outcome, detail = shared or (
+                "rejected",
+                f"the HF Trainer adapter has no knob {action.kind!r} (docs/hf.md says what the Trainer "
+                "cannot switch mid-run)",
+            )
+        except Exception as exc:
+            log.exception("trainwarden: applying %s failed", action.kind)
+            outcome, detail = "rejected", f"{type(exc).__name__}: {exc}"
+        return Outcome(action.id, outcome, step, time.perf_counter() - t, detail)
+
+    # ---- the agent --------------------------------------------------------------------------
+    def _attach(self, args: TrainingArguments, model: torch.nn.Module | None) -> None:
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialized else 0
+        world = dist.get_world_size() if initialized else 1
+        run_id = run_id_from_env()
+        opts = self._options
+        channel, self.controller = connect(rank, run_id, opts["policy"], opts["run_dir"])
+        settings_sync = self.controller.settings.sync_every if self.controller is not None else None
+        sync = (
+            opts["sync_every"]
+            or settings_sync
+            or int(os.environ.get(ENV_SYNC_EVERY, ControllerSettings.sync_every))
+        )
+        pids: tuple[int, ...] = (os.getpid(),)
+        if initialized and world > 1:  # every rank takes rank 0's cadence
+            out: list[Any] = [None] * world
+            dist.all_gather_object(out, (os.getpid(), sync))
+            pids, sync = tuple(int(p) for p, _ in out), int(out[0][1])
+        params = list(model.parameters()) if model is not None else []
+        probe = probe_for(params[0].device if params else None)
+        per_device = int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps)
+        shape = JobShape(
+            run_id=run_id,
+            adapter=self.adapter_name,
+            world_size=world,
+            param_count=sum(p.numel() for p in params),
+            global_batch_size=per_device * world,
+            tokens_per_sample=self.tokens_per_sample or 1,
+            knobs=(
+                KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
+                KnobSpec(KNOB_STOP, False, choices=(True,)),
+            ),
+            pids=pids,
+            device=probe.device,
+            device_total_bytes=probe.total_bytes,
+            sync_every=sync,
+        )
+        self.agent = Agent(shape, channel, probe, rank=rank, world_size=world, sync_every=sync)
+
+    def close(self) -> None:
+        """Flush telemetry and tell the controller the job is done; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.agent is not None:
+            self.agent.close()
+
+
+__all__ = ["TrainwardenCallback"]
