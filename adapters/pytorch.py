@@ -89,6 +89,7 @@ class Handle:
         sync_every: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        mixture: Any = None,
     ) -> None:
         if global_batch_size < 1:
             raise AttachError(
@@ -102,6 +103,9 @@ class Handle:
             )
         self.model = model
         self.optimizer = optimizer
+        # The live data mixture (adapters/data.py), whose knobs this handle carries and whose
+        # per-domain loss it reports.
+        self.mixture = mixture
         self.scheduler = scheduler
         self.global_batch_size = global_batch_size
         self.tokens_per_sample = tokens_per_sample
@@ -173,7 +177,7 @@ class Handle:
             KnobSpec(KNOB_MICRO_BATCH, self._micro, choices=_divisors(self.global_batch_size)),
             KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
             KnobSpec(KNOB_STOP, False, choices=(True,)),
-        )
+        ) + (self.mixture.knob_specs() if self.mixture is not None else ())
 
     def config(self) -> dict[str, Any]:
         """The configuration applied now (what `current()` of an adapter returns)."""
@@ -182,6 +186,7 @@ class Handle:
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             KNOB_LR_MULTIPLIER: self.lr_multiplier,
             KNOB_STOP: self.should_stop,
+            **(self.mixture.config() if self.mixture is not None else {}),
         }
 
     current = config
@@ -216,6 +221,9 @@ class Handle:
         shared = apply_shared_knob(self, action)
         if shared is not None:
             return shared
+        data = self.mixture.apply(action) if self.mixture is not None else None
+        if data is not None:
+            return data
         return "rejected", f"the pytorch adapter has no knob {action.kind!r}"
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -248,6 +256,11 @@ class Handle:
         now = time.perf_counter()
         step_time, self._step_started = now - self._step_started, now
         job_samples = self.samples_seen * self.world_size
+        if self.mixture is not None:
+            # The step consumed its samples: the mixture's checkpoint position moves past them.
+            self.mixture.on_step(self.step_count, self._step_samples)
+            if domain_loss is None:
+                domain_loss = self.mixture.take_domain_loss()
         due = self.agent.on_step(
             step=self.step_count,
             loss=loss,

@@ -43,6 +43,42 @@ KNOB_OFFLOAD_OPTIMIZER = "offload_optimizer"
 KNOB_OFFLOAD_PARAM = "offload_param"
 #: Recompute activations in the backward pass (bool); offered only by models that can switch it.
 KNOB_ACTIVATION_CHECKPOINTING = "activation_checkpointing"
+# The data mixture's knobs (adapters/data.py). `domain_weights` is a mapping domain -> weight
+# (non-negative, positive sum; the adapter normalises); its action may also carry
+# params["state"], the data policy's bandit state, which the job keeps (in its checkpoint too)
+# and reports back under config["data_state"]: that is what keeps the policy pure and resumable.
+KNOB_DOMAIN_WEIGHTS = "domain_weights"
+#: Fraction (0-1] of each domain's examples, easiest first by difficulty, the sampler draws from.
+KNOB_CURRICULUM_LEVEL = "curriculum_level"
+#: Most of the examples (a fraction) the mixture may leave out because they stopped teaching.
+KNOB_PRUNE_FRACTION = "prune_fraction"
+#: Configuration keys (not knobs) the mixture reports: the policy's state, the fraction pruned now.
+CONFIG_DATA_STATE = "data_state"
+CONFIG_PRUNED_FRACTION = "pruned_fraction"
+#: Most domains a mixture may have (a message stays far below the body limit).
+MAX_DOMAINS = 256
+
+
+def domain_weights_problem(value: Any, names: Any = None) -> str | None:
+    """Why `value` is not a valid `domain_weights` value (None when it is): a mapping of known
+    domain names (`names`, when given) to finite non-negative numbers with a positive sum."""
+    if not isinstance(value, Mapping):
+        return f"domain_weights must be a mapping of domain name to weight, got {type(value).__name__}"
+    if not value:
+        return "domain_weights is empty; give a weight for at least one domain"
+    if len(value) > MAX_DOMAINS:
+        return f"domain_weights has {len(value)} domains, more than the {MAX_DOMAINS} a mixture may have"
+    known = list(names) if names is not None else None
+    for k, w in value.items():
+        if not isinstance(k, str):
+            return f"domain_weights keys must be domain names (text), got {k!r}"
+        if known is not None and k not in known:
+            return f"unknown domain {k!r} in domain_weights; the job's domains are: {', '.join(known)}"
+        if not _is_number(w) or not w >= 0 or w == float("inf"):
+            return f"domain_weights[{k!r}] must be a finite number >= 0, got {w!r}"
+    if not sum(value.values()) > 0:
+        return "domain_weights must have a positive sum (at least one domain with weight > 0)"
+    return None
 
 
 #: Integers on the wire are 64-bit: Python's json reads any number of digits exactly, and
@@ -267,6 +303,9 @@ class KnobSpec:
 
     def accepts(self, value: Any) -> bool:
         """Whether the adapter can carry `value` for this knob."""
+        if self.name == KNOB_DOMAIN_WEIGHTS:
+            names = self.value if isinstance(self.value, Mapping) else None
+            return domain_weights_problem(value, names) is None
         if self.choices:
             return value in self.choices
         if not _is_number(value) or not _is_number(self.value):

@@ -84,6 +84,9 @@ class Snapshot:
     nonfinite_losses: int = 0
     """Steps whose reported loss was NaN or infinite (left out of `loss`)."""
     last_nonfinite_step: int | None = None
+    domain_loss: Mapping[str, float] = field(default_factory=dict)
+    """Training loss per data domain, smoothed (EMA, `state.LOSS_EMA` per step that reported the
+    domain): what the data policy's learnability reward is computed from."""
 
     @property
     def memory_peak_bytes(self) -> int:

@@ -46,6 +46,7 @@ class JobState:
     peak_by_config: dict[str, int] = field(default_factory=dict)
     recent_peaks: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=PEAK_HISTORY))
     domain_loss: dict[str, float] = field(default_factory=dict)
+    domain_loss_ema: dict[str, float] = field(default_factory=dict)
     finished: bool = False
     nonfinite_losses: int = 0
     last_nonfinite_step: int | None = None
@@ -93,6 +94,10 @@ class JobState:
         self.lr = rec.lr
         self.config = dict(rec.config)
         self.domain_loss.update({k: v for k, v in rec.domain_loss.items() if math.isfinite(v)})
+        for k, v in rec.domain_loss.items():
+            if math.isfinite(v):
+                prev = self.domain_loss_ema.get(k)
+                self.domain_loss_ema[k] = v if prev is None else (1 - LOSS_EMA) * prev + LOSS_EMA * v
         self._window.append((t, self.tokens, step_time))
         for m in rec.memory:
             self.memory[m.rank] = m
@@ -184,6 +189,7 @@ class JobState:
             finished=self.finished,
             nonfinite_losses=self.nonfinite_losses,
             last_nonfinite_step=self.last_nonfinite_step,
+            domain_loss=dict(self.domain_loss_ema),
         )
 
 

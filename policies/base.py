@@ -81,6 +81,6 @@ def register(cls: type[PolicyKind]) -> type[PolicyKind]:
 
 def kinds() -> dict[str, type[PolicyKind]]:
     """All policy kinds, importing the modules that define them."""
-    from trainwarden.policies import compute, memory  # noqa: F401  (registers)
+    from trainwarden.policies import compute, data, memory  # noqa: F401  (registers)
 
     return dict(KINDS)

@@ -709,7 +709,12 @@ def _build_dataclass(
     if callable(check):
         messages = list(check())
         for message in messages:
-            ctx.add(line, path, message)
+            # A (key, message) pair is reported at that key's own line (a bad entry of a mapping).
+            if isinstance(message, tuple) and message[0] in entries:
+                key, text = message
+                ctx.add(entries[key][0], _join(path, key), text)
+            else:
+                ctx.add(line, path, message)
         if messages:
             return _BAD
     return instance

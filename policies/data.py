@@ -1,0 +1,368 @@
+"""Data policy: what to train on. Online mixing, a loss-aware curriculum, pruning.
+
+- Online mixing: a bandit over the domains. Each domain's reward is its learnability: the
+  relative decrease of its smoothed loss over the last interval, per unit of sampling (divided by
+  its weight relative to uniform, so a domain is not rewarded only for being sampled more). Not
+  the raw loss, as ODM uses: that would reward noise that cannot be learned. Rewards are smoothed
+  (EMA), turned into target weights by a softmax with a temperature (scale-free: rewards are divided
+  by their mean magnitude), mixed with a floor so no domain starves, and the weights move part of
+  the way (`step_size`) towards the target at each decision.
+- Curriculum: the level (the easiest fraction of each domain the sampler draws from) advances by
+  `level_step` when the smoothed training loss fell less than `plateau_threshold` (relative) over
+  the last `plateau_steps` steps: on a plateau, not on a fixed schedule.
+- Pruning: after `prune_after_steps`, the fraction of examples the mixture may leave out (those
+  whose loss stopped falling between visits: learned or unlearnable) grows by `prune_step` every
+  `every_steps`, up to `max_prune_fraction`.
+
+Pure: the bandit's and the curriculum's state travel in the actions (`params["state"]`), the job
+keeps them (in its checkpoint too) and reports them back in `config["data_state"]`; a resumed job
+and a restarted controller carry on from there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from trainwarden.controller.protocol import (
+    CONFIG_DATA_STATE,
+    KNOB_CURRICULUM_LEVEL,
+    KNOB_DOMAIN_WEIGHTS,
+    KNOB_PRUNE_FRACTION,
+    Action,
+    JobShape,
+)
+from trainwarden.controller.snapshot import Snapshot
+from trainwarden.policies.base import PolicyKind, Range, param, register
+from trainwarden.policies.schema import Budget
+
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    domains: tuple[str, ...] | None = param(
+        None, doc="The job's domain names; when given, the job must have exactly these (checked at connect)."
+    )
+    initial_weights: Mapping[str, float] | None = param(
+        None,
+        valid=Range(0.0, _INF),
+        doc="Weights to start from (normalised), by domain; default: the job's own.",
+    )
+    mixing: bool = param(True, doc="Change the domain weights online (the bandit).")
+    every_steps: int = param(
+        20, valid=Range(1, 100_000), tune=Range(5, 100), doc="Steps between two mixing decisions."
+    )
+    warmup_steps: int = param(
+        20, valid=Range(0, 10_000_000), tune=Range(0, 200), doc="Steps before the first weight change."
+    )
+    floor: float = param(
+        0.05, valid=Range(0.0, 0.5), tune=Range(0.01, 0.2), doc="Least weight of any domain (no starving)."
+    )
+    temperature: float = param(
+        1.0,
+        valid=Range(0.01, 100.0),
+        tune=Range(0.1, 5.0, log=True),
+        doc="Softmax temperature over rewards divided by their mean magnitude; lower is greedier.",
+    )
+    smoothing: float = param(
+        0.3,
+        valid=Range(0.01, 1.0),
+        tune=Range(0.05, 0.9),
+        doc="EMA weight of the newest reward in each domain's smoothed reward.",
+    )
+    step_size: float = param(
+        0.5,
+        valid=Range(0.01, 1.0),
+        tune=Range(0.1, 1.0),
+        doc="How far the weights move towards the bandit's target at each decision.",
+    )
+    curriculum: bool = param(False, doc="Advance a curriculum level when the loss plateaus.")
+    start_level: float = param(
+        0.3, valid=Range(0.01, 1.0), tune=Range(0.1, 0.8), doc="Curriculum level to start at."
+    )
+    level_step: float = param(
+        0.2, valid=Range(0.01, 1.0), tune=Range(0.05, 0.5), doc="Level increase on each plateau."
+    )
+    plateau_steps: int = param(
+        40, valid=Range(1, 1_000_000), tune=Range(10, 200), doc="Steps over which a plateau is judged."
+    )
+    plateau_threshold: float = param(
+        0.02,
+        valid=Range(0.0, 1.0),
+        tune=Range(0.002, 0.1, log=True),
+        doc="A relative loss decrease below this over `plateau_steps` is a plateau.",
+    )
+    pruning: bool = param(False, doc="Leave out examples whose loss stopped falling.")
+    max_prune_fraction: float = param(
+        0.2, valid=Range(0.0, 0.9), tune=Range(0.0, 0.5), doc="Most of the examples ever pruned."
+    )
+    prune_after_steps: int = param(
+        100, valid=Range(0, 10_000_000), tune=Range(20, 1000), doc="Steps before any pruning."
+    )
+    prune_step: float = param(
+        0.05,
+        valid=Range(0.001, 0.9),
+        tune=Range(0.01, 0.2),
+        doc="Increase of the pruned fraction per `every_steps`.",
+    )
+
+    def check(self) -> Iterator[str | tuple[str, str]]:
+        """Rules across fields; a (key, message) pair is reported at that key's line."""
+        names = self.domains
+        if names is not None:
+            if not names:
+                yield "domains", "the list is empty; name the job's domains or leave `domains:` out"
+            if len(set(names)) != len(names):
+                yield "domains", f"a name is listed twice in {list(names)}; list each domain once"
+            if names and self.floor * len(names) > 1:
+                yield (
+                    "floor",
+                    f"{self.floor:g} x {len(names)} domains is over 1: no weights can respect it; "
+                    f"lower floor to at most {1 / len(names):.3g}",
+                )
+        w = self.initial_weights
+        if w is not None:
+            if names is not None:
+                for k in w:
+                    if k not in names:
+                        yield (
+                            "initial_weights",
+                            f"unknown domain {k!r}; the domains listed are "
+                            f"{', '.join(names)}: fix the name or add it to `domains:`",
+                        )
+            if not sum(w.values()) > 0:
+                yield "initial_weights", "every weight is 0; give at least one domain a positive weight"
+            if self.floor * len(w) > 1:
+                yield (
+                    "floor",
+                    f"{self.floor:g} x {len(w)} domains is over 1; lower floor to at most {1 / len(w):.3g}",
+                )
+
+
+def with_floor(weights: Mapping[str, float], floor: float) -> dict[str, float]:
+    """Weights that sum to one with every one >= floor: the excess over the floor, renormalised,
+    shares what the floors leave (1 - n x floor). Uniform when nothing is above the floor."""
+    names = list(weights)
+    n = len(names)
+    floor = min(floor, 1.0 / n)
+    excess = {k: max(0.0, float(weights[k]) - floor) if math.isfinite(weights[k]) else 0.0 for k in names}
+    total = sum(excess.values())
+    if total <= 0:
+        return {k: 1.0 / n for k in names}
+    free = 1.0 - n * floor
+    return {k: floor + free * excess[k] / total for k in names}
+
+
+def softmax_target(scores: Mapping[str, float], temperature: float) -> dict[str, float]:
+    """Softmax of the scores divided by their mean magnitude (so the temperature has no units)."""
+    scale = sum(abs(v) for v in scores.values()) / max(1, len(scores))
+    if scale <= 0 or not math.isfinite(scale):
+        return {k: 1.0 / len(scores) for k in scores}
+    z = {k: v / (scale * temperature) for k, v in scores.items()}
+    top = max(z.values())
+    e = {k: math.exp(v - top) for k, v in z.items()}
+    total = sum(e.values())
+    return {k: v / total for k, v in e.items()}
+
+
+def mix_step(
+    weights: Mapping[str, float],
+    losses: Mapping[str, float],
+    state: Mapping[str, Any],
+    step: int,
+    p: DataParams,
+) -> tuple[dict[str, float], dict[str, Any], dict[str, float]]:
+    """One bandit decision: (new weights, new state, this interval's rewards)."""
+    names = list(weights)
+    n = len(names)
+    prev_step = state.get("step")
+    prev_loss = state.get("loss", {})
+    scores = {k: float(v) for k, v in state.get("score", {}).items() if k in weights}
+    rewards: dict[str, float] = {}
+    if isinstance(prev_step, int) and step > prev_step:
+        per_interval = p.every_steps / (step - prev_step)
+        for k in names:
+            before, now = prev_loss.get(k), losses.get(k)
+            if before is None or now is None or not before > 0:
+                continue
+            share = max(float(weights[k]) * n, 1e-3)  # exposure relative to uniform
+            r = (before - now) / before * per_interval / share
+            rewards[k] = r
+            scores[k] = r if k not in scores else (1 - p.smoothing) * scores[k] + p.smoothing * r
+    new = dict(weights)
+    if rewards:
+        target = with_floor(softmax_target({k: scores.get(k, 0.0) for k in names}, p.temperature), p.floor)
+        new = {k: (1 - p.step_size) * float(weights[k]) + p.step_size * target[k] for k in names}
+    new = with_floor(new, p.floor)
+    state_out = {"step": step, "loss": {k: losses[k] for k in names if k in losses}, "score": scores}
+    return new, state_out, rewards
+
+
+@register
+class DataPolicy(PolicyKind):
+    kind = "data"
+    Params = DataParams
+    knobs = frozenset({KNOB_DOMAIN_WEIGHTS, KNOB_CURRICULUM_LEVEL, KNOB_PRUNE_FRACTION})
+
+    def check_job(self, shape: JobShape) -> list[str]:
+        """Problems of this policy with the job that connected (its domains), with the fix."""
+        p: DataParams = self.params
+        knob = shape.knob(KNOB_DOMAIN_WEIGHTS)
+        if knob is None or not isinstance(knob.value, Mapping):
+            return []
+        job = list(knob.value)
+        problems = []
+        named = set(p.domains or ()) | set(p.initial_weights or {})
+        unknown = sorted(named - set(job))
+        if unknown:
+            problems.append(
+                f"names domain(s) {', '.join(map(repr, unknown))} that the job does not have; the job's "
+                f"domains are {', '.join(job)}: fix the names in `domains:`/`initial_weights:`"
+            )
+        if p.domains is not None and set(p.domains) != set(job):
+            missing = sorted(set(job) - set(p.domains))
+            if missing:
+                problems.append(
+                    f"`domains:` leaves out the job's {', '.join(map(repr, missing))}; list every domain"
+                )
+        if p.floor * len(job) > 1:
+            problems.append(
+                f"floor {p.floor:g} x {len(job)} domains is over 1; lower floor to at most {1 / len(job):.3g}"
+            )
+        return problems
+
+    def decide(self, snapshot: Snapshot, budget: Budget) -> list[Action]:
+        state = snapshot.config.get(CONFIG_DATA_STATE)
+        state = state if isinstance(state, Mapping) else {}
+        actions: list[Action] = []
+        for act in (
+            self._mixing(snapshot, state),
+            self._curriculum(snapshot, state),
+            self._pruning(snapshot),
+        ):
+            if act is not None:
+                actions.append(act)
+        return actions
+
+    def _ready(self, snap: Snapshot, knob: str, every: int, state_step: Any) -> bool:
+        if knob not in snap.knobs or knob in snap.pending:
+            return False
+        last = max(
+            snap.last_action_step.get(knob, -(10**18)),
+            state_step if isinstance(state_step, int) else -(10**18),
+        )
+        return snap.step - last >= every
+
+    def _mixing(self, snap: Snapshot, state: Mapping[str, Any]) -> Action | None:
+        p: DataParams = self.params
+        weights = snap.config.get(KNOB_DOMAIN_WEIGHTS)
+        if not p.mixing or not isinstance(weights, Mapping) or not weights:
+            return None
+        bandit = state.get(KNOB_DOMAIN_WEIGHTS)
+        bandit = bandit if isinstance(bandit, Mapping) else {}
+        if not bandit:
+            # First decision: the file's initial weights (if any), and the losses to measure from.
+            if KNOB_DOMAIN_WEIGHTS not in snap.knobs or KNOB_DOMAIN_WEIGHTS in snap.pending:
+                return None
+            start = dict(weights)
+            if p.initial_weights:
+                known = {k: v for k, v in p.initial_weights.items() if k in weights}
+                if not known or not sum(known.values()) > 0:
+                    return None  # check_job said why at connect
+                total = sum(known.values())
+                start = {k: known.get(k, 0.0) / total for k in weights}
+            start = with_floor(start, p.floor)
+            losses = {k: v for k, v in snap.domain_loss.items() if k in weights}
+            return Action(
+                kind=KNOB_DOMAIN_WEIGHTS,
+                params={"value": start, "state": {"step": snap.step, "loss": losses, "score": {}}},
+                step=snap.step + 1,
+                reason="data mixing starts: " + _show(start) + "; per-domain loss " + _show(losses),
+            )
+        if snap.step < p.warmup_steps or not self._ready(
+            snap, KNOB_DOMAIN_WEIGHTS, p.every_steps, bandit.get("step")
+        ):
+            return None
+        losses = {k: v for k, v in snap.domain_loss.items() if k in weights}
+        new, new_state, rewards = mix_step(weights, losses, bandit, snap.step, p)
+        return Action(
+            kind=KNOB_DOMAIN_WEIGHTS,
+            params={"value": new, "state": new_state},
+            step=snap.step + 1,
+            reason=(
+                f"learnability (relative loss decrease per {p.every_steps} steps, per unit of sampling) "
+                + _show(rewards, signed=True)
+                + "; smoothed "
+                + _show(new_state["score"], signed=True)
+                + "; per-domain loss "
+                + _show(losses)
+                + "; weights "
+                + ", ".join(f"{k} {float(weights[k]):.3f}->{new[k]:.3f}" for k in new)
+            ),
+        )
+
+    def _curriculum(self, snap: Snapshot, state: Mapping[str, Any]) -> Action | None:
+        p: DataParams = self.params
+        level = snap.config.get(KNOB_CURRICULUM_LEVEL)
+        if not p.curriculum or not isinstance(level, (int, float)) or snap.loss is None:
+            return None
+        cur = state.get(KNOB_CURRICULUM_LEVEL)
+        cur = cur if isinstance(cur, Mapping) else {}
+        if not cur:
+            if KNOB_CURRICULUM_LEVEL in snap.pending:
+                return None
+            return Action(
+                kind=KNOB_CURRICULUM_LEVEL,
+                params={"value": p.start_level, "state": {"step": snap.step, "loss": snap.loss}},
+                step=snap.step + 1,
+                reason=f"curriculum starts at level {p.start_level:g} (the easiest part of each domain)",
+            )
+        if not self._ready(snap, KNOB_CURRICULUM_LEVEL, p.plateau_steps, cur.get("step")):
+            return None
+        before = float(cur.get("loss", snap.loss))
+        fell = (before - snap.loss) / before if before > 0 else 0.0
+        new = float(level)
+        if fell < p.plateau_threshold and level < 1.0:
+            new = min(1.0, round(float(level) + p.level_step, 6))
+            span = snap.step - int(cur.get("step", snap.step))
+            why = f"plateau: loss {before:.4g} -> {snap.loss:.4g} ({fell:+.1%}) over {span} steps"
+        else:
+            why = f"still learning: loss {before:.4g} -> {snap.loss:.4g} ({fell:+.1%})"
+        return Action(
+            kind=KNOB_CURRICULUM_LEVEL,
+            params={"value": new, "state": {"step": snap.step, "loss": snap.loss}},
+            step=snap.step + 1,
+            reason=f"{why}; level {float(level):g} -> {new:g}",
+        )
+
+    def _pruning(self, snap: Snapshot) -> Action | None:
+        p: DataParams = self.params
+        current = snap.config.get(KNOB_PRUNE_FRACTION)
+        spec = snap.knobs.get(KNOB_PRUNE_FRACTION)
+        if not p.pruning or spec is None or not isinstance(current, (int, float)):
+            return None
+        most = min(p.max_prune_fraction, spec.maximum if spec.maximum is not None else p.max_prune_fraction)
+        if snap.step < p.prune_after_steps or current >= most - 1e-12:
+            return None
+        if not self._ready(snap, KNOB_PRUNE_FRACTION, p.every_steps, None):
+            return None
+        new = round(min(most, float(current) + p.prune_step), 6)
+        return Action(
+            kind=KNOB_PRUNE_FRACTION,
+            params={"value": new},
+            step=snap.step + 1,
+            reason=(
+                f"step {snap.step} >= {p.prune_after_steps}: examples whose loss stopped falling may be left "
+                f"out, up to {new:.0%} (bound {most:.0%})"
+            ),
+        )
+
+
+def _show(values: Mapping[str, float], signed: bool = False) -> str:
+    if not values:
+        return "(none yet)"
+    fmt = "{:+.4f}" if signed else "{:.4f}"
+    return ", ".join(f"{k} {fmt.format(v)}" for k, v in values.items())
