@@ -58,6 +58,11 @@ class Agent:
         self._outcomes: list[Outcome] = []
         self._inbox: dict[str, Action] = {}
         self._seen: set[str] = set()
+        # Actions every rank received at a sync step whose step comes before the next sync
+        # (the compute policy schedules its stop for the step nearest the budget's end): held
+        # here, on every rank alike, and applied at exactly that step with no collective.
+        self._scheduled: list[Action] = []
+        self._eval_loss: float | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -96,13 +101,17 @@ class Agent:
                 self.probe.device,
                 self.shape.pids[self.rank] if self.rank < len(self.shape.pids) else 0,
             )
-            offer = self._due(step) if self.rank == 0 else []
+            offer = self._due(step + self.sync_every - 1) if self.rank == 0 else []
             if self.world_size > 1:
                 gathered = self._all_gather({"memory": mine, "actions": offer})
                 memory = tuple(g["memory"] for g in gathered)
-                due = list(gathered[0]["actions"])
+                self._scheduled.extend(gathered[0]["actions"])
             else:
-                memory, due = (mine,), offer
+                memory = (mine,)
+                self._scheduled.extend(offer)
+        if self._scheduled:
+            due = [a for a in self._scheduled if a.step <= step + 1]
+            self._scheduled = [a for a in self._scheduled if a.step > step + 1]
         if self.rank == 0:
             rec = StepRecord(
                 step=step,
@@ -115,11 +124,18 @@ class Agent:
                 config=dict(config),
                 memory=memory,
                 domain_loss=dict(domain_loss or {}),
+                eval_loss=self._eval_loss,
             )
+            self._eval_loss = None
             with self._lock:
                 self._records.append(rec)
             # No wake-up: records go out with the next periodic exchange, batched.
         return due
+
+    def report_eval(self, loss: float) -> None:
+        """A validation loss the job measured: sent with the next step's record (rank 0)."""
+        if self.rank == 0:
+            self._eval_loss = float(loss)
 
     def report(self, outcome: Outcome) -> None:
         """An action's outcome (rank 0 reports; other ranks applied the same action too)."""

@@ -127,7 +127,16 @@ from trainwarden.adapters.ds_config import (
     rewrite,
     setting_of,
 )
-from trainwarden.adapters.knobs import MAX_LR_MULTIPLIER, apply_shared_knob, lr_scaled
+from trainwarden.adapters.knobs import (
+    MAX_LR_MULTIPLIER,
+    StopHook,
+    StopHooks,
+    apply_shared_knob,
+    check_budget_at_start,
+    check_eval_loss,
+    lr_scaled,
+    stop_hooks_arg,
+)
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
     ENV_SYNC_EVERY,
@@ -701,6 +710,7 @@ class DeepSpeedHandle:
         s(self, "_micro_knob", micro_batch_knob or own_loader)
         s(self, "lr_multiplier", 1.0)
         s(self, "should_stop", False)
+        s(self, "stop_hooks", StopHooks())
         s(self, "last_loss", None)
         s(self, "last_lr", None)
         s(self, "last_reconfigure", None)
@@ -1252,7 +1262,7 @@ class DeepSpeedHandle:
             except ConfigError as exc:
                 return "rejected", str(exc)
             return ("applied" if result.changes else "noop"), result.describe()
-        shared = apply_shared_knob(self, action)
+        shared = apply_shared_knob(self, action, int(self._engine.global_steps))
         if shared is not None:
             return shared
         return "rejected", f"the deepspeed adapter has no knob {kind!r}"
@@ -1500,9 +1510,22 @@ class DeepSpeedHandle:
             device_total_bytes=probe.total_bytes,
             sync_every=sync,
         )
+        check_budget_at_start(controller, shape)
         object.__setattr__(
             self, "agent", Agent(shape, channel, probe, rank=rank, world_size=world, sync_every=sync)
         )
+
+    def on_stop(self, fn: StopHook) -> StopHook:
+        """Call `fn(info)` once when trainwarden stops the run, at that step boundary, on every
+        rank, before `should_stop` turns true: `engine.save_checkpoint` there is the final,
+        annealed checkpoint (adapters/knobs.py). Usable as a decorator."""
+        self.stop_hooks.add(fn)
+        return fn
+
+    def report(self, *, eval_loss: Any) -> None:
+        """A validation loss measured now (rank 0's is sent, with the next step)."""
+        if self.agent is not None:
+            self.agent.report_eval(check_eval_loss(eval_loss))
 
     def close(self) -> None:
         """Flush telemetry, tell the controller the job is done; idempotent. The engine stays usable."""
@@ -1575,6 +1598,7 @@ def initialize(
     attach_agent: bool = True,
     oom_errors: tuple[type[BaseException], ...] | None = None,
     oom_retry: bool = True,
+    on_stop: StopHook | list[StopHook] | None = None,
 ) -> tuple[DeepSpeedHandle, OptimizerProxy | None, MicroBatchLoader | None, SchedulerProxy | None]:
     """`deepspeed.initialize`, returning (engine handle, optimizer, loader, scheduler) that stay
     valid across switches. Same arguments; trainwarden's own are keyword-only:
@@ -1585,6 +1609,7 @@ def initialize(
     adapters' attach. attach_agent=False: no controller, no telemetry; `reconfigure` still works.
     oom_errors: the exception types that mean out of memory (default torch.cuda.OutOfMemoryError);
     oom_retry=False: an OOM is raised as it is, with no step down (module docstring).
+    on_stop: save hook(s) run once when trainwarden stops the run (`DeepSpeedHandle.on_stop`).
     """
     if model is None:
         raise ConfigError("initialize needs a model")
@@ -1618,6 +1643,7 @@ def initialize(
         oom_errors=oom_errors,
         oom_retry=oom_retry,
     )
+    object.__setattr__(handle, "stop_hooks", stop_hooks_arg(on_stop))
     opt_proxy = OptimizerProxy(lambda: handle._engine.optimizer) if engine.optimizer is not None else None
     sched_proxy = (
         SchedulerProxy(lambda: handle._engine.lr_scheduler) if engine.lr_scheduler is not None else None

@@ -1,17 +1,23 @@
 """The knobs every adapter carries the same way: the LR multiplier and the cooperative stop.
 
-Kept in one place so the plain-PyTorch, DeepSpeed (and later Accelerate) adapters accept,
-refuse and apply them identically.
+Kept in one place so the plain-PyTorch, DeepSpeed, Accelerate and HF Trainer adapters accept,
+refuse and apply them identically. An adapter's handle has `lr_multiplier`, `should_stop` and
+`stop_hooks` (a `StopHooks`); `apply_shared_knob` carries the two knobs, and the stop runs the
+user's save hooks (`handle.on_stop(fn)`) at the step boundary where it applies, before
+`should_stop` turns true, on every rank (a DeepSpeed checkpoint is a collective).
+`report_eval` and `check_budget_at_start` are the other two pieces every handle shares.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_STOP, Action
+from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_STOP, Action, JobShape
 
 log = logging.getLogger("trainwarden")
 
@@ -19,12 +25,67 @@ log = logging.getLogger("trainwarden")
 MAX_LR_MULTIPLIER = 10.0
 
 
+@dataclass(frozen=True)
+class StopInfo:
+    """What a save hook is told: the stop applies after `step`, because `reason`."""
+
+    step: int
+    reason: str
+    cause: str
+    """`budget` (a budget is spent) or `marginal_gain` (the stopping rule ended the run early)."""
+
+
+class StopHooks:
+    """The user's save hooks, run once, in order, when the stop applies.
+
+    A hook that raises is logged and the stop still applies (the outcome's detail says so): the
+    run is over either way, and an exception in the middle of the adapter's step would leave
+    the user's loop in a state it did not ask for.
+    """
+
+    def __init__(self, hooks: Sequence[Callable[[StopInfo], Any]] = ()) -> None:
+        self._hooks: list[Callable[[StopInfo], Any]] = []
+        for fn in hooks:
+            self.add(fn)
+        self.fired = False
+
+    def add(self, fn: Callable[[StopInfo], Any]) -> None:
+        if not callable(fn):
+            raise TypeError(f"on_stop takes a function of one argument (a StopInfo), got {fn!r}")
+        self._hooks.append(fn)
+
+    def fire(self, info: StopInfo) -> str:
+        """Run every hook once; '' or what went wrong."""
+        if self.fired:
+            return ""
+        self.fired = True
+        problems = []
+        for fn in self._hooks:
+            try:
+                fn(info)
+            except Exception as exc:
+                log.exception("trainwarden: the on_stop hook %r failed", getattr(fn, "__name__", fn))
+                name = getattr(fn, "__name__", fn)
+                problems.append(f"on_stop hook {name!r} failed: {type(exc).__name__}: {exc}")
+        return "; ".join(problems)
+
+
+StopHook = Callable[[StopInfo], Any]
+
+
+def stop_hooks_arg(on_stop: StopHook | Sequence[StopHook] | None) -> StopHooks:
+    """`attach(..., on_stop=fn)` or `on_stop=[fn, ...]` as a StopHooks."""
+    if on_stop is None:
+        return StopHooks()
+    return StopHooks([on_stop] if callable(on_stop) else list(on_stop))
+
+
 class _Carrier(Protocol):
     lr_multiplier: float
     should_stop: bool
 
 
-def apply_shared_knob(handle: _Carrier, action: Action) -> tuple[str, str] | None:
+def apply_shared_knob(handle: _Carrier, action: Action, step: int = -1) -> tuple[str, str] | None:
     """(outcome, detail) for `lr_multiplier` and `stop`; None for any other kind."""
     value = action.params.get("value")
     if action.kind == KNOB_LR_MULTIPLIER:
@@ -41,9 +102,14 @@ def apply_shared_knob(handle: _Carrier, action: Action) -> tuple[str, str] | Non
     if action.kind == KNOB_STOP:
         if handle.should_stop:
             return "noop", ""
+        hooks = getattr(handle, "stop_hooks", None)
+        problem = ""
+        if isinstance(hooks, StopHooks):
+            cause = action.params.get("cause")
+            problem = hooks.fire(StopInfo(step, action.reason, cause if isinstance(cause, str) else "budget"))
         handle.should_stop = True
         log.warning("trainwarden: stop requested: %s", action.reason)
-        return "applied", "should_stop is now true"
+        return "applied", "should_stop is now true" + (f" ({problem})" if problem else "")
     return None
 
 
@@ -61,3 +127,28 @@ def lr_scaled(param_groups: Sequence[dict[str, Any]], multiplier: float) -> Iter
     finally:
         for g, lr in zip(param_groups, scheduled):
             g["lr"] = lr
+
+
+def check_eval_loss(eval_loss: Any) -> float:
+    """`handle.report(eval_loss=...)`'s argument as a float, or a TypeError/ValueError naming it."""
+    if hasattr(eval_loss, "item"):
+        eval_loss = eval_loss.item()  # a 0-d tensor or numpy scalar
+    if isinstance(eval_loss, bool) or not isinstance(eval_loss, (int, float)):
+        raise TypeError(f"eval_loss must be a number (float, 0-d tensor), got {type(eval_loss).__name__}")
+    if not math.isfinite(eval_loss):
+        raise ValueError(f"eval_loss must be finite, got {eval_loss}: report a loss that was measured")
+    return float(eval_loss)
+
+
+def check_budget_at_start(controller: Any, shape: JobShape) -> None:
+    """With an embedded controller, a budget spent before the first step is an AttachError now,
+    not a job stopped at step 1 (a sidecar answers the agent's hello with the same message)."""
+    if controller is None:
+        return
+    from trainwarden.adapters.connect import AttachError
+    from trainwarden.controller.loop import BudgetSpentError
+
+    try:
+        controller.check_start(shape)
+    except BudgetSpentError as exc:
+        raise AttachError(str(exc)) from exc

@@ -1,7 +1,8 @@
 """The plain-PyTorch adapter: wrap model, optimizer and loader; keep your loop.
 
     handle = trainwarden.adapters.pytorch.attach(model, optimizer, scheduler=sched,
-                                                 global_batch_size=64, micro_batch_size=16)
+                                                 global_batch_size=64, micro_batch_size=16,
+                                                 on_stop=save_checkpoint)   # optional
     for step_batch in handle.steps(loader):      # one optimizer step's samples
         for micro in step_batch:                 # cut at the current micro-batch size
             loss = loss_fn(model(micro[0]), micro[1])
@@ -13,7 +14,11 @@
 
 Knobs: `micro_batch_size` (the global batch is kept: accumulation = global / micro),
 `lr_multiplier` (applied on top of the user's scheduler at every step), and `stop`.
-Actions are applied inside `step()`, after the optimizer step: a step boundary.
+Actions are applied inside `step()`, after the optimizer step: a step boundary. When the stop
+applies, the `on_stop` hooks (`attach(on_stop=fn)` or `handle.on_stop(fn)`) run there, once,
+before `should_stop` turns true: the place to save the final, annealed checkpoint.
+`handle.report(eval_loss=...)` sends a validation loss (the compute policy's stopping rule
+prefers it to the training loss).
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ import torch
 from trainwarden.adapters.agent import Agent
 from trainwarden.adapters.batching import batch_size, micro_slices, regroup, slice_batch
 from trainwarden.adapters.connect import AttachError, connect, run_id_from_env
-from trainwarden.adapters.knobs import MAX_LR_MULTIPLIER, apply_shared_knob, lr_scaled
+from trainwarden.adapters.knobs import (
+    MAX_LR_MULTIPLIER,
+    StopHook,
+    apply_shared_knob,
+    check_budget_at_start,
+    check_eval_loss,
+    lr_scaled,
+    stop_hooks_arg,
+)
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
     ENV_SYNC_EVERY,
@@ -89,6 +102,7 @@ class Handle:
         sync_every: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        on_stop: StopHook | list[StopHook] | None = None,
         mixture: Any = None,
     ) -> None:
         if global_batch_size < 1:
@@ -112,6 +126,7 @@ class Handle:
         self._micro = micro
         self.lr_multiplier = 1.0
         self.should_stop = False
+        self.stop_hooks = stop_hooks_arg(on_stop)
         self.step_count = 0
         self.samples_seen = 0
         self._step_samples = global_batch_size
@@ -153,6 +168,7 @@ class Handle:
             device_total_bytes=probe.total_bytes,
             sync_every=sync,
         )
+        check_budget_at_start(self.controller, shape)
         self.agent = Agent(shape, channel, probe, rank=self.rank, world_size=self.world_size, sync_every=sync)
         atexit.register(self.close)
 
@@ -218,13 +234,23 @@ class Handle:
             self._micro = value
             self.agent.probe.release()
             return "applied", f"gradient accumulation now {self.gradient_accumulation_steps}"
-        shared = apply_shared_knob(self, action)
+        shared = apply_shared_knob(self, action, self.step_count)
         if shared is not None:
             return shared
         data = self.mixture.apply(action) if self.mixture is not None else None
         if data is not None:
             return data
         return "rejected", f"the pytorch adapter has no knob {action.kind!r}"
+
+    def on_stop(self, fn: StopHook) -> StopHook:
+        """Call `fn(info)` once when trainwarden stops the run, at that step boundary, before
+        `should_stop` turns true (save the final checkpoint there). Usable as a decorator."""
+        self.stop_hooks.add(fn)
+        return fn
+
+    def report(self, *, eval_loss: Any) -> None:
+        """A validation loss measured now; it goes to the controller with the next step."""
+        self.agent.report_eval(check_eval_loss(eval_loss))
 
     # ---- the loop ----------------------------------------------------------------------------
     def steps(self, loader: Iterable[Any]) -> Iterator[StepBatch]:

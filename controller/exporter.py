@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from trainwarden.controller.forecast import DEFAULT_GAIN_WINDOW, current_gain
 from trainwarden.controller.loop import Controller
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,13 @@ log = logging.getLogger(__name__)
 class ControllerCollector(Collector):
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
+
+    def _gain_window(self) -> float:
+        for p in self.controller.policies:
+            window = getattr(p.params, "gain_window", None)
+            if isinstance(window, float):
+                return window
+        return DEFAULT_GAIN_WINDOW
 
     def collect(self) -> Iterator[Metric]:
         v = self.controller.view()
@@ -134,6 +142,33 @@ class ControllerCollector(Collector):
             "Forecast wall time until the binding budget runs out, at the current rate.",
             None if binding is None else binding.remaining_s,
         )
+        end = GaugeMetricFamily(
+            "trainwarden_budget_forecast_end_timestamp_seconds",
+            "Unix time at which each budget is forecast to run out, at the throughput measured since "
+            "the last change.",
+            labels=["run", "budget"],
+        )
+        binds = GaugeMetricFamily(
+            "trainwarden_budget_binding",
+            "1 for the budget forecast to run out first (the one the compute policy follows), else 0.",
+            labels=["run", "budget"],
+        )
+        for b in snap.budgets:
+            t = snap.forecast_end_time(b)
+            if t is not None:
+                end.add_metric([v.run_id, b.name], t)
+            binds.add_metric([v.run_id, b.name], float(binding is not None and b.name == binding.name))
+        yield end
+        yield binds
+        yield from gauge(
+            "trainwarden_eval_loss", "Validation loss the job last reported (handle.report).", snap.eval_loss
+        )
+        yield from gauge(
+            "trainwarden_marginal_gain",
+            "Loss improvement per 10% of the budget, over the compute policy's gain window.",
+            current_gain(snap, self._gain_window()),
+        )
+
 
         dl = GaugeMetricFamily(
             "trainwarden_domain_loss", "Training loss per data domain.", labels=["run", "domain"]

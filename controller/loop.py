@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from trainwarden.controller.protocol import (
-    KNOB_DOMAIN_WEIGHTS,
     KNOB_MICRO_BATCH,
     KNOB_STOP,
     Action,
@@ -28,7 +27,6 @@ from trainwarden.controller.protocol import (
     Outcome,
     ProtocolError,
     StepRecord,
-    domain_weights_problem,
 )
 from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlWriter, read_jsonl
 from trainwarden.controller.snapshot import Snapshot
@@ -38,6 +36,11 @@ from trainwarden.policies.base import PolicyKind
 from trainwarden.policies.schema import Budget, ControllerSettings, PolicyFile
 
 log = logging.getLogger(__name__)
+
+class BudgetSpentError(ProtocolError):
+    """A job starts with a budget already spent: the message names the budget and the fix. (A
+    ProtocolError, so a sidecar refuses the job's hello with it instead of failing inside.)"""
+
 
 #: A kind of action that fails (rolled back or rejected by the job) this many times in a row
 #: is disabled for the run; between failures the controller waits BACKOFF_BASE_S, doubling.
@@ -93,7 +96,7 @@ class Controller:
         )
         self.sources = sources or []
         self.clock = clock
-        self.state = JobState()
+        self.state = JobState(budget=self.budget)
         self.started_at = clock()
         self.last_seen: float | None = None
         self._lock = threading.RLock()
@@ -107,6 +110,8 @@ class Controller:
         self.actions_total: Counter[tuple[str, str]] = Counter()
         self.last_decision: dict[str, Any] | None = None
         self.exit_code: int | None = None
+        #: The stop decision that ended the run (its log line), for the summary.
+        self.stop_decision: dict[str, Any] | None = None
         self.job_lost = False
         self._recover()
         self.decisions = JsonlWriter(self.run_dir / DECISIONS_FILE)
@@ -136,6 +141,8 @@ class Controller:
                 self.actions_total[(kind, outcome)] += 1
                 if outcome == "applied" and isinstance(d.get("step"), int):
                     self.state.last_action_step[kind] = d["step"]
+                if kind == KNOB_STOP and outcome in ("applied", "noop"):
+                    self.stop_decision = d
                 self.last_decision = d
                 decisions += 1
         if steps or decisions:
@@ -167,15 +174,53 @@ class Controller:
         return False
 
     # ---- the channel's two calls -------------------------------------------------------
+    def check_start(self, shape: JobShape) -> None:
+        """Raise BudgetSpentError when `shape`'s job would start with a budget already spent: the
+        run directory holds a run that spent it (a new job, not the same one reconnecting), or a
+        token or FLOP budget is smaller than one optimizer step of this job."""
+        with self._lock:
+            fix_dir = (
+                f"start the job with a new run directory (this one, {self.run_dir}, holds a run that "
+                "spent it), or raise the budget in the policy file"
+            )
+            old = self.state.shape
+            same_job = old is not None and set(old.pids) == set(shape.pids)
+            if self.state.step >= 0 and not same_job:
+                for b in self.state.budgets(self.budget):
+                    if b.fraction >= 1.0:
+                        raise BudgetSpentError(
+                            f"the {b.name} budget is already spent: {b.spent:.4g} of {b.limit:.4g} {b.unit} "
+                            f"by step {self.state.step} of an earlier job; {fix_dir}"
+                        )
+            per_step = shape.global_batch_size * shape.tokens_per_sample
+            flops_step = 6.0 * shape.param_count * per_step
+            if self.budget.tokens is not None and per_step > self.budget.tokens:
+                raise BudgetSpentError(
+                    f"the tokens budget ({self.budget.tokens:,}) is smaller than one optimizer step of this "
+                    f"job ({shape.global_batch_size} samples x {shape.tokens_per_sample} tokens = "
+                    f"{per_step:,}): "
+                    "raise budget.tokens in the policy file, or make the global batch smaller"
+                )
+            if self.budget.flops is not None and flops_step > self.budget.flops:
+                raise BudgetSpentError(
+                    f"the flops budget ({self.budget.flops:.3g}) is smaller than one optimizer step of this "
+                    f"job (6 x {shape.param_count:,} parameters x {per_step:,} tokens = {flops_step:.3g}): "
+                    "raise budget.flops in the policy file"
+                )
+
     def hello(self, shape: JobShape) -> dict[str, Any]:
         with self._lock:
+            try:
+                self.check_start(shape)
+            except BudgetSpentError as exc:
+                log.error("refusing job %s: %s", shape.run_id, exc)
+                raise
             reconnect = self.state.shape is not None
             self.state.shape = shape
             self.last_seen = self.clock()
             self.telemetry.write({"event": "hello", "time": self.last_seen, "shape": shape.to_json()})
             for src in self.sources:
                 src.watch(shape.pids)
-            self._check_policies(shape)
             log.info(
                 "job %s %s: adapter %s, %d rank(s), %.1fM params, knobs %s",
                 shape.run_id,
@@ -270,23 +315,6 @@ class Controller:
         self._pending[action.id] = Decision(action, now, snap.step)
         log.info("step %d: %s %s (%s)", snap.step, action.kind, action.params, action.reason)
 
-    def _check_policies(self, shape: JobShape) -> None:
-        """A policy that does not fit the job that connected (a data policy naming domains the job
-        lacks) is said once, with the file, line and fix, and left out for this run."""
-        keep = []
-        for policy in self.policies:
-            check = getattr(policy, "check_job", None)
-            problems = list(check(shape)) if callable(check) else []
-            if not problems:
-                keep.append(policy)
-                continue
-            specs = self.policy_file.policies if self.policy_file else ()
-            spec = next((s for s in specs if s.name == policy.name), None)
-            where = f"{self.policy_file.path}:{spec.line}: " if self.policy_file and spec else ""
-            for problem in problems:
-                log.error("%spolicy %r %s; the policy is off for this run", where, policy.name, problem)
-        self.policies = keep
-
     def _cannot_carry(self, action: Action, snap: Snapshot) -> str | None:
         """Never send what the adapter cannot carry; say why instead."""
         spec = snap.knobs.get(action.kind)
@@ -294,9 +322,6 @@ class Controller:
             return (
                 f"the job's adapter has no knob {action.kind!r} (it has: {', '.join(snap.knobs) or 'none'})"
             )
-        if action.kind == KNOB_DOMAIN_WEIGHTS and not spec.accepts(action.params.get("value")):
-            names = spec.value if isinstance(spec.value, dict) else None
-            return domain_weights_problem(action.params.get("value"), names)
         if action.kind != KNOB_STOP and not spec.accepts(action.params.get("value")):
             return f"the adapter does not accept {action.kind}={action.params.get('value')!r}"
         return None
@@ -306,7 +331,13 @@ class Controller:
         if decision is None:
             return  # already recorded (the agent re-sends until acknowledged)
         act = decision.action
+        if act.kind == KNOB_STOP and out.outcome in ("applied", "noop"):
+            self.stop_decision = {"step": out.step, "reason": act.reason, "params": dict(act.params)}
         if out.outcome == "applied":
+            # How far ahead the compute policy must decide (an action scheduled for a later
+            # step is held until then, and says nothing about the lag).
+            if act.step <= decision.decided_step + 1:
+                self.state.note_lag(out.step - decision.decided_step)
             self.state.last_action_step[act.kind] = out.step
             if act.kind == KNOB_MICRO_BATCH or act.kind in self.state.config:
                 self.state.config[act.kind] = act.params.get("value", True)
@@ -408,7 +439,9 @@ class Controller:
                     "name": binding.name,
                     "fraction": binding.fraction,
                     "remaining_s": binding.remaining_s,
+                    "forecast_end_time": snap.forecast_end_time(binding),
                 },
+                "eval_loss": snap.eval_loss,
                 "elapsed_s": snap.elapsed_s,
                 "nonfinite_losses": snap.nonfinite_losses,
                 "last_decision": self.last_decision,
@@ -435,10 +468,14 @@ class Controller:
             summary = self.status()
             summary["wall_time_s"] = now - self.started_at
             summary["job_lost"] = self.job_lost
-            summary["budgets"] = [
-                {"name": b.name, "unit": b.unit, "spent": b.spent, "limit": b.limit, "fraction": b.fraction}
-                for b in self.state.budgets(self.budget)
-            ]
+            snap = self.state.snapshot(self.budget, frozenset(), self._observed)
+            summary["budgets"] = budget_report(snap)
+            summary["forecast"] = {
+                "seconds_per_step": snap.seconds_per_step,
+                "since_step": snap.throughput_since_step,
+                "throughput_changes_at_steps": list(self.state.forecast.changes),
+            }
+            summary["stop"] = stop_report(snap, self.stop_decision)
             summary["nonfinite_losses"] = self.state.nonfinite_losses
             summary["exit_code"] = self.exit_code
             summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
@@ -451,3 +488,42 @@ class Controller:
             for src in self.sources:
                 src.close()
             return summary
+
+def budget_report(snap: Snapshot) -> list[dict[str, Any]]:
+    """Each budget's spend, forecast end and whether it binds: what summary.json lists."""
+    binding = snap.binding_budget
+    return [
+        {
+            "name": b.name,
+            "unit": b.unit,
+            "spent": b.spent,
+            "limit": b.limit,
+            "fraction": b.fraction,
+            "rate_per_s": b.rate_per_s,
+            "remaining_s": b.remaining_s,
+            "forecast_end_time": snap.forecast_end_time(b),
+            "binding": binding is not None and b.name == binding.name,
+        }
+        for b in snap.budgets
+    ]
+
+
+def stop_report(snap: Snapshot, decision: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Why the run stopped, and how much of the binding budget it left unspent (negative: how
+    far it overran). None when no stop applied (the job ended on its own)."""
+    if decision is None:
+        return None
+    params = decision.get("params") or {}
+    cause = params.get("cause", "budget")
+    out: dict[str, Any] = {"step": decision.get("step"), "cause": cause, "reason": decision.get("reason")}
+    binding = snap.binding_budget
+    if binding is not None:
+        left = binding.limit - binding.spent
+        out["saved"] = {
+            "budget": binding.name,
+            "unit": binding.unit,
+            "amount": left,
+            "fraction": left / binding.limit if binding.limit > 0 else 0.0,
+            "seconds": None if not binding.rate_per_s else left / binding.rate_per_s,
+        }
+    return out

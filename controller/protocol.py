@@ -228,6 +228,9 @@ class StepRecord:
     config: Mapping[str, Any]
     memory: tuple[RankMemory, ...]
     domain_loss: Mapping[str, float] = field(default_factory=dict)
+    eval_loss: float | None = None
+    """Validation loss the job measured since its previous record (`handle.report(eval_loss=)`);
+    None when it measured none. What the compute policy's stopping rule prefers to training loss."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -241,6 +244,7 @@ class StepRecord:
             "config": dict(self.config),
             "memory": [m.to_json() for m in self.memory],
             "domain_loss": dict(self.domain_loss),
+            **({} if self.eval_loss is None else {"eval_loss": self.eval_loss}),
         }
 
     @staticmethod
@@ -252,6 +256,9 @@ class StepRecord:
         lr = d.get("lr")
         if lr is not None and not _is_number(lr):
             raise ProtocolError("record.lr must be a number or null")
+        eval_loss = d.get("eval_loss")
+        if eval_loss is not None and not _is_number(eval_loss):
+            raise ProtocolError("record.eval_loss must be a number or null")
         memory = _get(d, "memory", list, "record")
         domain_loss = _get(d, "domain_loss", dict, "record", default={})
         for k, v in domain_loss.items():
@@ -268,6 +275,7 @@ class StepRecord:
             config=_get(d, "config", dict, "record"),
             memory=tuple(RankMemory.from_json(m) for m in memory),
             domain_loss={str(k): float(v) for k, v in domain_loss.items()},
+            eval_loss=None if eval_loss is None else float(eval_loss),
         )
 
 

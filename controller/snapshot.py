@@ -87,6 +87,23 @@ class Snapshot:
     domain_loss: Mapping[str, float] = field(default_factory=dict)
     """Training loss per data domain, smoothed (EMA, `state.LOSS_EMA` per step that reported the
     domain): what the data policy's learnability reward is computed from."""
+    time: float | None = None
+    """The job's clock (Unix seconds) at the end of `step`."""
+    seconds_per_step: float | None = None
+    """Forecast wall time per optimizer step, measured since the last throughput change
+    (controller/forecast.py), so a ZeRO or micro-batch switch shows within a few steps."""
+    throughput_since_step: int | None = None
+    """First step of the stretch the throughput forecast is measured over."""
+    train_curve: tuple[tuple[float, float], ...] = ()
+    """(fraction of the budget spent, smoothed training loss), a point per 0.2% of the budget."""
+    eval_curve: tuple[tuple[float, float], ...] = ()
+    """(fraction of the budget spent, validation loss), a point per loss the job reported."""
+    eval_loss: float | None = None
+    """Latest validation loss the job reported (None: it reports none)."""
+    action_lag_steps: int | None = None
+    """Most steps between a decision and its action applying, over the last few (None: none yet)."""
+    sync_every: int = 1
+    """Steps between the job's syncs with the controller (actions apply at or after one)."""
 
     @property
     def memory_peak_bytes(self) -> int:
@@ -103,3 +120,8 @@ class Snapshot:
             return (r if r is not None else float("inf"), -b.fraction)
 
         return min(self.budgets, key=key)
+
+    def forecast_end_time(self, b: BudgetUse) -> float | None:
+        """Unix time at which budget `b` is forecast to run out (None: no rate yet)."""
+        r = b.remaining_s
+        return None if r is None or self.time is None else self.time + r

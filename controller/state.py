@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainwarden.controller.forecast import ThroughputForecast
 from trainwarden.controller.protocol import KNOB_MICRO_BATCH, JobShape, KnobSpec, RankMemory, StepRecord
 from trainwarden.controller.snapshot import BudgetUse, Snapshot
 from trainwarden.policies.memory import config_key
@@ -24,6 +25,12 @@ CLOCK_JUMP_SLACK_S = 60.0
 THROUGHPUT_WINDOW = 20
 #: Memory samples kept for the memory policy's trend forecast (it fits at most the last 16).
 PEAK_HISTORY = 64
+#: The training-loss curve keeps a point each time this much more of the budget is spent (at
+#: most ~500 points over a whole budget: what the compute policy's stopping rule fits lines to).
+CURVE_RESOLUTION = 0.002
+#: Validation losses kept (one per report) and action lags remembered.
+EVAL_HISTORY = 1000
+LAG_HISTORY = 8
 
 
 @dataclass
@@ -53,6 +60,16 @@ class JobState:
     clock_jumps: int = 0
     _clock_offset: float = 0.0
     _window: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=THROUGHPUT_WINDOW))
+    budget: Budget | None = None
+    """The budget the progress curves are measured against (None: no curves)."""
+    forecast: ThroughputForecast = field(default_factory=ThroughputForecast)
+    train_curve: list[tuple[float, float]] = field(default_factory=list)
+    """(fraction of the budget spent, smoothed training loss), a point per CURVE_RESOLUTION."""
+    eval_curve: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=EVAL_HISTORY))
+    """(fraction of the budget spent, validation loss), one point per loss the job reported."""
+    eval_loss: float | None = None
+    action_lags: deque[int] = field(default_factory=lambda: deque(maxlen=LAG_HISTORY))
+    """Steps between a decision and the step its action applied at, latest last."""
 
     def ingest(self, rec: StepRecord) -> None:
         if rec.step <= self.step:
@@ -99,6 +116,8 @@ class JobState:
                 prev = self.domain_loss_ema.get(k)
                 self.domain_loss_ema[k] = v if prev is None else (1 - LOSS_EMA) * prev + LOSS_EMA * v
         self._window.append((t, self.tokens, step_time))
+        self.forecast.add(rec.step, t, self.tokens, rec.config)
+        self._extend_curves(rec)
         for m in rec.memory:
             self.memory[m.rank] = m
         if rec.memory:
@@ -112,6 +131,30 @@ class JobState:
             if key:
                 self.peak_by_config[key] = max(peak, self.peak_by_config.get(key, 0))
             self.recent_peaks.append((rec.step, peak))
+
+    def _extend_curves(self, rec: StepRecord) -> None:
+        if self.budget is None:
+            return
+        x = self.progress(self.budget)
+        if x is None:
+            return
+        if self.loss_ema is not None and (
+            not self.train_curve or x >= self.train_curve[-1][0] + CURVE_RESOLUTION
+        ):
+            self.train_curve.append((x, self.loss_ema))
+        if rec.eval_loss is not None and math.isfinite(rec.eval_loss):
+            self.eval_loss = rec.eval_loss
+            self.eval_curve.append((x, rec.eval_loss))
+
+    def progress(self, budget: Budget) -> float | None:
+        """Fraction of the budget spent: of the most-spent one when there are several (None: no
+        wall-time, token, FLOP or cost budget)."""
+        fractions = [b.fraction for b in self.budgets(budget)]
+        return max(fractions) if fractions else None
+
+    def note_lag(self, steps: int) -> None:
+        """An action decided at one step applied `steps` later (what the compute policy leads by)."""
+        self.action_lags.append(max(0, steps))
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -136,7 +179,9 @@ class JobState:
     def budgets(self, budget: Budget) -> tuple[BudgetUse, ...]:
         """Spend against each budget given, with its current rate."""
         uses: list[BudgetUse] = []
-        tps = self.tokens_per_second
+        # The forecast's rate (since the last throughput change), not the fixed window's.
+        rate = self.forecast.rate()
+        tps = rate.tokens_per_s if rate is not None else self.tokens_per_second
         world = self.shape.world_size if self.shape else 1
         params = self.shape.param_count if self.shape else 0
         elapsed = self.elapsed_s
@@ -162,6 +207,7 @@ class JobState:
             memory.append(m if seen <= m.peak_bytes else _with_peak(m, seen))
         shape = self.shape
         knobs: dict[str, KnobSpec] = {k.name: k for k in shape.knobs} if shape else {}
+        rate = self.forecast.rate()
         cap = None
         if budget.device_memory is not None and memory:
             cap = budget.device_memory.resolve(min(m.total_bytes for m in memory))
@@ -190,6 +236,14 @@ class JobState:
             nonfinite_losses=self.nonfinite_losses,
             last_nonfinite_step=self.last_nonfinite_step,
             domain_loss=dict(self.domain_loss_ema),
+            time=self.last_time,
+            seconds_per_step=rate.seconds_per_step if rate else None,
+            throughput_since_step=rate.since_step if rate else None,
+            train_curve=tuple(self.train_curve),
+            eval_curve=tuple(self.eval_curve),
+            eval_loss=self.eval_loss,
+            action_lag_steps=max(self.action_lags) if self.action_lags else None,
+            sync_every=shape.sync_every if shape else 1,
         )
 
 

@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.eval_every and tw.step_count % args.eval_every == 0:
             losses = evaluate(model, val)
+            # The compute policy's stopping rule reads the validation loss when the job reports it.
+            tw.report(eval_loss=sum(losses.values()) / len(losses))
             print(
                 f"step {tw.step_count:4d}  validation "
                 + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()),

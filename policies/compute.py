@@ -1,9 +1,27 @@
-"""Compute policy: spend the budget, finish annealed, stop when it is spent.
+"""Compute policy: spend the budget, finish annealed at its end, stop early when it stops paying.
 
-Warmup-stable-decay: the user's schedule runs as is (multiplier 1) through the stable
-phase; over the last `cooldown_fraction` of the binding budget (the one forecast to run
-out first) the LR multiplier decays to `min_lr_multiplier`, and when the budget is spent
-the job is asked to stop (cooperatively: the handle's `should_stop` turns true).
+Warmup-stable-decay: the user's schedule runs as is (multiplier 1) through the stable phase;
+over the last `cooldown_fraction` of the binding budget (the one forecast to run out first)
+the LR multiplier decays to `min_lr_multiplier`, and the job is asked to stop at the step
+boundary nearest the budget's end (cooperatively: the handle's `should_stop` turns true, after
+the user's `on_stop` save hooks ran).
+
+Timing. A decision reaches the job some steps after the step it was made on (the agent's
+exchange, the sync cadence): the measured `Snapshot.action_lag_steps`, or `sync_every` before
+any was measured. So the multiplier is the one for where the run will be when it applies, and
+the stop is sent ahead, for the exact step whose end is nearest the budget's end, from the
+throughput forecast (seconds per step since the last throughput change); the agent holds it
+until that step. For a token or FLOP budget the fraction spent per step is fixed by the batch,
+so the cooldown tracks it exactly; for wall time (and money) it is the forecast that places it.
+
+Stopping rule (`min_gain` > 0): the marginal gain is the loss improvement per 10% of the budget,
+the least-squares slope of the loss against the fraction spent over the last `gain_window`
+(the validation loss the job reports with `handle.report(eval_loss=)`, else the smoothed
+training loss). From `gain_after` on, during the stable phase, the first point where it falls
+below `min_gain` starts the cooldown there, sized as the same share of the now shorter run
+(`cooldown_fraction` of it), and the run stops at its end, leaving the rest of the budget. The
+point is found again from the whole loss curve on every decision, so `decide` stays pure and
+a restarted controller finds the same one.
 """
 
 from __future__ import annotations
@@ -11,10 +29,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from trainwarden.controller.forecast import GAIN_UNIT, MIN_EVAL_POINTS, loss_curve, marginal_gain
 from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_STOP, Action
-from trainwarden.controller.snapshot import Snapshot
+from trainwarden.controller.snapshot import BudgetUse, Snapshot
 from trainwarden.policies.base import PolicyKind, Range, param, register
 from trainwarden.policies.schema import Budget
+
+#: Seconds of decisions a stop is sent ahead of, on top of the lag: the controller decides at most
+#: every 0.5 s and the agent exchanges every 0.5 s, so one second covers the next chance to send it.
+STOP_LEAD_S = 1.0
+
+CAUSE_BUDGET = "budget"
+CAUSE_GAIN = "marginal_gain"
 
 
 @dataclass(frozen=True)
@@ -38,17 +64,104 @@ class ComputeParams:
         doc="Smallest multiplier change worth an action (each action is a log line and a round trip).",
     )
     stop_at_budget: bool = param(True, doc="Ask the job to stop when the binding budget is spent.")
+    min_gain: float = param(
+        0.0,
+        valid=Range(0.0, 100.0),
+        tune=Range(0.001, 0.1, log=True),
+        doc="Stopping rule: least loss improvement per 10% of the budget worth spending it on; below "
+        "it the cooldown starts early and the run stops, saving the rest. 0 turns the rule off.",
+    )
+    gain_window: float = param(
+        0.1,
+        valid=Range(0.01, 0.5),
+        tune=Range(0.05, 0.3),
+        doc="Fraction of the budget the marginal gain is fitted over (at least 4 loss points).",
+    )
+    gain_after: float = param(
+        0.25,
+        valid=Range(0.0, 0.95),
+        tune=Range(0.1, 0.5),
+        doc="Fraction of the budget spent before the stopping rule may judge (warmup, the early drop).",
+    )
 
 
-def cooldown_multiplier(fraction_spent: float, p: ComputeParams) -> float:
-    """LR multiplier when `fraction_spent` of the binding budget is spent."""
-    if p.cooldown_fraction <= 0 or fraction_spent <= 1 - p.cooldown_fraction:
+@dataclass(frozen=True)
+class Plan:
+    """Where the cooldown runs: from `start` to `end` (fractions of the binding budget)."""
+
+    start: float
+    end: float
+    cause: str
+    why: str = ""
+
+
+def cooldown_multiplier(
+    fraction_spent: float, p: ComputeParams, start: float | None = None, end: float = 1.0
+) -> float:
+    """LR multiplier when `fraction_spent` of the binding budget is spent, for a cooldown from
+    `start` (default `1 - cooldown_fraction`) to `end`."""
+    start = 1 - p.cooldown_fraction if start is None else start
+    if end <= start:
+        return 1.0  # no cooldown: the stop ends the run at full LR
+    if fraction_spent <= start:
         return 1.0
-    if fraction_spent >= 1.0:
+    if fraction_spent >= end:
         return p.min_lr_multiplier  # exactly: float rounding must not leave it a hair above
-    progress = min(1.0, (fraction_spent - (1 - p.cooldown_fraction)) / p.cooldown_fraction)
+    progress = min(1.0, (fraction_spent - start) / (end - start))
     decay = progress if p.cooldown_shape == "linear" else math.sqrt(progress)
     return p.min_lr_multiplier + (1.0 - decay) * (1.0 - p.min_lr_multiplier)
+
+
+def stopping_point(snapshot: Snapshot, p: ComputeParams) -> tuple[float, float] | None:
+    """(fraction spent, marginal gain per 10% there) where the stopping rule fires first, or None.
+
+    The validation curve when the job reports one, else the training loss. Judged only in the
+    stable phase (from `gain_after` to the budget's own cooldown): in warmup the loss falls for
+    reasons the rest of the run does not share, in a cooldown it falls because of the cooldown.
+    """
+    if p.min_gain <= 0:
+        return None
+    curve = loss_curve(snapshot)
+    stable_end = 1.0 - p.cooldown_fraction
+    for i, (x, _) in enumerate(curve):
+        if x < p.gain_after:
+            continue
+        if x >= stable_end:
+            break
+        g = marginal_gain(curve, p.gain_window, end=i + 1)
+        if g is not None and g * GAIN_UNIT < p.min_gain:
+            return x, g * GAIN_UNIT
+    return None
+
+
+def plan(snapshot: Snapshot, p: ComputeParams) -> Plan:
+    found = stopping_point(snapshot, p)
+    if found is None:
+        return Plan(1.0 - p.cooldown_fraction, 1.0, CAUSE_BUDGET)
+    at, gain = found
+    # The cooldown keeps its share of the (now shorter) run: WSD's proportion.
+    end = min(1.0, at / (1.0 - p.cooldown_fraction)) if p.cooldown_fraction < 1.0 else at
+    source = "validation" if len(snapshot.eval_curve) >= MIN_EVAL_POINTS else "training"
+    why = (
+        f"stopping rule: at {at:.0%} of the budget the {source} loss improved {gain:.3g} per 10% of it "
+        f"(below {p.min_gain:g})"
+    )
+    return Plan(at, end, CAUSE_GAIN, why)
+
+
+def fraction_per_step(snapshot: Snapshot, b: BudgetUse) -> float | None:
+    """Fraction of budget `b` one optimizer step spends now (None until measured)."""
+    spf = snapshot.seconds_per_step or snapshot.step_time_s
+    if not spf or not b.rate_per_s or b.limit <= 0:
+        return None
+    return b.rate_per_s * spf / b.limit
+
+
+def lead_steps(snapshot: Snapshot) -> int:
+    """Steps between deciding on `snapshot` and the action applying in the job."""
+    if snapshot.action_lag_steps is not None:
+        return max(1, snapshot.action_lag_steps)
+    return max(1, snapshot.sync_every)
 
 
 @register
@@ -62,51 +175,73 @@ class ComputePolicy(PolicyKind):
         binding = snapshot.binding_budget
         if binding is None:
             return []
+        pl = plan(snapshot, p)
         f = binding.fraction
-        # Stop at the boundary nearest the budget's end: when the next step would end more than
-        # half a step past it, this boundary is the nearer one (a slow step would overrun by its
-        # whole length otherwise).
-        remaining, step_time = binding.remaining_s, snapshot.step_time_s
-        why_stop = (
-            f"the {binding.name} budget is spent ({binding.spent:.4g} of {binding.limit:.4g} {binding.unit})"
-        )
-        if f < 1.0 and remaining is not None and step_time and remaining < 0.5 * step_time:
-            f = 1.0
-            why_stop = (
-                f"the next step would end past the {binding.name} budget ({remaining:.3g} s left, "
-                f"steps take {step_time:.3g} s)"
-            )
+        per_step = fraction_per_step(snapshot, binding)
+        lead = lead_steps(snapshot)
         actions: list[Action] = []
-        if (
-            p.stop_at_budget
-            and f >= 1.0
-            and KNOB_STOP in snapshot.knobs
-            and KNOB_STOP not in snapshot.pending
-            and not snapshot.config.get(KNOB_STOP)
-        ):
-            actions.append(
-                Action(
-                    kind=KNOB_STOP,
-                    params={},
-                    step=snapshot.step + 1,
-                    reason=why_stop,
-                )
-            )
+        stop = self._stop(snapshot, binding, pl, per_step, lead) if p.stop_at_budget else None
+        if stop is not None:
+            actions.append(stop)
         current = snapshot.config.get(KNOB_LR_MULTIPLIER)
         if (
             KNOB_LR_MULTIPLIER in snapshot.knobs
             and KNOB_LR_MULTIPLIER not in snapshot.pending
             and isinstance(current, (int, float))
         ):
-            target = cooldown_multiplier(f, p)
+            # The multiplier for where the run will be when the action applies.
+            f_apply = f + lead * per_step if per_step else f
+            target = cooldown_multiplier(f_apply, p, pl.start, pl.end)
             if abs(target - current) >= p.resolution or (target == p.min_lr_multiplier != current):
+                lead_note = f" (where the run will be in {lead} step(s))" if per_step else ""
+                why = (
+                    f"{pl.why}; cooling down from {pl.start:.0%} to stop at {pl.end:.0%} of the budget"
+                    if pl.cause == CAUSE_GAIN
+                    else f"{p.cooldown_shape} cooldown over the last {p.cooldown_fraction:.0%}"
+                )
                 actions.append(
                     Action(
                         kind=KNOB_LR_MULTIPLIER,
                         params={"value": round(target, 4)},
                         step=snapshot.step + 1,
-                        reason=f"{f:.0%} of the {binding.name} budget spent: {p.cooldown_shape} cooldown "
-                        f"over the last {p.cooldown_fraction:.0%}, LR multiplier {current:g} -> {target:.3g}",
+                        reason=f"{f:.0%} of the {binding.name} budget spent{lead_note}: {why}, "
+                        f"LR multiplier {current:g} -> {target:.3g}",
                     )
                 )
         return actions
+
+    def _stop(
+        self, snapshot: Snapshot, b: BudgetUse, pl: Plan, per_step: float | None, lead: int
+    ) -> Action | None:
+        if (
+            KNOB_STOP not in snapshot.knobs
+            or KNOB_STOP in snapshot.pending
+            or snapshot.config.get(KNOB_STOP)
+        ):
+            return None
+        f = b.fraction
+        params = {"cause": pl.cause}
+        end_words = "its end" if pl.cause == CAUSE_BUDGET else f"{pl.end:.0%} of it ({pl.why})"
+        if f >= pl.end:
+            spent = (
+                f"the {b.name} budget is spent ({b.spent:.4g} of {b.limit:.4g} {b.unit})"
+                if pl.cause == CAUSE_BUDGET
+                else f"{f:.0%} of the {b.name} budget spent, the early end: {pl.why}"
+            )
+            return Action(kind=KNOB_STOP, params=params, step=snapshot.step + 1, reason=spent)
+        if not per_step:
+            return None
+        # The boundary nearest the end: after step T, T = now + round(steps left).
+        steps_left = (pl.end - f) / per_step
+        spf = snapshot.seconds_per_step or snapshot.step_time_s or 0.0
+        horizon = lead + max(2, math.ceil(STOP_LEAD_S / spf)) if spf > 0 else lead + 2
+        if steps_left > horizon:
+            return None
+        last = snapshot.step + max(0, round(steps_left))
+        return Action(
+            kind=KNOB_STOP,
+            params=params,
+            step=last + 1,
+            reason=f"the {b.name} budget reaches {end_words} {steps_left:.2g} step(s) after step "
+            f"{snapshot.step}: stopping after step {last}, the boundary nearest it (steps take {spf:.3g} s)",
+        )

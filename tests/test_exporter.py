@@ -63,6 +63,10 @@ METRICS: dict[str, tuple[str, set[str], str]] = {
     "trainwarden_budget_spent_ratio": ("gauge", {"run", "budget"}, "ratio"),
     "trainwarden_budget_remaining_seconds": ("gauge", {"run"}, "seconds"),
     "trainwarden_domain_loss": ("gauge", {"run", "domain"}, ""),
+    "trainwarden_budget_forecast_end_timestamp_seconds": ("gauge", {"run", "budget"}, "seconds"),
+    "trainwarden_budget_binding": ("gauge", {"run", "budget"}, ""),
+    "trainwarden_eval_loss": ("gauge", {"run"}, ""),
+    "trainwarden_marginal_gain": ("gauge", {"run"}, ""),
 }
 
 
@@ -93,6 +97,7 @@ def record(step: int, mb: int) -> StepRecord:
             for rank, p in enumerate(PEAKS[step])
         ),
         domain_loss={"web": 2.1, "code": 1.4},
+        eval_loss=1.5 if step == 4 else None,
     )
 
 
@@ -238,6 +243,21 @@ def test_values_match_what_was_fed(scraped: Any) -> None:
     assert value(samples, "trainwarden_budget_remaining_seconds", **run) == pytest.approx(remaining)
     assert value(samples, "trainwarden_domain_loss", domain="web") == pytest.approx(2.1)
     assert value(samples, "trainwarden_domain_loss", domain="code") == pytest.approx(1.4)
+
+
+def test_budget_forecast_metrics(scraped: Any) -> None:
+    _, samples, _ = scraped
+    # Tokens run out first, at the rate measured before the micro-batch change (the new
+    # configuration's one interval is too few to replace it): 32768 tokens/s from step 4's end.
+    tokens_end = 1008.0 + (10e6 - 4 * 65536) / (3 * 65536 / 6.0)
+    end = "trainwarden_budget_forecast_end_timestamp_seconds"
+    assert value(samples, end, budget="tokens") == pytest.approx(tokens_end)
+    assert value(samples, end, budget="wall_time") == pytest.approx(1000.0 + 3600.0)
+    assert value(samples, "trainwarden_budget_binding", budget="tokens") == 1.0
+    assert value(samples, "trainwarden_budget_binding", budget="wall_time") == 0.0
+    assert value(samples, "trainwarden_eval_loss", run=RUN) == 1.5
+    # The training loss falls over the 2.6% of the token budget spent: a positive gain.
+    assert value(samples, "trainwarden_marginal_gain", run=RUN) > 0
 
 
 def test_every_scraped_metric_is_documented_and_every_documented_one_scraped(scraped: Any) -> None:

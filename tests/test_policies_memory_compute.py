@@ -262,7 +262,7 @@ def test_memory_params_check() -> None:
     ("params_type", "names"),
     [
         (MemoryParams, {"high_water", "low_water", "cooldown_steps", "forecast_steps", "room_steps"}),
-        (ComputeParams, {"cooldown_fraction", "resolution"}),
+        (ComputeParams, {"cooldown_fraction", "resolution", "min_gain", "gain_window", "gain_after"}),
     ],
 )
 def test_tunable_ranges_lie_inside_the_valid_ranges(params_type: type, names: set[str]) -> None:
@@ -342,12 +342,15 @@ def compute_snapshot(
     pending: frozenset[str] = frozenset(),
     knobs: dict[str, KnobSpec] | None = None,
 ) -> Snapshot:
-    return snapshot(
+    """No step time: the policy cannot project ahead, so the schedule is read as it is (the
+    projection has its own tests in tests/test_compute_policy.py)."""
+    snap = snapshot(
         budgets=budgets,
         config={KNOB_LR_MULTIPLIER: lr, KNOB_STOP: stop},
         knobs=LR_STOP_KNOBS if knobs is None else knobs,
         pending=pending,
     )
+    return dataclasses.replace(snap, step_time_s=None)
 
 
 def compute(**params: Any) -> ComputePolicy:
@@ -379,7 +382,7 @@ def test_compute_stops_when_the_binding_budget_is_spent() -> None:
     actions = by_kind(compute().decide(compute_snapshot((wall(1000.0),), lr=0.5), NO_BUDGET))
     assert set(actions) == {KNOB_STOP, KNOB_LR_MULTIPLIER}
     stop = actions[KNOB_STOP]
-    assert stop.params == {} and stop.step == 101
+    assert stop.params == {"cause": "budget"} and stop.step == 101
     assert "the wall_time budget is spent (1000 of 1000 seconds)" in stop.reason
     assert actions[KNOB_LR_MULTIPLIER].params == {"value": 0.0}
     # Over budget, the last small step down to the floor is taken even under `resolution`.
@@ -485,8 +488,8 @@ def test_budget_use_arithmetic() -> None:
 
 
 def test_compute_stops_at_the_boundary_nearest_the_budget_end() -> None:
-    """A slow step must not overrun the budget by its whole length: stop when the next step would
-    end more than half a step past the budget."""
+    """A slow step must not overrun the budget by its whole length: the stop is scheduled for the
+    step whose end is nearest the budget's end, and sent ahead of it."""
 
     def snap(spent: float) -> Snapshot:
         return Snapshot(
@@ -508,6 +511,12 @@ def test_compute_stops_at_the_boundary_nearest_the_budget_end() -> None:
         )
 
     policy = ComputePolicy("compute", ComputeParams())
-    assert not [a for a in policy.decide(snap(94.0), Budget()) if a.kind == "stop"]  # 6 s left: one more step
-    [stop] = [a for a in policy.decide(snap(96.0), Budget()) if a.kind == "stop"]  # 4 s left, steps take 10
-    assert "the next step would end past the wall_time budget" in stop.reason
+    # Far out (6 steps left, more than the lead): nothing yet.
+    assert not [a for a in policy.decide(snap(40.0), Budget()) if a.kind == "stop"]
+    # 6 s left, steps take 10: step 51 ends 4 s past the budget, nearer than step 50's end 6 s
+    # before it: stop after step 51.
+    [stop] = [a for a in policy.decide(snap(94.0), Budget()) if a.kind == "stop"]
+    assert stop.step == 52 and "stopping after step 51" in stop.reason
+    # 4 s left: this boundary is the nearest; stop now.
+    [stop] = [a for a in policy.decide(snap(96.0), Budget()) if a.kind == "stop"]
+    assert stop.step == 51 and "stopping after step 50" in stop.reason
