@@ -193,6 +193,39 @@ def best_trial(study: Any) -> Any:
     return best
 
 
+def policy_text(
+    pf: PolicyFile, params: dict[str, Any], header: str, tuned: dict[str, Any] | None = None
+) -> str:
+    """The text of `pf`'s file with `params` (`policy.field` -> value) set and, when given, a
+    `tuned:` section; checked with the strict loader (a file that would not load is a bug here,
+    never the user's: TuneError says so rather than write it). Comments of the file are lost."""
+    import yaml
+
+    from trainwarden.policies.loader import PolicyFileError, build_policies, load_plain, load_policy_text
+
+    data = load_plain(Path(pf.path).read_text(encoding="utf-8"), pf.path)
+    items = data.get("policies") or []
+    for name, value in params.items():
+        policy, _, key = name.partition(".")
+        for item in items:
+            if (item.get("name") or item.get("kind")) == policy:
+                item[key] = value
+    if tuned is not None:
+        data["tuned"] = tuned
+    text = header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    try:
+        build_policies(load_policy_text(text, pf.path))
+    except PolicyFileError as exc:
+        raise TuneError(f"the policy file written for a trial would not load ({exc})") from None
+    return text
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_tuned(
     pf: PolicyFile,
     study: Any,
@@ -205,21 +238,10 @@ def write_tuned(
     command: Sequence[str] = (),
 ) -> Path:
     """Write the policy file with `trial`'s parameters and a `tuned:` section saying where they
-    came from; checked with the strict loader before it replaces anything."""
-    import yaml
-
-    from trainwarden.policies.loader import PolicyFileError, build_policies, load_plain, load_policy_text
-
-    base = Path(pf.path)
-    data = load_plain(base.read_text(encoding="utf-8"), str(base))
-    items = data.get("policies") or []
-    for name, value in trial.params.items():
-        policy, _, key = name.partition(".")
-        for item in items:
-            if (item.get("name") or item.get("kind")) == policy:
-                item[key] = value
+    came from."""
     assert pf.objective is not None
-    data["tuned"] = {
+    base = Path(pf.path)
+    tuned = {
         "study": study.study_name,
         "trial": trial.number,
         "value": float(trial.value),
@@ -237,13 +259,6 @@ def write_tuned(
         f"# Tuned by `trainwarden tune` from {base.name}: study {study.study_name!r}, trial {trial.number}, "
         f"{pf.objective.metric} {trial.value:.6g} ({mode}).\n"
     )
-    text = header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
     out = Path(out)
-    try:
-        build_policies(load_policy_text(text, str(out)))
-    except PolicyFileError as exc:  # a bug here, never the user's: say so rather than write it
-        raise TuneError(f"the tuned file would not load ({exc}); nothing was written") from None
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, policy_text(pf, dict(trial.params), header, tuned))
     return out
