@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trainwarden.controller.protocol import (
+    KNOB_DOMAIN_WEIGHTS,
     KNOB_MICRO_BATCH,
     KNOB_STOP,
     Action,
@@ -27,6 +28,7 @@ from trainwarden.controller.protocol import (
     Outcome,
     ProtocolError,
     StepRecord,
+    domain_weights_problem,
 )
 from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlWriter, read_jsonl
 from trainwarden.controller.snapshot import Snapshot
@@ -221,6 +223,7 @@ class Controller:
             self.telemetry.write({"event": "hello", "time": self.last_seen, "shape": shape.to_json()})
             for src in self.sources:
                 src.watch(shape.pids)
+            self._check_policies(shape)
             log.info(
                 "job %s %s: adapter %s, %d rank(s), %.1fM params, knobs %s",
                 shape.run_id,
@@ -315,6 +318,23 @@ class Controller:
         self._pending[action.id] = Decision(action, now, snap.step)
         log.info("step %d: %s %s (%s)", snap.step, action.kind, action.params, action.reason)
 
+    def _check_policies(self, shape: JobShape) -> None:
+        """A policy that does not fit the job that connected (a data policy naming domains the job
+        lacks) is said once, with the file, line and fix, and left out for this run."""
+        keep = []
+        for policy in self.policies:
+            check = getattr(policy, "check_job", None)
+            problems = list(check(shape)) if callable(check) else []
+            if not problems:
+                keep.append(policy)
+                continue
+            specs = self.policy_file.policies if self.policy_file else ()
+            spec = next((s for s in specs if s.name == policy.name), None)
+            where = f"{self.policy_file.path}:{spec.line}: " if self.policy_file and spec else ""
+            for problem in problems:
+                log.error("%spolicy %r %s; the policy is off for this run", where, policy.name, problem)
+        self.policies = keep
+
     def _cannot_carry(self, action: Action, snap: Snapshot) -> str | None:
         """Never send what the adapter cannot carry; say why instead."""
         spec = snap.knobs.get(action.kind)
@@ -322,6 +342,9 @@ class Controller:
             return (
                 f"the job's adapter has no knob {action.kind!r} (it has: {', '.join(snap.knobs) or 'none'})"
             )
+        if action.kind == KNOB_DOMAIN_WEIGHTS and not spec.accepts(action.params.get("value")):
+            names = spec.value if isinstance(spec.value, dict) else None
+            return domain_weights_problem(action.params.get("value"), names)
         if action.kind != KNOB_STOP and not spec.accepts(action.params.get("value")):
             return f"the adapter does not accept {action.kind}={action.params.get('value')!r}"
         return None

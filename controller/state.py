@@ -235,7 +235,6 @@ class JobState:
             finished=self.finished,
             nonfinite_losses=self.nonfinite_losses,
             last_nonfinite_step=self.last_nonfinite_step,
-            domain_loss=dict(self.domain_loss_ema),
             time=self.last_time,
             seconds_per_step=rate.seconds_per_step if rate else None,
             throughput_since_step=rate.since_step if rate else None,
@@ -244,6 +243,7 @@ class JobState:
             eval_loss=self.eval_loss,
             action_lag_steps=max(self.action_lags) if self.action_lags else None,
             sync_every=shape.sync_every if shape else 1,
+            domain_loss=dict(self.domain_loss_ema),
         )
 
 
