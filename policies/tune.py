@@ -206,7 +206,7 @@ def policy_text(
     data = load_plain(Path(pf.path).read_text(encoding="utf-8"), pf.path)
     items = data.get("policies") or []
     for name, value in params.items():
-        policy, _, key = name.partition(".")
+        policy, _, key = name.rpartition(".")  # a policy name may hold dots; a field never does
         for item in items:
             if (item.get("name") or item.get("kind")) == policy:
                 item[key] = value

@@ -80,7 +80,7 @@ def with_params(pf: PolicyFile, values: Mapping[str, Any]) -> PolicyFile:
     policy's own `check()` refuses the combination."""
     by_policy: dict[str, dict[str, Any]] = {}
     for name, value in values.items():
-        policy, _, field_name = name.partition(".")
+        policy, _, field_name = name.rpartition(".")  # policy names may hold dots
         by_policy.setdefault(policy, {})[field_name] = value
     unknown = set(by_policy) - {spec.name for spec in pf.policies}
     if unknown:

@@ -98,7 +98,7 @@ def test_a_study_completes_resumes_and_writes_a_valid_policy(tmp_path: Path) -> 
     assert [Path(t).name for t in tuned.tuned.traces] == [Path(t).name for t in TRACE_DIRS]
     params = {spec.name: spec.params for spec in tuned.policies}
     for name, value in best.params.items():
-        pol, _, field = name.partition(".")
+        pol, _, field = name.rpartition(".")
         assert getattr(params[pol], field) == value
     assert tuned.budget == load_policy_file(pf_path).budget and tuned.objective is not None
     # validate says OK too
