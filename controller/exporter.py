@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from trainwarden.controller.forecast import DEFAULT_GAIN_WINDOW, current_gain
 from trainwarden.controller.loop import Controller
+from trainwarden.controller.protocol import CONFIG_PRUNED_FRACTION, KNOB_CURRICULUM_LEVEL, KNOB_DOMAIN_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,29 @@ class ControllerCollector(Collector):
         for domain, loss in sorted(v.domain_loss.items()):
             dl.add_metric([v.run_id, domain], loss)
         yield dl
+        yield from _data_metrics(v.run_id, snap.config)
+
+
+def _data_metrics(run_id: str, config: Any) -> Iterator[Metric]:
+    """The data mixture's state, from the configuration the job reports (adapters/data.py)."""
+    weights = config.get(KNOB_DOMAIN_WEIGHTS)
+    dw = GaugeMetricFamily(
+        "trainwarden_domain_weight", "Sampling weight of each data domain now.", labels=["run", "domain"]
+    )
+    if isinstance(weights, dict):
+        for domain, w in sorted(weights.items()):
+            if _number(w) is not None:
+                dw.add_metric([run_id, str(domain)], float(w))
+    yield dw
+    for name, key, doc in (
+        ("trainwarden_data_pruned_ratio", CONFIG_PRUNED_FRACTION, "Fraction of the examples left out now."),
+        ("trainwarden_curriculum_level", KNOB_CURRICULUM_LEVEL, "Curriculum level: easiest fraction drawn."),
+    ):
+        g = GaugeMetricFamily(name, doc, labels=["run"])
+        value = _number(config.get(key))
+        if value is not None:
+            g.add_metric([run_id], value)
+        yield g
 
 
 def _number(value: Any) -> float | None:

@@ -7,7 +7,7 @@
   nothing imported), one document per file.
 - ``noise``: a degraded domain as a real crawl has one: the training documents of ``code`` and
   ``text`` with the characters of every line shuffled (same bytes, same line lengths, no
-  structure left to learn beyond byte frequencies). Training only.
+  structure left to learn beyond byte frequencies), shuffled from each side's own documents.
 
 Validation holds out whole documents: a document is in validation when the CRC32 of its name
 (file path or topic) falls in the held-out 1/``val_every``; ``docstrings`` follows its file, so no
@@ -97,8 +97,8 @@ def stdlib_domains(max_bytes: int = 2_000_000, val_every: int = 10, seed: int = 
         side = "val" if _held_out(rel, val_every) else "train"
         add(side, "code", source)
         add(side, "docstrings", "\n\n".join(_docstrings(source)).encode("utf-8"))
-        if side == "train" and sizes["train"]["noise"] < max_bytes // 2:  # half from code, half text
-            add("train", "noise", _shuffle_lines(source, zlib.crc32(rel.encode()) ^ seed))
+        if sizes[side]["noise"] < max_bytes // 2:  # half from code, half from text
+            add(side, "noise", _shuffle_lines(source, zlib.crc32(rel.encode()) ^ seed))
         if all(sizes["train"][d] >= max_bytes for d in ("code", "docstrings")):
             break
     from pydoc_data.topics import topics
@@ -107,11 +107,10 @@ def stdlib_domains(max_bytes: int = 2_000_000, val_every: int = 10, seed: int = 
         side = "val" if _held_out("topic:" + key, val_every) else "train"
         doc = topics[key].encode("utf-8")
         add(side, "text", doc)
-        if side == "train":
-            add("train", "noise", _shuffle_lines(doc, zlib.crc32(key.encode()) ^ seed))
+        add(side, "noise", _shuffle_lines(doc, zlib.crc32(key.encode()) ^ seed))
     return Split(
         train={d: b"\n".join(sides["train"][d])[:max_bytes] for d in DOMAINS},
-        val={d: b"\n".join(sides["val"][d])[:max_bytes] for d in CLEAN_DOMAINS},
+        val={d: b"\n".join(sides["val"][d])[:max_bytes] for d in DOMAINS},
     )
 
 

@@ -60,7 +60,8 @@ class Options:
 def build_data(o: Options) -> tuple[MixtureDataset, MixtureSampler, dict[str, Windows]]:
     split = stdlib_domains(o.max_bytes)
     train = {d: Windows(split.train[d], o.block_size) for d in o.domains}
-    val = {d: Windows(split.val[d], o.block_size) for d in CLEAN_DOMAINS if d in o.domains}
+    # Validation of every domain, degraded one included; CLEAN_DOMAINS says which are clean.
+    val = {d: Windows(split.val[d], o.block_size) for d in o.domains}
     data = MixtureDataset(train)
     diff = {d: difficulty(w) for d, w in train.items()} if o.curriculum else None
     mix = MixtureSampler(
@@ -125,13 +126,10 @@ def train(o: Options) -> dict[str, Any]:
             if mix.weights != weights[-1][1]:
                 weights.append((tw.step_count, mix.weights))
             if o.eval_every and tw.step_count % o.eval_every == 0:
-                curve.append(
-                    {
-                        "step": tw.step_count,
-                        "tokens": tw.samples_seen * o.block_size,
-                        "val": evaluate(model, val, o.eval_batches),
-                    }
-                )
+                losses = evaluate(model, val, o.eval_batches)
+                curve.append({"step": tw.step_count, "tokens": tw.samples_seen * o.block_size, "val": losses})
+                clean = [v for k, v in losses.items() if k in CLEAN_DOMAINS]
+                tw.report(eval_loss=sum(clean) / len(clean))  # the compute policy's stopping rule reads it
             if tw.should_stop or tw.step_count >= o.steps:
                 break
     finally:

@@ -63,6 +63,9 @@ METRICS: dict[str, tuple[str, set[str], str]] = {
     "trainwarden_budget_spent_ratio": ("gauge", {"run", "budget"}, "ratio"),
     "trainwarden_budget_remaining_seconds": ("gauge", {"run"}, "seconds"),
     "trainwarden_domain_loss": ("gauge", {"run", "domain"}, ""),
+    "trainwarden_domain_weight": ("gauge", {"run", "domain"}, ""),
+    "trainwarden_curriculum_level": ("gauge", {"run"}, ""),
+    "trainwarden_data_pruned_ratio": ("gauge", {"run"}, "ratio"),
     "trainwarden_budget_forecast_end_timestamp_seconds": ("gauge", {"run", "budget"}, "seconds"),
     "trainwarden_budget_binding": ("gauge", {"run", "budget"}, ""),
     "trainwarden_eval_loss": ("gauge", {"run"}, ""),
@@ -91,7 +94,15 @@ def record(step: int, mb: int) -> StepRecord:
         tokens=65536 * step,
         step_time_s=2.0,
         lr=2e-4,
-        config={KNOB_MICRO_BATCH: mb, KNOB_LR_MULTIPLIER: 1.0, "precision": "bf16"},
+        config={
+            KNOB_MICRO_BATCH: mb,
+            KNOB_LR_MULTIPLIER: 1.0,
+            "precision": "bf16",
+            # The data mixture's (adapters/data.py): weights by domain, curriculum, pruned fraction.
+            "domain_weights": {"web": 0.75, "code": 0.25},
+            "curriculum_level": 0.5,
+            "pruned_fraction": 0.125,
+        },
         memory=tuple(
             RankMemory(rank, int((p - 1.0) * GiB), int(p * GiB), 80 * GiB, f"cuda:{rank}", 5001 + rank)
             for rank, p in enumerate(PEAKS[step])
@@ -231,7 +242,9 @@ def test_values_match_what_was_fed(scraped: Any) -> None:
     assert {s.labels["knob"] for s in samples["trainwarden_config_value"]} == {
         KNOB_MICRO_BATCH,
         KNOB_LR_MULTIPLIER,
-    }, "a text setting (precision) is not a number"
+        "curriculum_level",
+        "pruned_fraction",
+    }, "a text setting (precision) and a mapping (domain_weights) are not numbers"
     assert value(samples, "trainwarden_actions_total", kind=KNOB_MICRO_BATCH, outcome="applied") == 1.0
     assert len(samples["trainwarden_actions_total"]) == 1
     assert value(samples, "trainwarden_budget_spent_ratio", budget="wall_time") == pytest.approx(8.0 / 3600)
@@ -243,6 +256,10 @@ def test_values_match_what_was_fed(scraped: Any) -> None:
     assert value(samples, "trainwarden_budget_remaining_seconds", **run) == pytest.approx(remaining)
     assert value(samples, "trainwarden_domain_loss", domain="web") == pytest.approx(2.1)
     assert value(samples, "trainwarden_domain_loss", domain="code") == pytest.approx(1.4)
+    assert value(samples, "trainwarden_domain_weight", domain="web") == 0.75
+    assert value(samples, "trainwarden_domain_weight", domain="code") == 0.25
+    assert value(samples, "trainwarden_curriculum_level", **run) == 0.5
+    assert value(samples, "trainwarden_data_pruned_ratio", **run) == 0.125
 
 
 def test_budget_forecast_metrics(scraped: Any) -> None:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import REPO, TRAINWARDEN, free_port, job_env, tiny_job, wait_for
+from helpers import REPO, TRAINWARDEN, free_port, job_env, wait_for
 
 from trainwarden.controller.exporter import ControllerCollector
 from trainwarden.controller.loop import Controller
@@ -155,9 +156,24 @@ policies:
   - kind: compute
     cooldown_fraction: 0.5
     resolution: 0.05
+  - kind: data             # weights, curriculum level and pruned fraction for the data panels
+    every_steps: 5
+    warmup_steps: 5
+    curriculum: true
+    plateau_steps: 10
+    pruning: true
+    prune_after_steps: 20
+    prune_step: 0.1
 """
 
-JOB = [*tiny_job(1_000_000), "--eval-every", "20"]  # validation losses for their panel
+# The data mixture's training script (examples/train_mixture.py) on the tiny model of tiny_job(): a
+# mixture of four stdlib domains with a curriculum and pruning, validation losses every 20 steps.
+JOB = [
+    *(sys.executable, str(REPO / "examples" / "train_mixture.py"), "--steps", "1000000"),
+    *("--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32"),
+    *("--global-batch", "16", "--micro-batch", "16", "--threads", "1", "--eval-every", "20"),
+    *("--max-bytes", "100000", "--curriculum", "--max-prune-fraction", "0.3"),
+]
 
 
 def prometheus_binary() -> str:
