@@ -26,10 +26,11 @@ carries the controller's actions at step boundaries:
 - `lr_multiplier` (on top of the user's scheduler, for the optimizer step only) and `stop`
   (`should_stop`), as every adapter does them (adapters/knobs.py).
 
-Where: the optimizer-step boundary is the prepared optimizer's `step()` with gradients synced
-(its telemetry is recorded there). Actions due there apply at the first of: the training loader
-cutting the next step, `accumulate()` or `autocast()` entered, `optimizer.zero_grad()`: all before
-the next step's first forward, at the same point of the loop on every rank. An action that
+Where: the optimizer-step boundary is the prepared optimizer's `step()` with gradients synced:
+right after the update, the step is recorded and the actions due there are applied, at the same
+step on every rank (the agent's collective). Nothing there needs the old configuration again:
+the precision lives in the next forward, the micro-batch in the loader's next cut, and the
+scheduler and `zero_grad` that follow in the loop act on the same optimizer. An action that
 fails is reported (`rejected`, or `rolled_back` when the switch had begun and was undone), never
 raised into the loop. The agent starts at the first optimizer step (by then `prepare` has seen
 the model, optimizer and loader, so the knobs it reports are the ones the job can carry).
@@ -110,10 +111,6 @@ class TrackedOptimizer(AcceleratedOptimizer):
             acc._tw_boundary(applied_lr)
         return out
 
-    def zero_grad(self, set_to_none: bool | None = None) -> None:
-        self._tw_accelerator._tw_safe_point()
-        super().zero_grad(set_to_none)
-
 
 class Accelerator(accelerate.Accelerator):
     """`accelerate.Accelerator` with trainwarden attached; see the module docstring.
@@ -152,7 +149,6 @@ class Accelerator(accelerate.Accelerator):
         self.last_lr: float | None = None
         self.last_switch_s: float | None = None
         self._tw_loader: MicroBatchLoader | None = None
-        self._tw_pending: list[Action] = []
         self._tw_loss_sum: torch.Tensor | None = None
         self._tw_loss_n = 0
         self._tw_samples = 0
@@ -162,7 +158,7 @@ class Accelerator(accelerate.Accelerator):
         self._tw_domain: dict[str, list[float]] = {}
         self._tw_slice_last: bool | None = None
         self._tw_accumulate_used = False
-        self._tw_step_started = time.perf_counter()
+        self._tw_step_started: float | None = None  # the first step's clock starts with its data
         self._tw_closed = False
         if precision_switch.refusal(self.mixed_precision, self.device) and self.mixed_precision == "fp16":
             log.warning(
@@ -193,6 +189,7 @@ class Accelerator(accelerate.Accelerator):
 
     # ---- the loop -----------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        self._tw_start_clock()
         part = loss.detach().float()
         self._tw_loss_sum = part if self._tw_loss_sum is None else self._tw_loss_sum + part
         self._tw_loss_n += 1
@@ -200,15 +197,9 @@ class Accelerator(accelerate.Accelerator):
 
     @contextmanager
     def accumulate(self, *models: Any) -> Iterator[None]:
-        self._tw_safe_point()
+        self._tw_start_clock()
         self._tw_accumulate_used = True
         with super().accumulate(*models):
-            yield
-
-    @contextmanager
-    def autocast(self, autocast_handler: Any = None) -> Iterator[None]:
-        self._tw_safe_point()
-        with super().autocast(autocast_handler):
             yield
 
     def _do_sync(self) -> None:
@@ -230,16 +221,19 @@ class Accelerator(accelerate.Accelerator):
             acc[0] += float(value) * n
             acc[1] += n
 
-    # Called by the MicroBatchLoader.
-    def _tw_step_starts(self, loader: MicroBatchLoader) -> None:
-        self._tw_safe_point()
-
+    # Called by the MicroBatchLoader for each micro-batch it gives.
     def _tw_micro_batch(self, samples: int, tokens: int, last: bool) -> None:
+        self._tw_start_clock()
         self._tw_samples += samples
         self._tw_tokens += tokens
         self._tw_slice_last = last
 
     # ---- the step boundary ----------------------------------------------------------------
+    def _tw_start_clock(self) -> None:
+        # Not at construction: the first step's time would include building the model and data.
+        if self._tw_step_started is None:
+            self._tw_step_started = time.perf_counter()
+
     def _tw_boundary(self, applied_lr: float) -> None:
         self.step_count += 1
         loss = float(self._tw_loss_sum) / self._tw_loss_n if self._tw_loss_sum is not None else None
@@ -250,7 +244,7 @@ class Accelerator(accelerate.Accelerator):
         domain = {k: s / n for k, (s, n) in self._tw_domain.items() if n}
         self._tw_domain = {}
         now = time.perf_counter()
-        step_time, self._tw_step_started = now - self._tw_step_started, now
+        step_time, self._tw_step_started = now - (self._tw_step_started or now), now
         self.last_loss, self.last_lr = loss, applied_lr
         if self._tw_closed or not self._tw_attach_agent:
             return
@@ -268,17 +262,8 @@ class Accelerator(accelerate.Accelerator):
             config=self.config(),
             domain_loss=domain,
         )
-        self._tw_pending.extend(due)
-
-    def _tw_safe_point(self) -> None:
-        """Before the next step's first forward: apply what the last boundary brought."""
-        if not self._tw_pending:
-            return
-        due, self._tw_pending = self._tw_pending, []
         for action in due:
-            outcome = self.apply(action)
-            if self.agent is not None:
-                self.agent.report(outcome)
+            self.agent.report(self.apply(action))
 
     # ---- knobs --------------------------------------------------------------------------------
     @property

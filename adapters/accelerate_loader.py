@@ -10,9 +10,10 @@ order, and each step is cut at the current micro-batch size. A switch therefore 
 how a step is cut, never which samples it holds.
 
 It also tells the accelerator where each step ends (`accumulate()` syncs on a step's last
-micro-batch, so a short last step of an epoch syncs too), and gives it the step boundary, before
-the next step is cut, to apply what the controller decided. Everything else is forwarded to the
-prepared loader (`len` counts micro-batches at the current size, `set_epoch`, `batch_size`, ...).
+micro-batch, so a short last step of an epoch syncs too). The micro-batch size is read once per
+step, when the step is cut: a switch made at a step boundary takes effect with the next step.
+Everything else is forwarded to the prepared loader (`len` counts micro-batches at the current
+size, `set_epoch`, `batch_size`, ...).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from trainwarden.adapters.batching import batch_size, micro_slices, regroup, sli
 
 class _Owner(Protocol):
     micro_batch_size: int | None
-
-    def _tw_step_starts(self, loader: MicroBatchLoader) -> None: ...
 
     def _tw_micro_batch(self, samples: int, tokens: int, last: bool) -> None: ...
 
@@ -69,7 +68,6 @@ class MicroBatchLoader:
             if self._owner.micro_batch_size is None:
                 self._owner.micro_batch_size = batch_size(first)
         for step in regroup(itertools.chain([first], batches), self.step_samples):
-            self._owner._tw_step_starts(self)  # a step boundary: due switches apply here
             micro = self._owner.micro_batch_size or self.step_samples
             n = batch_size(step)
             cuts = micro_slices(n, micro)

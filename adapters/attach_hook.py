@@ -179,7 +179,11 @@ class DeepSpeedFinder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Make `deepspeed.initialize` return trainwarden's handle in this process, now if DeepSpeed
-    is already imported, else when it is. Idempotent."""
+    is already imported, else when it is; and `accelerate.Accelerator` trainwarden's drop-in
+    (adapters/accelerate_attach.py, its finder placed after this one). Idempotent."""
+    from trainwarden.adapters import accelerate_attach
+
+    accelerate_attach.install()
     if not any(isinstance(f, DeepSpeedFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, DeepSpeedFinder())
     module = sys.modules.get("deepspeed")
@@ -188,7 +192,10 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Remove the finder and give `deepspeed.initialize` back (for tests and by hand)."""
+    """Remove the finders and give `deepspeed.initialize` (and `accelerate.Accelerator`) back."""
+    from trainwarden.adapters import accelerate_attach
+
+    accelerate_attach.uninstall()
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, DeepSpeedFinder)]
     module = sys.modules.get("deepspeed")
     if module is not None:

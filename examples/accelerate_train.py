@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.policy and not args.plain:
         kwargs["policy"] = args.policy
     accelerator = Accelerator(**kwargs)
-    data = CorpusWindows(args.batch_size * args.accumulation * (args.steps + 1), args.block_size, args.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
+    # An epoch of at most 4096 windows (shuffled each epoch): enough for a demo, little memory.
+    windows = min(4096, args.batch_size * args.accumulation * args.steps)
+    data = CorpusWindows(windows, args.block_size, args.seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
     model = gpt2(args.block_size, args.n_layer, args.n_embd, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -120,38 +122,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.time()
     steps = 0
-    for batch in loader:
-        with accelerator.accumulate(model):
-            logits = model(input_ids=batch["input_ids"]).logits
-            per_sample = per_sample_loss(logits, batch["input_ids"])
-            loss = per_sample.mean()
-            accelerator.backward(loss)
-            if hasattr(accelerator, "log_domain_loss"):  # per-domain loss for the data policies
-                names = data.domain_names
-                d = batch["domain"]
-                accelerator.log_domain_loss(
-                    {
-                        names[i]: float(per_sample.detach()[d == i].mean())
-                        for i in range(len(names))
-                        if (d == i).any()
-                    },
-                    {names[i]: int((d == i).sum()) for i in range(len(names))},
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        if accelerator.sync_gradients:
-            steps += 1
-            if steps % 10 == 0 or steps == 1:
-                accelerator.print(
-                    f"step {steps:4d}  loss {float(loss):.4f}  precision {accelerator.mixed_precision}  "
-                    f"accumulation {accelerator.gradient_accumulation_steps}  {time.time() - t0:6.1f}s",
-                )
-            if getattr(accelerator, "should_stop", False):
-                accelerator.print(f"step {steps:4d}  stopping: trainwarden says the budget is spent")
-                break
-            if steps >= args.steps:
-                break
+    done = False
+    while not done:  # epochs
+        for batch in loader:
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch["input_ids"]).logits
+                per_sample = per_sample_loss(logits, batch["input_ids"])
+                loss = per_sample.mean()
+                accelerator.backward(loss)
+                if hasattr(accelerator, "log_domain_loss"):  # per-domain loss for the data policies
+                    names = data.domain_names
+                    d = batch["domain"]
+                    accelerator.log_domain_loss(
+                        {
+                            names[i]: float(per_sample.detach()[d == i].mean())
+                            for i in range(len(names))
+                            if (d == i).any()
+                        },
+                        {names[i]: int((d == i).sum()) for i in range(len(names))},
+                    )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                steps += 1
+                if steps % 10 == 0 or steps == 1:
+                    accelerator.print(
+                        f"step {steps:4d}  loss {float(loss):.4f}  precision {accelerator.mixed_precision}  "
+                        f"accumulation {accelerator.gradient_accumulation_steps}  {time.time() - t0:6.1f}s",
+                    )
+                if getattr(accelerator, "should_stop", False):
+                    accelerator.print(f"step {steps:4d}  stopping: trainwarden says the budget is spent")
+                    done = True
+                    break
+                if steps >= args.steps:
+                    done = True
+                    break
     accelerator.end_training()
     accelerator.print(f"done: {steps} steps in {time.time() - t0:.1f}s")
     sys.stdout.flush()

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="hf-trainer-")
-    n = args.batch_size * args.accumulation * args.steps
+    n = min(4096, args.batch_size * args.accumulation * args.steps)  # epochs repeat it
     data = CorpusWindows(n, args.block_size, args.seed)
     training = TrainingArguments(
         output_dir=output_dir,
