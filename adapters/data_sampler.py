@@ -225,6 +225,7 @@ class MixtureSampler(MixtureControl, Sampler[int]):
 
     # ---- drawing -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[int]:
+        self._rewind()
         n = 0
         while self.num_samples is None or n < self.num_samples:
             yield self._draw()
@@ -305,9 +306,8 @@ class MixtureSampler(MixtureControl, Sampler[int]):
             self._refresh_pruning()
 
     # ---- checkpoint --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The state at the consumed position: a sampler loaded with it (before the DataLoader is
-        iterated) draws exactly what this one drew and will draw from there."""
+    def _position(self) -> tuple[int, list[int], dict[str, Any], list[tuple[int, dict[str, Any]]]]:
+        """(consumed position, cursors there, values in force there, later changes with positions)."""
         c = self._consumed
         cursors = self._history[0][1] if self._history else tuple(self._cursors)
         base: dict[str, Any] = {}
@@ -317,13 +317,35 @@ class MixtureSampler(MixtureControl, Sampler[int]):
                 base.update(change)
             else:
                 later.append((pos, change))
+        return c, list(cursors), base, later
+
+    def _set_position(self, c: int, cursors: list[int], base: dict[str, Any], later: list[Any]) -> None:
+        self._pos = self._consumed = c
+        self._cursors = [int(x) for x in cursors]
+        self._history.clear()
+        self._active = {}
+        self._log = [(c, base)]
+        self._activate(base)
+        self._pending = deque(later)
+        self._log += list(later)
+
+    def _rewind(self) -> None:
+        """Back to the consumed position: a new DataLoader iterator has thrown away what the old
+        one had prefetched, and drawing on would skip those samples (and differ from a resume)."""
+        if self._pos != self._consumed:
+            self._set_position(*self._position())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state at the consumed position: a sampler loaded with it draws exactly what this one
+        drew and will draw from there (prefetched draws and the changes they saw included)."""
+        c, cursors, base, later = self._position()
         return {
             "version": 1,
             "seed": self.seed,
             "rank": self.rank,
             "sizes": list(self.dataset.sizes),
             "position": c,
-            "cursors": list(cursors),
+            "cursors": cursors,
             "active": _plain_change(base),
             "changes": [(pos, _plain_change(ch)) for pos, ch in later],
             "control": self.control_state(),
@@ -332,6 +354,7 @@ class MixtureSampler(MixtureControl, Sampler[int]):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a `state_dict()`; then (re)iterate the DataLoader."""
         if list(state["sizes"]) != list(self.dataset.sizes) or int(state["seed"]) != self.seed:
             raise DataMixtureError(
                 f"the checkpoint is of a mixture with domain sizes {list(state['sizes'])} and seed "
@@ -342,16 +365,8 @@ class MixtureSampler(MixtureControl, Sampler[int]):
         if self.tracker is not None and state.get("tracker") is not None:
             self.tracker.load_state_dict(state["tracker"])
         self._pruned = np.asarray(state["pruned"], dtype=np.int64)
-        self._pos = self._consumed = int(state["position"])
-        self._cursors = [int(c) for c in state["cursors"]]
-        self._history.clear()
-        self._perms.clear()
-        base = _array_change(state["active"])
-        self._active = {}
-        self._log = [(self._pos, base)]
-        self._activate(base)
-        self._pending = deque((int(p), _array_change(ch)) for p, ch in state["changes"])
-        self._log += list(self._pending)
+        later = [(int(p), _array_change(ch)) for p, ch in state["changes"]]
+        self._set_position(int(state["position"]), state["cursors"], _array_change(state["active"]), later)
 
 
 def _plain_change(change: Mapping[str, Any]) -> dict[str, Any]:
