@@ -13,7 +13,10 @@
     handle.close()
 
 Knobs: `micro_batch_size` (the global batch is kept: accumulation = global / micro),
-`lr_multiplier` (applied on top of the user's scheduler at every step), and `stop`.
+`lr_multiplier` (applied on top of the user's scheduler at every step), and `stop`. With
+`attach(..., mixture=mix)` (adapters/data.py) also the data mixture's: `domain_weights`,
+`curriculum_level`, `prune_fraction`; `step()` then reports the per-domain loss the loop gave
+`mix.observe` and tells the mixture how many samples the step consumed (its resume position).
 Actions are applied inside `step()`, after the optimizer step: a step boundary. When the stop
 applies, the `on_stop` hooks (`attach(on_stop=fn)` or `handle.on_stop(fn)`) run there, once,
 before `should_stop` turns true: the place to save the final, annealed checkpoint.
@@ -117,6 +120,9 @@ class Handle:
             )
         self.model = model
         self.optimizer = optimizer
+        # The live data mixture (adapters/data.py), whose knobs this handle carries and whose
+        # per-domain loss it reports.
+        self.mixture = mixture
         # The live data mixture (adapters/data.py), whose knobs this handle carries and whose
         # per-domain loss it reports.
         self.mixture = mixture
