@@ -123,9 +123,6 @@ class Handle:
         # The live data mixture (adapters/data.py), whose knobs this handle carries and whose
         # per-domain loss it reports.
         self.mixture = mixture
-        # The live data mixture (adapters/data.py), whose knobs this handle carries and whose
-        # per-domain loss it reports.
-        self.mixture = mixture
         self.scheduler = scheduler
         self.global_batch_size = global_batch_size
         self.tokens_per_sample = tokens_per_sample
