@@ -58,7 +58,15 @@ from trainwarden.adapters import accelerate_precision as precision_switch
 from trainwarden.adapters.accelerate_loader import MicroBatchLoader
 from trainwarden.adapters.agent import Agent
 from trainwarden.adapters.connect import connect, run_id_from_env
-from trainwarden.adapters.knobs import MAX_LR_MULTIPLIER, apply_shared_knob, lr_scaled
+from trainwarden.adapters.knobs import (
+    MAX_LR_MULTIPLIER,
+    StopHook,
+    apply_shared_knob,
+    check_budget_at_start,
+    check_eval_loss,
+    lr_scaled,
+    stop_hooks_arg,
+)
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
     ENV_SYNC_EVERY,
@@ -117,8 +125,10 @@ class Accelerator(accelerate.Accelerator):
 
     trainwarden's own arguments are keyword-only: `policy`, `run_dir`, `sync_every` (as for the
     other adapters' attach), `tokens_per_sample` (default: counted from each micro-batch's
-    `input_ids`, or its first 2-D tensor), `attach_agent=False` (no controller, no telemetry;
-    `reconfigure` still works).
+    `input_ids`, or its first 2-D tensor), `on_stop` (save hooks run when trainwarden stops the
+    run, as `accelerator.on_stop(fn)`), `mixture` (the live data mixture, adapters/data.py: its
+    knobs are carried and its per-domain loss reported), `attach_agent=False` (no controller, no
+    telemetry; `reconfigure` still works).
     """
 
     adapter_name = "accelerate"
@@ -130,6 +140,8 @@ class Accelerator(accelerate.Accelerator):
         run_dir: str | os.PathLike[str] | None = None,
         sync_every: int | None = None,
         tokens_per_sample: int | None = None,
+        on_stop: StopHook | list[StopHook] | None = None,
+        mixture: Any = None,
         attach_agent: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -141,12 +153,15 @@ class Accelerator(accelerate.Accelerator):
         self.tokens_per_sample = tokens_per_sample
         self.lr_multiplier = 1.0
         self.should_stop = False
+        self.stop_hooks = stop_hooks_arg(on_stop)
+        self.mixture = mixture
         self.step_count = 0
         self.micro_batch_size: int | None = None
         self.agent: Agent | None = None
         self.controller: Any = None
         self.last_loss: float | None = None
         self.last_lr: float | None = None
+        self.last_domain_loss: dict[str, float] = {}
         self.last_switch_s: float | None = None
         self._tw_loader: MicroBatchLoader | None = None
         self._tw_loss_sum: torch.Tensor | None = None
@@ -182,10 +197,26 @@ class Accelerator(accelerate.Accelerator):
                 and self.distributed_type in _AUTOCAST_TYPES
             ):
                 self._tw_loader = MicroBatchLoader(
-                    item, self, self.gradient_accumulation_steps, self.tokens_per_sample
+                    item,
+                    self,
+                    self.gradient_accumulation_steps,
+                    self.tokens_per_sample,
+                    batch_size=self._per_process_batch(item),
                 )
                 items[i] = self._tw_loader
+        if self.agent is None and self._tw_attach_agent and not self._tw_closed and self._optimizers:
+            # The job's shape is known once the model and optimizer are prepared (prepare the
+            # training loader with them, or before: the micro-batch knob needs it).
+            self._tw_attach()
         return items[0] if single else tuple(items)
+
+    def _per_process_batch(self, loader: Any) -> int | None:
+        """Samples each process gets per batch from a prepared loader (None: not said)."""
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        if isinstance(size, int) and not getattr(loader, "split_batches", False):
+            return size
+        total = getattr(loader, "total_batch_size", None)
+        return total // self.num_processes if isinstance(total, int) else None
 
     # ---- the loop -----------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
@@ -238,19 +269,22 @@ class Accelerator(accelerate.Accelerator):
         self.step_count += 1
         loss = float(self._tw_loss_sum) / self._tw_loss_n if self._tw_loss_sum is not None else None
         self._tw_loss_sum, self._tw_loss_n = None, 0
+        step_samples = self._tw_samples
         self._tw_samples_seen += self._tw_samples
         self._tw_tokens_seen += self._tw_tokens
         self._tw_samples = self._tw_tokens = 0
         domain = {k: s / n for k, (s, n) in self._tw_domain.items() if n}
         self._tw_domain = {}
+        if self.mixture is not None:
+            # The step consumed its samples: the mixture's checkpoint position moves past them.
+            self.mixture.on_step(self.step_count, step_samples)
+            domain = domain or self.mixture.take_domain_loss()
+        self.last_domain_loss = domain
         now = time.perf_counter()
         step_time, self._tw_step_started = now - (self._tw_step_started or now), now
         self.last_loss, self.last_lr = loss, applied_lr
-        if self._tw_closed or not self._tw_attach_agent:
+        if self.agent is None or self._tw_closed:
             return
-        if self.agent is None:
-            self._tw_attach()
-        assert self.agent is not None
         world = self.num_processes
         due = self.agent.on_step(
             step=self.step_count,
@@ -274,11 +308,12 @@ class Accelerator(accelerate.Accelerator):
     def _precision_knob(self) -> bool:
         return self.distributed_type in _AUTOCAST_TYPES
 
-    def _micro_knob(self) -> str | None:
-        """Why the micro-batch is not a knob of this job, or None when it is."""
+    def _micro_knob(self, applying: bool = False) -> str | None:
+        """Why the micro-batch is not a knob of this job, or None when it is. Whether the loop
+        uses `accumulate()` is known only once it ran: checked when a change is applied."""
         if self._tw_loader is None or self._tw_loader.step_samples is None:
             return "no training DataLoader was prepared by this Accelerator (the first one given to prepare)"
-        if not self._tw_accumulate_used:
+        if applying and not self._tw_accumulate_used:
             return "the loop does not use accelerator.accumulate(model), which is where accumulation happens"
         return None
 
@@ -292,6 +327,8 @@ class Accelerator(accelerate.Accelerator):
         }
         if self.micro_batch_size is not None:
             out[KNOB_MICRO_BATCH] = self.micro_batch_size
+        if self.mixture is not None:
+            out.update(self.mixture.config())
         return out
 
     current = config
@@ -317,6 +354,8 @@ class Accelerator(accelerate.Accelerator):
             KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
             KnobSpec(KNOB_STOP, False, choices=(True,)),
         ]
+        if self.mixture is not None:
+            specs += self.mixture.knob_specs()
         return tuple(specs)
 
     def apply(self, action: Action) -> Outcome:
@@ -335,9 +374,12 @@ class Accelerator(accelerate.Accelerator):
             return self._set_precision(value)
         if action.kind == KNOB_MICRO_BATCH:
             return self._set_micro_batch(value)
-        shared = apply_shared_knob(self, action)
+        shared = apply_shared_knob(self, action, self.step_count)
         if shared is not None:
             return shared
+        data = self.mixture.apply(action) if self.mixture is not None else None
+        if data is not None:
+            return data
         return "rejected", f"the accelerate adapter has no knob {action.kind!r}"
 
     def reconfigure(self, precision: str | None = None, micro_batch_size: int | None = None) -> None:
@@ -345,6 +387,7 @@ class Accelerator(accelerate.Accelerator):
         Raises ValueError for a request that cannot be carried, RuntimeError after a failed
         switch was rolled back."""
         for kind, value in ((KNOB_PRECISION, precision), (KNOB_MICRO_BATCH, micro_batch_size)):
+            # Through the same path as the controller's actions (validation, rollback, agreement).
             if value is None:
                 continue
             outcome, detail = self._apply(Action(kind, {"value": value}, "by hand", self.step_count))
@@ -383,7 +426,7 @@ class Accelerator(accelerate.Accelerator):
         return "applied", f"precision now {target}"
 
     def _set_micro_batch(self, value: Any) -> tuple[str, str]:
-        why = self._micro_knob()
+        why = self._micro_knob(applying=True)
         if why is not None:
             return "rejected", f"micro_batch_size is not a knob of this job: {why}"
         assert self._tw_loader is not None and self._tw_loader.step_samples is not None
@@ -412,6 +455,17 @@ class Accelerator(accelerate.Accelerator):
         if flag.item() and error is None:
             return "the switch failed on another rank; every rank rolls back"
         return error
+
+    def on_stop(self, fn: StopHook) -> StopHook:
+        """Call `fn(info)` once when trainwarden stops the run, at that step boundary, before
+        `should_stop` turns true (save the final state there). Usable as a decorator."""
+        self.stop_hooks.add(fn)
+        return fn
+
+    def report(self, *, eval_loss: Any) -> None:
+        """A validation loss measured now; it goes to the controller with the next step."""
+        if self.agent is not None:
+            self.agent.report_eval(check_eval_loss(eval_loss))
 
     # ---- the agent ----------------------------------------------------------------------------
     def _tw_attach(self) -> None:
@@ -451,6 +505,7 @@ class Accelerator(accelerate.Accelerator):
             device_total_bytes=probe.total_bytes,
             sync_every=sync,
         )
+        check_budget_at_start(self.controller, shape)
         self.agent = Agent(shape, channel, probe, rank=rank, world_size=world, sync_every=sync)
 
     def close(self) -> None:

@@ -50,13 +50,23 @@ def tokens_in(batch: Any, samples: int, tokens_per_sample: int | None) -> int:
 class MicroBatchLoader:
     """Iterate it as the prepared loader; see the module docstring."""
 
-    def __init__(self, loader: Any, owner: _Owner, accumulation: int, tokens_per_sample: int | None) -> None:
+    def __init__(
+        self,
+        loader: Any,
+        owner: _Owner,
+        accumulation: int,
+        tokens_per_sample: int | None,
+        batch_size: int | None = None,
+    ) -> None:
         self.loader = loader
         self._owner = owner
         self._accumulation = max(1, accumulation)
         self.tokens_per_sample = tokens_per_sample
-        #: Samples per optimizer step on this process; known from the first batch.
-        self.step_samples: int | None = None
+        #: Samples per optimizer step on this process: the loader's batch x the accumulation (from
+        #: the first batch when the loader does not say its batch size).
+        self.step_samples: int | None = batch_size * self._accumulation if batch_size else None
+        if batch_size and owner.micro_batch_size is None:
+            owner.micro_batch_size = batch_size
 
     def __iter__(self) -> Iterator[Any]:
         batches = iter(self.loader)

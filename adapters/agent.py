@@ -21,7 +21,15 @@ from typing import Any
 
 from trainwarden.adapters.channel import Channel, ChannelDown
 from trainwarden.adapters.probes import MemoryProbe
-from trainwarden.controller.protocol import Action, JobShape, Outcome, RankMemory, StepRecord
+from trainwarden.controller.protocol import (
+    MAX_EVENTS_PER_EXCHANGE,
+    Action,
+    AdapterEvent,
+    JobShape,
+    Outcome,
+    RankMemory,
+    StepRecord,
+)
 
 log = logging.getLogger("trainwarden.agent")
 
@@ -55,6 +63,8 @@ class Agent:
         self.process_group = process_group
         self._lock = threading.Lock()
         self._records: deque[StepRecord] = deque(maxlen=MAX_QUEUED_RECORDS)
+        # What the adapter did on its own (an OOM retry): few, kept until the controller has them.
+        self._events: deque[AdapterEvent] = deque(maxlen=MAX_QUEUED_RECORDS)
         self._outcomes: list[Outcome] = []
         self._inbox: dict[str, Action] = {}
         self._seen: set[str] = set()
@@ -145,6 +155,15 @@ class Agent:
             self._outcomes.append(outcome)
         self._wake.set()
 
+    def report_event(self, event: AdapterEvent) -> None:
+        """Something the adapter did by itself (an OOM retry one rung down): rank 0 sends it at
+        once, for the decision log. Every rank did the same; only rank 0 reports."""
+        if self.rank != 0:
+            return
+        with self._lock:
+            self._events.append(event)
+        self._wake.set()
+
     def _due(self, step: int) -> list[Action]:
         with self._lock:
             due = [a for a in self._inbox.values() if a.step <= step + 1]
@@ -198,12 +217,18 @@ class Agent:
                 self._records.popleft() for _ in range(min(len(self._records), MAX_RECORDS_PER_EXCHANGE))
             ]
             outcomes, self._outcomes = self._outcomes, []
+            events = [self._events.popleft() for _ in range(min(len(self._events), MAX_EVENTS_PER_EXCHANGE))]
+        done = finished and not self._records and not self._events
         try:
-            actions = self.channel.exchange(records, outcomes, finished and not self._records)
+            if events:
+                actions = self.channel.exchange(records, outcomes, done, events=events)
+            else:  # a channel written before events (the protocol's optional field) works as it did
+                actions = self.channel.exchange(records, outcomes, done)
         except ChannelDown:
             with self._lock:  # put them back, oldest first; the controller dedups by step and id
                 self._records.extendleft(reversed(records))
                 self._outcomes[:0] = outcomes
+                self._events.extendleft(reversed(events))
             raise
         with self._lock:
             for a in actions:
@@ -234,7 +259,7 @@ class Agent:
             while time.monotonic() < deadline:
                 self._exchange_once(finished=True)
                 with self._lock:
-                    if not self._records:
+                    if not self._records and not self._events:
                         break
         except ChannelDown as exc:
             log.warning("trainwarden: could not flush telemetry at exit: %s", exc)

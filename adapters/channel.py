@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from trainwarden.controller.protocol import (
     PROTOCOL_VERSION,
     Action,
+    AdapterEvent,
     JobShape,
     Outcome,
     ProtocolError,
@@ -28,7 +29,11 @@ class Channel(Protocol):
     def hello(self, shape: JobShape) -> dict[str, Any]: ...
 
     def exchange(
-        self, records: list[StepRecord], outcomes: list[Outcome], finished: bool
+        self,
+        records: list[StepRecord],
+        outcomes: list[Outcome],
+        finished: bool,
+        events: list[AdapterEvent] | None = None,
     ) -> list[Action]: ...
 
     def close(self) -> None: ...
@@ -61,8 +66,14 @@ class HttpChannel:
     def hello(self, shape: JobShape) -> dict[str, Any]:
         return self._post("/v1/hello", hello_message(shape))
 
-    def exchange(self, records: list[StepRecord], outcomes: list[Outcome], finished: bool) -> list[Action]:
-        reply = self._post("/v1/exchange", exchange_message(records, outcomes, finished))
+    def exchange(
+        self,
+        records: list[StepRecord],
+        outcomes: list[Outcome],
+        finished: bool,
+        events: list[AdapterEvent] | None = None,
+    ) -> list[Action]:
+        reply = self._post("/v1/exchange", exchange_message(records, outcomes, finished, events))
         try:
             return [Action.from_json(a) for a in reply.get("actions", [])]
         except ProtocolError as exc:
@@ -82,8 +93,14 @@ class LocalChannel:
     def hello(self, shape: JobShape) -> dict[str, Any]:
         return {"v": PROTOCOL_VERSION, **self.controller.hello(shape)}
 
-    def exchange(self, records: list[StepRecord], outcomes: list[Outcome], finished: bool) -> list[Action]:
-        return self.controller.exchange(records, outcomes, finished)
+    def exchange(
+        self,
+        records: list[StepRecord],
+        outcomes: list[Outcome],
+        finished: bool,
+        events: list[AdapterEvent] | None = None,
+    ) -> list[Action]:
+        return self.controller.exchange(records, outcomes, finished, events=events or ())
 
     def close(self) -> None:
         if self._on_close is not None:

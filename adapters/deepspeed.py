@@ -148,7 +148,9 @@ from trainwarden.controller.protocol import (
     KNOB_PRECISION,
     KNOB_STOP,
     KNOB_ZERO_STAGE,
+    MAX_EVENT_REASON_CHARS,
     Action,
+    AdapterEvent,
     JobShape,
     KnobSpec,
     Outcome,
@@ -1099,6 +1101,19 @@ class DeepSpeedHandle:
             )
         )
         log.warning("trainwarden: %s", message)
+        if self.agent is not None:
+            # The controller did not ask for this move: tell it, for the decision log and its
+            # picture of the job (rank 0 sends; every rank moved alike).
+            self.agent.report_event(
+                AdapterEvent(
+                    kind="oom_retry",
+                    step=step - 1,
+                    changes=result.changes,
+                    config=self.config(),
+                    reason=message[:MAX_EVENT_REASON_CHARS],
+                    duration_s=result.duration_s,
+                )
+            )
         return StepRetry(message, retry)
 
     def _scheduled_lr(self) -> float | None:
@@ -1146,8 +1161,8 @@ class DeepSpeedHandle:
             lr=applied_lr,
             config=self.config(),
         )
-        for action in due:
-            self.agent.report(self.apply(action))
+        for outcome in self.apply_all(due):
+            self.agent.report(outcome)
 
     # ---- knobs -----------------------------------------------------------------------------------
     @property
@@ -1250,6 +1265,49 @@ class DeepSpeedHandle:
             outcome, detail = "rejected", f"{type(exc).__name__}: {exc}"
         step = int(self._engine.global_steps)
         return Outcome(action.id, outcome, step, time.perf_counter() - t, detail)
+
+    def apply_all(self, actions: list[Action]) -> list[Outcome]:
+        """Carry the actions due at this step boundary, in order; those that set the configuration
+        (ZeRO stage, precision, offloads, micro-batch, checkpointing) in one `reconfigure`, so a
+        multi-knob move (the memory policy sends one action per knob, for the same step) builds one
+        engine, not one per knob: each rebuild costs an initialize and two copies of the state. If
+        the combination is refused as a whole (ConfigError, nothing changed), they are carried one
+        by one, as `apply` does."""
+        config_kinds = (*ENGINE_KNOBS, KNOB_MICRO_BATCH, KNOB_ACTIVATION_CHECKPOINTING)
+        batch = [a for a in actions if a.kind in config_kinds]
+        kinds = [a.kind for a in batch]
+        if (
+            len(batch) < 2
+            or len(set(kinds)) != len(kinds)
+            or (KNOB_MICRO_BATCH in kinds and not self._micro_knob)
+        ):
+            return [self.apply(a) for a in actions]
+        folded = self._apply_folded(batch)
+        if folded is None:
+            return [self.apply(a) for a in actions]
+        return [folded[a.id] if a.id in folded else self.apply(a) for a in actions]
+
+    def _apply_folded(self, batch: list[Action]) -> dict[str, Outcome] | None:
+        """One reconfigure for `batch` (distinct configuration knobs); each action's outcome by id,
+        or None when the combination was refused before anything changed."""
+        t = time.perf_counter()
+        try:
+            result = self.reconfigure(**{a.kind: a.params.get("value") for a in batch})
+        except ConfigError:
+            return None
+        except SwitchFailed:
+            raise
+        except ReconfigureError as exc:
+            step = int(self._engine.global_steps)
+            took = time.perf_counter() - t
+            return {a.id: Outcome(a.id, "rolled_back", step, took, str(exc)) for a in batch}
+        step = int(self._engine.global_steps)
+        took = time.perf_counter() - t
+        changed = {k for k, _, _ in result.changes}
+        detail = result.describe() + f" (one switch for {len(batch)} actions)"
+        return {
+            a.id: Outcome(a.id, "applied" if a.kind in changed else "noop", step, took, detail) for a in batch
+        }
 
     def _apply(self, action: Action) -> tuple[str, str]:
         value = action.params.get("value")

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from trainwarden.controller.protocol import (
     KNOB_MICRO_BATCH,
     KNOB_STOP,
     Action,
+    AdapterEvent,
     JobShape,
     Outcome,
     ProtocolError,
@@ -49,6 +50,8 @@ class BudgetSpentError(ProtocolError):
 MAX_FAILURES = 3
 BACKOFF_BASE_S = 5.0
 BACKOFF_MAX_S = 300.0
+#: The `policy` of a decision line the adapter took by itself (an adapter event, e.g. an OOM retry).
+ADAPTER_POLICY = "adapter"
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ class Controller:
         self._failures: dict[str, int] = {}
         self._retry_after: dict[str, float] = {}
         self._disabled: set[str] = set()
+        #: Ids of adapter events already logged (the agent resends until an exchange succeeds).
+        self._events_seen: set[str] = set()
         self.actions_total: Counter[tuple[str, str]] = Counter()
         self.last_decision: dict[str, Any] | None = None
         self.exit_code: int | None = None
@@ -141,6 +146,8 @@ class Controller:
                 if not isinstance(kind, str) or not isinstance(outcome, str):
                     continue
                 self.actions_total[(kind, outcome)] += 1
+                if d.get("policy") == ADAPTER_POLICY and isinstance(d.get("id"), str):
+                    self._events_seen.add(d["id"])
                 if outcome == "applied" and isinstance(d.get("step"), int):
                     self.state.last_action_step[kind] = d["step"]
                 if kind == KNOB_STOP and outcome in ("applied", "noop"):
@@ -240,7 +247,11 @@ class Controller:
             }
 
     def exchange(
-        self, records: list[StepRecord], outcomes: list[Outcome], finished: bool = False
+        self,
+        records: list[StepRecord],
+        outcomes: list[Outcome],
+        finished: bool = False,
+        events: Sequence[AdapterEvent] = (),
     ) -> list[Action]:
         with self._lock:
             now = self.clock()
@@ -251,6 +262,8 @@ class Controller:
                 self.state.ingest(rec)
             for out in outcomes:
                 self._record_outcome(out, now)
+            for event in events:
+                self._record_event(event, now)
             if finished:
                 self.state.finished = True
             if not finished and now - self._last_decide >= self.settings.decide_interval_s:
@@ -368,6 +381,24 @@ class Controller:
             act, decision.decided_step, decision.decided_at, out.outcome, out.step, out.duration_s, out.detail
         )
         self._back_off(act.kind, out.outcome, now)
+
+    def _record_event(self, event: AdapterEvent, now: float) -> None:
+        """What the adapter did by itself (an OOM retry): one decision line (policy `adapter`,
+        outcome `applied`), counted in actions_total; the job's configuration is now the event's."""
+        if event.id in self._events_seen:
+            return
+        self._events_seen.add(event.id)
+        self.state.take_event(event)
+        act = Action(
+            kind=event.kind,
+            params=event.params(),
+            reason=event.reason,
+            step=event.step,
+            policy=ADAPTER_POLICY,
+            id=event.id,
+        )
+        changes = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in event.changes)
+        self._log_decision(act, event.step, now, "applied", event.step, event.duration_s, changes)
 
     def _back_off(self, kind: str, outcome: str, now: float) -> None:
         """After a failed switch wait before the next try (doubling), and after

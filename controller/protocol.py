@@ -9,6 +9,7 @@ answers it with a 4xx instead of crashing.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -178,6 +179,104 @@ class Outcome:
             duration_s=float(_get(d, "duration_s", (int, float), "outcome")),
             detail=_get(d, "detail", str, "outcome", default=""),
         )
+
+
+#: Kinds of adapter-initiated events. `oom_retry`: an optimizer step ran out of memory and the
+#: adapter moved one rung down the OOM ladder by itself to train the step again (the DeepSpeed
+#: adapter, adapters/ds_oom.py); no controller action asked for it.
+EVENT_KINDS = ("oom_retry",)
+#: Events one exchange may carry (an OOM retry is rare; a job in an OOM loop stops at the ladder's
+#: bottom after a handful).
+MAX_EVENTS_PER_EXCHANGE = 64
+#: Longest reason an event may carry (the error's first line and the rung, in words).
+MAX_EVENT_REASON_CHARS = 4096
+#: Largest changes list an event may carry (there are a handful of knobs).
+MAX_EVENT_CHANGES = 16
+#: Longest event id (the controller remembers the ids it has logged, to ignore a resend).
+MAX_EVENT_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class AdapterEvent:
+    """Something the adapter did on its own, at step boundary `step` (the configuration applies from
+    step + 1): `kind` (one of EVENT_KINDS), `changes` as (knob, old, new) with JSON scalar values,
+    `config` the configuration after it, `reason` in words (for an OOM: where, the error's first line,
+    the rung), `duration_s` what it took. The controller writes it to decisions.jsonl like a decision
+    (policy `adapter`, outcome `applied`), counts it in trainwarden_actions_total and takes `config`.
+    Sent in the exchange message's optional `events` list (protocol v1: a message without it carries
+    none; an id seen before is ignored, so the agent may resend)."""
+
+    kind: str
+    step: int
+    changes: tuple[tuple[str, Any, Any], ...]
+    config: Mapping[str, Any]
+    reason: str
+    duration_s: float
+    id: str = field(default_factory=new_action_id)
+
+    def params(self) -> dict[str, Any]:
+        """The new value of every knob it changed (what a decision line's `params` holds)."""
+        return {k: new for k, _, new in self.changes}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "step": self.step,
+            "changes": [{"knob": k, "from": a, "to": b} for k, a, b in self.changes],
+            "config": dict(self.config),
+            "reason": self.reason,
+            "duration_s": self.duration_s,
+        }
+
+    @staticmethod
+    def from_json(obj: Any) -> AdapterEvent:
+        d = _require_dict(obj, "event")
+        kind = _get(d, "kind", str, "event")
+        if kind not in EVENT_KINDS:
+            raise ProtocolError(f"event.kind must be one of {', '.join(EVENT_KINDS)}, got {kind!r}")
+        step = _get(d, "step", int, "event")
+        if step < 0:
+            raise ProtocolError(f"event.step must be >= 0, got {step}")
+        duration = float(_get(d, "duration_s", (int, float), "event"))
+        if not math.isfinite(duration) or duration < 0:
+            raise ProtocolError(f"event.duration_s must be a finite number >= 0, got {duration!r}")
+        reason = _get(d, "reason", str, "event")
+        if len(reason) > MAX_EVENT_REASON_CHARS:
+            raise ProtocolError(f"event.reason is longer than {MAX_EVENT_REASON_CHARS} characters")
+        items = _get(d, "changes", list, "event")
+        if len(items) > MAX_EVENT_CHANGES:
+            raise ProtocolError(f"event.changes has {len(items)} entries, more than {MAX_EVENT_CHANGES}")
+        changes = []
+        for i, c in enumerate(items):
+            c = _require_dict(c, f"event.changes[{i}]")
+            knob = _get(c, "knob", str, f"event.changes[{i}]")
+            old, new = c.get("from"), c.get("to")
+            for key, v in (("from", old), ("to", new)):
+                if not _is_scalar(v):
+                    raise ProtocolError(
+                        f"event.changes[{i}].{key} must be a JSON scalar (text, number, boolean or null)"
+                    )
+            changes.append((knob, old, new))
+        event_id = _get(d, "id", str, "event")
+        if not 0 < len(event_id) <= MAX_EVENT_ID_CHARS:
+            raise ProtocolError(f"event.id must be 1 to {MAX_EVENT_ID_CHARS} characters")
+        return AdapterEvent(
+            id=event_id,
+            kind=kind,
+            step=step,
+            changes=tuple(changes),
+            config=_get(d, "config", dict, "event"),
+            reason=reason,
+            duration_s=duration,
+        )
+
+
+def _is_scalar(v: Any) -> bool:
+    """A JSON scalar this protocol carries: text, a finite number in range, a boolean, null."""
+    if v is None or isinstance(v, (str, bool)):
+        return True
+    return _is_number(v) and (not isinstance(v, float) or math.isfinite(v))
 
 
 @dataclass(frozen=True)
@@ -383,14 +482,32 @@ def hello_message(shape: JobShape) -> dict[str, Any]:
 
 
 def exchange_message(
-    records: list[StepRecord], outcomes: list[Outcome], finished: bool = False
+    records: list[StepRecord],
+    outcomes: list[Outcome],
+    finished: bool = False,
+    events: list[AdapterEvent] | None = None,
 ) -> dict[str, Any]:
-    return {
+    msg: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "records": [r.to_json() for r in records],
         "outcomes": [o.to_json() for o in outcomes],
         "finished": finished,
     }
+    if events:  # optional in v1: a message without it carries none
+        msg["events"] = [e.to_json() for e in events]
+    return msg
+
+
+def events_of(message: dict[str, Any]) -> list[AdapterEvent]:
+    """The adapter events of an exchange message ([] when it has none), strictly decoded."""
+    items = message.get("events", [])
+    if not isinstance(items, list):
+        raise ProtocolError(f"message.events must be a list, got {type(items).__name__}")
+    if len(items) > MAX_EVENTS_PER_EXCHANGE:
+        raise ProtocolError(
+            f"message.events has {len(items)} events; one exchange carries at most {MAX_EVENTS_PER_EXCHANGE}"
+        )
+    return [AdapterEvent.from_json(e) for e in items]
 
 
 def check_version(obj: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from trainwarden.controller.protocol import (
     ProtocolError,
     StepRecord,
     check_version,
+    events_of,
 )
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
                 records = [StepRecord.from_json(r) for r in _list(body, "records")]
                 outcomes = [Outcome.from_json(o) for o in _list(body, "outcomes")]
                 finished = body.get("finished", False) is True
-                actions = ctl.exchange(records, outcomes, finished)
+                events = events_of(body)
+                actions = ctl.exchange(records, outcomes, finished, events=events)
                 self._reply(200, {"v": PROTOCOL_VERSION, "actions": [a.to_json() for a in actions]})
                 if finished:
                     self.server.job_finished.set()

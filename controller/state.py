@@ -9,13 +9,16 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainwarden.controller.forecast import ThroughputForecast
 from trainwarden.controller.protocol import KNOB_MICRO_BATCH, JobShape, KnobSpec, RankMemory, StepRecord
 from trainwarden.controller.snapshot import BudgetUse, Snapshot
 from trainwarden.policies.memory import config_key
 from trainwarden.policies.schema import Budget
+
+if TYPE_CHECKING:
+    from trainwarden.controller.protocol import AdapterEvent
 
 #: Smoothing of the reported loss (EMA weight of the newest step).
 LOSS_EMA = 0.1
@@ -175,6 +178,26 @@ class JobState:
         if self.first_time is None or self.last_time is None:
             return 0.0
         return max(0.0, self.last_time - self.first_time)
+
+    def take_event(self, event: AdapterEvent) -> None:
+        """The adapter changed its configuration by itself (an OOM retry): take the configuration
+        it reports, count the move as a change of each knob (a policy's hysteresis starts again),
+        and mark the configuration it left as having needed the whole device (an OOM there: the
+        memory policy never steps back up into it this run)."""
+        before = dict(event.config)
+        for knob, old, _ in event.changes:
+            before[knob] = old
+            self.last_action_step[knob] = event.step
+        self.config = dict(event.config)
+        if event.kind != "oom_retry":
+            return
+        total = self.shape.device_total_bytes if self.shape else 0
+        key = config_key(before)
+        if key:
+            self.peak_by_config[key] = max(self.peak_by_config.get(key, 0), total)
+        mb = before.get(KNOB_MICRO_BATCH)
+        if isinstance(mb, int) and any(k == KNOB_MICRO_BATCH for k, _, _ in event.changes):
+            self.peak_by_micro_batch[mb] = max(self.peak_by_micro_batch.get(mb, 0), total)
 
     def budgets(self, budget: Budget) -> tuple[BudgetUse, ...]:
         """Spend against each budget given, with its current rate."""

@@ -412,3 +412,86 @@ def test_a_clock_leaping_ahead_does_not_spend_the_wall_time_budget(tmp_path: Pat
     assert wall.fraction < 0.01
     assert ctl.state.clock_jumps == 1
     ctl.close()
+
+
+def test_an_oom_retry_event_is_logged_counted_and_taken_as_the_configuration(tmp_path: Path) -> None:
+    """The adapter moved one rung down by itself after an OOM: one decision line (policy `adapter`),
+    counted once however often the agent resends it, the job's configuration is the event's, and
+    the memory policy never steps back up into the micro-batch that ran out of memory."""
+    from trainwarden.controller.protocol import AdapterEvent
+    from trainwarden.policies.memory import config_key
+
+    ctl, clock = make(tmp_path)
+    ctl.hello(job_shape())
+    clock.t = 1.0
+    assert ctl.exchange([rec(1, 8, 4.0)], []) == []
+    event = AdapterEvent(
+        kind="oom_retry",
+        step=1,
+        changes=((KNOB_MICRO_BATCH, 8, 4),),
+        config={KNOB_MICRO_BATCH: 4},
+        reason="OutOfMemoryError in backward at step 2 (micro-step 2): CUDA out of memory; one rung down",
+        duration_s=0.75,
+    )
+    clock.t = 2.0
+    assert ctl.exchange([], [], events=[event]) == []
+    [line] = decisions(ctl)
+    assert line["kind"] == "oom_retry" and line["policy"] == "adapter" and line["id"] == event.id
+    assert line["outcome"] == "applied" and line["step"] == line["decided_step"] == 1
+    assert line["params"] == {KNOB_MICRO_BATCH: 4} and line["reason"] == event.reason
+    assert line["detail"] == "micro_batch_size 8 -> 4" and line["duration_s"] == 0.75
+    assert ctl.state.config == {KNOB_MICRO_BATCH: 4}
+    assert ctl.state.last_action_step == {KNOB_MICRO_BATCH: 1}
+    assert ctl.state.peak_by_config[config_key({KNOB_MICRO_BATCH: 8})] == 80 * GiB
+    assert ctl.actions_total == {("oom_retry", "applied"): 1}
+    # Resent (a lost response): logged once.
+    clock.t = 3.0
+    ctl.exchange([rec(2, 4, 2.0)], [], events=[event])
+    assert len(decisions(ctl)) == 1 and ctl.actions_total == {("oom_retry", "applied"): 1}
+    # Far below the low-water mark for many steps: without the OOM, micro-batch 8 would be
+    # forecast at 4 GiB (twice 2 GiB) and the policy would step up; it ran out of memory there.
+    for step in range(3, 12):
+        clock.t += 1.0
+        assert ctl.exchange([rec(step, 4, 2.0)], []) == []
+    assert ctl.status()["actions"] == {"oom_retry:applied": 1}
+    ctl.close()
+    # A controller restarted on the run directory counts it, and ignores a resend.
+    again, _ = make(tmp_path)
+    assert again.actions_total == {("oom_retry", "applied"): 1}
+    again.hello(job_shape())
+    again.exchange([], [], events=[event])
+    assert len(decisions(again)) == 1
+    again.close()
+
+
+def test_events_cross_the_http_channel_and_a_hostile_one_gets_a_400(tmp_path: Path) -> None:
+    """The agent's HttpChannel sends events to a real ChannelServer; a malformed events list is
+    refused with 400 naming the field, and the controller goes on."""
+    import http.client
+
+    from trainwarden.adapters.channel import HttpChannel
+    from trainwarden.controller.protocol import PROTOCOL_VERSION, AdapterEvent
+    from trainwarden.controller.server import ChannelServer
+
+    ctl, _clock = make(tmp_path)
+    srv = ChannelServer(("127.0.0.1", 0), ctl, "tok")
+    srv.start()
+    try:
+        channel = HttpChannel(f"http://127.0.0.1:{srv.port}", "tok")
+        channel.hello(job_shape())
+        ev = AdapterEvent("oom_retry", 0, ((KNOB_MICRO_BATCH, 8, 4),), {KNOB_MICRO_BATCH: 4}, "OOM", 0.5)
+        assert channel.exchange([rec(1, 4, 2.0)], [], False, events=[ev]) == []
+        assert [d["kind"] for d in decisions(ctl)] == ["oom_retry"]
+        for events in ([{"kind": "oom_retry"}], {"x": 1}, [dict(ev.to_json(), duration_s=-1)] * 2):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+            body = json.dumps({"v": PROTOCOL_VERSION, "records": [], "outcomes": [], "events": events})
+            conn.request("POST", "/v1/exchange", body, {"Authorization": "Bearer tok"})
+            resp = conn.getresponse()
+            text = resp.read().decode()
+            conn.close()
+            assert resp.status == 400 and "event" in text, (resp.status, text)
+        assert channel.exchange([rec(2, 4, 2.0)], [], False) == []
+        assert len(decisions(ctl)) == 1 and ctl.state.step == 2
+    finally:
+        srv.stop()
+        ctl.close()

@@ -208,3 +208,63 @@ def test_lr_multiplier_and_stop() -> None:
         assert h.should_stop and h.config()[KNOB_STOP]
     finally:
         h.destroy()
+
+
+class StageAndPrecision(base.PolicyKind):
+    """One decision, two knobs (as the memory policy sends a multi-knob move): ZeRO 2 and bf16."""
+
+    kind = "test_ds_stage_and_precision"
+    Params = _NoParams
+    knobs = frozenset({KNOB_ZERO_STAGE, "precision"})
+
+    def decide(self, snapshot: Snapshot, budget: Budget) -> list[Action]:
+        if snapshot.step < 2 or snapshot.config.get(KNOB_ZERO_STAGE) == 2:
+            return []
+        step = snapshot.step + 1
+        return [
+            Action(KNOB_ZERO_STAGE, {"value": 2}, "test: two knobs at once", step),
+            Action("precision", {"value": "bf16"}, "test: two knobs at once", step),
+        ]
+
+
+def test_actions_due_at_one_step_build_one_engine(agent_env: Any, tmp_path: Path) -> None:
+    """Two knobs for the same step are one switch (one engine built, not two), both reported
+    applied with the same switch."""
+    added = StageAndPrecision.kind not in base.KINDS
+    if added:
+        base.register(StageAndPrecision)
+    run_dir = tmp_path / "run"
+    model = tiny_gpt()
+    try:
+        h, *_ = twds.initialize(
+            model=model,
+            model_parameters=model.parameters(),
+            config=ds_config(stage=1),
+            policy=_policy(tmp_path, "  - kind: test_ds_stage_and_precision\n"),
+            run_dir=run_dir,
+        )
+    finally:
+        if added:
+            base.KINDS.pop(StageAndPrecision.kind, None)
+    builds: list[Any] = []
+    real_build = h._builder.build
+
+    def counting_build(setting: Any) -> Any:  # a spy: the real build runs
+        builds.append(setting)
+        return real_build(setting)
+
+    h._builder.build = counting_build
+    try:
+        it = iter(token_batches(400))
+        _train_until(h, it, lambda: h.setting.zero_stage == 2)
+        assert_engine(h, 2, "bf16", False, False)
+        assert len(builds) == 1 and (builds[0].zero_stage, builds[0].precision) == (2, "bf16")
+        train_steps(h, it, 1)
+    finally:
+        h.destroy()
+    applied = [d for d in read_jsonl(run_dir / "decisions.jsonl") if d["outcome"] == "applied"]
+    assert sorted(d["kind"] for d in applied) == ["precision", KNOB_ZERO_STAGE], applied
+    assert all("one switch for 2 actions" in d["detail"] for d in applied)
+    assert all(
+        "zero_stage 1 -> 2" in d["detail"] and "precision fp32 -> bf16" in d["detail"] for d in applied
+    )

@@ -7,6 +7,7 @@ against a run switched by hand at the same boundary, and sample by sample."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from ds_helpers import (  # noqa: F401 - deepspeed_env is a fixture
 from trainwarden.adapters import deepspeed as twds
 from trainwarden.adapters import ds_oom, ds_state
 from trainwarden.adapters.ds_config import Setting
+from trainwarden.controller.runlog import DECISIONS_FILE, read_jsonl
 
 OOM = torch.cuda.OutOfMemoryError
 STEPS = 4
@@ -157,7 +159,10 @@ def _with_loader(handles: list[twds.DeepSpeedHandle], **kw: Any) -> tuple[twds.D
     data = token_batches(1, micro=64)[0]
     dataset = torch.utils.data.TensorDataset(data)
     h, _, loader, _ = twds.initialize(
-        model=model, model_parameters=model.parameters(), training_data=dataset, attach_agent=False, **kw
+        model=model,
+        model_parameters=model.parameters(),
+        training_data=dataset,
+        **{"attach_agent": False, **kw},
     )
     handles.append(h)
     sampler = torch.utils.data.SequentialSampler(dataset)
@@ -397,3 +402,36 @@ def test_with_a_loader_of_your_own_the_step_goes_on_without_what_it_gave(
     assert "are lost" in str(retry) and h.module.activation_checkpointing
     assert h.setting.micro_batch_size == MICRO  # the loader's size is kept
     assert h.global_samples == 3 * GLOBAL and h.training_state().step == 3
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_env")
+def test_an_oom_retry_reaches_the_decision_log(
+    handles: list[twds.DeepSpeedHandle], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The step down the handle took by itself is one line of decisions.jsonl (kind oom_retry,
+    policy adapter, the rung and the error), counted in the controller's actions, whose picture of
+    the job takes the new configuration."""
+    monkeypatch.delenv("TRAINWARDEN_DISABLE", raising=False)
+    monkeypatch.setenv("TRAINWARDEN_RUN_ID", "ds-oom-event")
+    run_dir = tmp_path / "run"
+    h, _, _ = _with_loader(
+        handles, config=ds_config(stage=0), attach_agent=True, run_dir=run_dir, sync_every=1
+    )
+    inject = Injector("forward", h.module)
+    log = SampleLog(h)
+    for step in range(1, STEPS + 1):
+        if step == OOM_STEP:
+            inject.arm(h)
+        h.train_batch(loss_fn=log.loss_fn)
+    assert inject.fired == 1 and len(h.oom_retries) == 1
+    ctl = h.controller
+    h.close()  # flushes the agent: the event and every step record reach the controller
+    [line] = [d for d in read_jsonl(run_dir / DECISIONS_FILE) if d["kind"] == "oom_retry"]
+    assert line["policy"] == "adapter" and line["outcome"] == "applied"
+    assert line["step"] == OOM_STEP - 1 and line["params"] == {"micro_batch_size": 2}
+    assert "injected in forward" in line["reason"] and "micro-batch 4 -> 2" in line["reason"]
+    assert line["detail"] == "micro_batch_size 4 -> 2" and line["duration_s"] > 0
+    assert ctl.actions_total[("oom_retry", "applied")] == 1
+    assert ctl.state.config["micro_batch_size"] == 2 and ctl.state.config["gradient_accumulation_steps"] == 4
+    assert ctl.state.last_action_step["micro_batch_size"] == OOM_STEP - 1

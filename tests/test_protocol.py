@@ -15,6 +15,7 @@ from trainwarden.controller.protocol import (
     OUTCOMES,
     PROTOCOL_VERSION,
     Action,
+    AdapterEvent,
     JobShape,
     KnobSpec,
     Outcome,
@@ -22,6 +23,7 @@ from trainwarden.controller.protocol import (
     RankMemory,
     StepRecord,
     check_version,
+    events_of,
     exchange_message,
     hello_message,
 )
@@ -370,3 +372,89 @@ def test_a_boolean_or_string_knob_refuses_numbers() -> None:
     assert not switch.accepts(1)
     assert not switch.accepts(0.5)
     assert not KnobSpec("precision", "bf16").accepts(16)
+
+
+# --- adapter events (what the job did on its own: an OOM retry) ------------------------------------
+
+
+def oom_event(**over: Any) -> AdapterEvent:
+    fields: dict[str, Any] = {
+        "kind": "oom_retry",
+        "step": 41,
+        "changes": (("micro_batch_size", 8, 4),),
+        "config": {KNOB_MICRO_BATCH: 4, "gradient_accumulation_steps": 4, "zero_stage": 2},
+        "reason": "OutOfMemoryError in backward at step 42 (micro-step 2): CUDA out of memory",
+        "duration_s": 1.25,
+        "id": "ev-1",
+    }
+    fields.update(over)
+    return AdapterEvent(**fields)
+
+
+EVENT = oom_event().to_json()
+
+
+def test_an_adapter_event_round_trips_and_rides_in_the_exchange() -> None:
+    ev = oom_event(changes=(("zero_stage", 1, 2), ("offload_optimizer", False, True), ("x", None, "t")))
+    assert AdapterEvent.from_json(wire(ev.to_json())) == ev
+    assert ev.params() == {"zero_stage": 2, "offload_optimizer": True, "x": "t"}
+    body = check_version(wire(exchange_message([], [], events=[ev, oom_event()])))
+    assert events_of(body) == [ev, oom_event()]
+    # Optional in v1: a message without events carries none, and one is not written without any.
+    plain = check_version(wire(exchange_message([step_record()], [])))
+    assert "events" not in plain and events_of(plain) == []
+    assert (
+        AdapterEvent("oom_retry", 1, (), {}, "r", 0.0).id != AdapterEvent("oom_retry", 1, (), {}, "r", 0.0).id
+    )
+
+
+@pytest.mark.parametrize(
+    ("obj", "fragment"),
+    [
+        (_without(EVENT, "kind"), "event.kind is missing"),
+        (_with(EVENT, kind="reboot"), "event.kind must be one of oom_retry, got 'reboot'"),
+        (_with(EVENT, kind=["oom_retry"]), "event.kind must be str"),
+        (_with(EVENT, step=True), "event.step must be a number, got a boolean"),
+        (_with(EVENT, step=-1), "event.step must be >= 0"),
+        (_with(EVENT, step=2**63), "event.step is out of range"),
+        (_with(EVENT, step=1.5), "event.step must be int"),
+        (_with(EVENT, duration_s=float("nan")), "event.duration_s must be a finite number"),
+        (_with(EVENT, duration_s=float("inf")), "event.duration_s must be a finite number"),
+        (_with(EVENT, duration_s=-1), "event.duration_s must be a finite number >= 0"),
+        (_with(EVENT, duration_s="1"), "event.duration_s must be int/float"),
+        (_with(EVENT, reason=None), "event.reason must be str"),
+        (_with(EVENT, reason="x" * 5000), "event.reason is longer than 4096"),
+        (_with(EVENT, id=""), "event.id must be 1 to 128 characters"),
+        (_with(EVENT, id="i" * 129), "event.id must be 1 to 128 characters"),
+        (_with(EVENT, id=7), "event.id must be str"),
+        (_with(EVENT, config=[1]), "event.config must be dict"),
+        (_with(EVENT, changes={"micro_batch_size": 4}), "event.changes must be list"),
+        (_with(EVENT, changes=[["micro_batch_size", 8, 4]]), "event.changes[0] must be a JSON object"),
+        (_with(EVENT, changes=[{"from": 8, "to": 4}]), "event.changes[0].knob is missing"),
+        (_with(EVENT, changes=[{"knob": "m", "from": [8], "to": 4}]), "event.changes[0].from must be a JSON"),
+        (_with(EVENT, changes=[{"knob": "m", "from": 8, "to": {"v": 4}}]), "event.changes[0].to must be"),
+        (_with(EVENT, changes=[{"knob": "m", "from": 8, "to": float("nan")}]), "event.changes[0].to"),
+        (_with(EVENT, changes=[{"knob": "m", "from": 2**70, "to": 1}]), "event.changes[0].from"),
+        (_with(EVENT, changes=[{"knob": "m", "from": 1, "to": 2}] * 17), "more than 16"),
+        ("oom_retry", "event must be a JSON object, got str"),
+    ],
+)
+def test_a_malformed_event_is_refused_naming_the_field(obj: Any, fragment: str) -> None:
+    with pytest.raises(ProtocolError) as e:
+        AdapterEvent.from_json(wire(obj) if not isinstance(obj, str) else obj)
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("events", "fragment"),
+    [
+        ({"e": EVENT}, "message.events must be a list, got dict"),
+        ("[]", "message.events must be a list, got str"),
+        ([EVENT] * 65, "one exchange carries at most 64"),
+        ([EVENT, None], "event must be a JSON object, got NoneType"),
+    ],
+)
+def test_a_malformed_events_list_is_refused(events: Any, fragment: str) -> None:
+    with pytest.raises(ProtocolError) as e:
+        events_of({"v": PROTOCOL_VERSION, "records": [], "events": events})
+    assert fragment in str(e.value)
