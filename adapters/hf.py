@@ -16,7 +16,14 @@ controller decided; the Trainer's own control flags carry the rest.
   LR is multiplied, and in `on_optimizer_step` (before the Trainer steps its scheduler) the
   scheduled LR is put back, so the Trainer's scheduler never sees it, as in the other adapters.
 - `stop`: `control.should_training_stop`, and `control.should_save` (unless `save_on_stop=False`)
-  so the Trainer writes its checkpoint at that step, as it does at the end of training.
+  so the Trainer writes its checkpoint at that step, as it does at the end of training; the
+  `on_stop` hooks run first, as in the other adapters.
+- the validation loss of each evaluation (`eval_loss` in `on_evaluate`) goes to the controller,
+  for the compute policy's stopping rule.
+- the live data mixture (`mixture=`, adapters/data.py): its knobs are carried and its per-domain
+  loss reported. The Trainer must draw from it: give the Trainer a `MixtureSampler` (override
+  `_get_train_sampler` to return it) and call `mixture.observe(per_sample_loss, inputs["index"])`
+  in `compute_loss`.
 
 What the Trainer cannot switch mid-run (precision, micro-batch and accumulation, ZeRO stage,
 ...) and why: docs/hf.md. Those knobs are not reported, so the controller never asks for them.
@@ -35,7 +42,14 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from trainwarden.adapters.agent import Agent
 from trainwarden.adapters.connect import connect, run_id_from_env
-from trainwarden.adapters.knobs import MAX_LR_MULTIPLIER, apply_shared_knob
+from trainwarden.adapters.knobs import (
+    MAX_LR_MULTIPLIER,
+    StopHook,
+    apply_shared_knob,
+    check_budget_at_start,
+    check_eval_loss,
+    stop_hooks_arg,
+)
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
     ENV_SYNC_EVERY,
@@ -63,7 +77,9 @@ class TrainwardenCallback(TrainerCallback):
 
     Arguments (all optional): `policy`, `run_dir`, `sync_every` as for the other adapters;
     `tokens_per_sample` (default: the element count of each micro-batch's `input_ids`);
-    `save_on_stop` (default True): ask the Trainer for a checkpoint when trainwarden stops it.
+    `save_on_stop` (default True): ask the Trainer for a checkpoint when trainwarden stops it;
+    `on_stop` (hooks run at the stop, as `callback.on_stop(fn)`); `mixture` (see the module
+    docstring).
     """
 
     adapter_name = "hf-trainer"
@@ -76,12 +92,16 @@ class TrainwardenCallback(TrainerCallback):
         sync_every: int | None = None,
         tokens_per_sample: int | None = None,
         save_on_stop: bool = True,
+        on_stop: StopHook | list[StopHook] | None = None,
+        mixture: Any = None,
     ) -> None:
         self._options = {"policy": policy, "run_dir": run_dir, "sync_every": sync_every}
         self.tokens_per_sample = tokens_per_sample
         self.save_on_stop = save_on_stop
         self.lr_multiplier = 1.0
         self.should_stop = False
+        self.stop_hooks = stop_hooks_arg(on_stop)
+        self.mixture = mixture
         self.agent: Agent | None = None
         self.controller: Any = None
         self.last_loss: float | None = None
@@ -171,11 +191,15 @@ class TrainwardenCallback(TrainerCallback):
         else:
             loss = None
         self._loss_sum, self._loss_n = 0.0, 0
+        step_samples = self._samples
         self._samples_seen += self._samples
         self._tokens_seen += self._tokens
         self._samples = self._tokens = 0
         domain = {k: s / n for k, (s, n) in self._domain.items() if n}
         self._domain = {}
+        if self.mixture is not None:
+            self.mixture.on_step(int(state.global_step), step_samples)
+            domain = domain or self.mixture.take_domain_loss()
         now = time.perf_counter()
         step_time, self._step_started = now - self._step_started, now
         self.last_loss, self.last_lr = loss, self._applied_lr
@@ -198,6 +222,16 @@ class TrainwardenCallback(TrainerCallback):
                 control.should_save = True
         return control
 
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        loss = (kwargs.get("metrics") or {}).get("eval_loss")
+        if self.agent is not None and loss is not None:
+            try:
+                self.agent.report_eval(check_eval_loss(loss))
+            except (TypeError, ValueError) as exc:  # a NaN evaluation: not a point on the curve
+                log.warning("trainwarden: eval_loss not reported: %s", exc)
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -205,7 +239,15 @@ class TrainwardenCallback(TrainerCallback):
 
     # ---- knobs ------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {KNOB_LR_MULTIPLIER: self.lr_multiplier, KNOB_STOP: self.should_stop}
+        out: dict[str, Any] = {KNOB_LR_MULTIPLIER: self.lr_multiplier, KNOB_STOP: self.should_stop}
+        if self.mixture is not None:
+            out.update(self.mixture.config())
+        return out
+
+    def on_stop(self, fn: StopHook) -> StopHook:
+        """Call `fn(info)` once when trainwarden stops the run, before the Trainer is told."""
+        self.stop_hooks.add(fn)
+        return fn
 
     current = config
 
@@ -213,7 +255,9 @@ class TrainwardenCallback(TrainerCallback):
         """Carry one action at this step boundary; never raises into the Trainer."""
         t = time.perf_counter()
         try:
-            shared = apply_shared_knob(self, action)
+            shared = apply_shared_knob(self, action, step)
+            if shared is None and self.mixture is not None:
+                shared = self.mixture.apply(action)
             outcome, detail = shared or (
                 "rejected",
                 f"the HF Trainer adapter has no knob {action.kind!r} (docs/hf.md says what the Trainer "
@@ -257,12 +301,14 @@ class TrainwardenCallback(TrainerCallback):
             knobs=(
                 KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
                 KnobSpec(KNOB_STOP, False, choices=(True,)),
+                *(self.mixture.knob_specs() if self.mixture is not None else ()),
             ),
             pids=pids,
             device=probe.device,
             device_total_bytes=probe.total_bytes,
             sync_every=sync,
         )
+        check_budget_at_start(self.controller, shape)
         self.agent = Agent(shape, channel, probe, rank=rank, world_size=world, sync_every=sync)
 
     def close(self) -> None:

@@ -56,9 +56,17 @@ class Inject(TrainerCallback):
 
 
 def _trainer(
-    data: CorpusWindows, out: Path, callbacks: list[Any], steps: int = 6, accumulation: int = 2
+    data: CorpusWindows,
+    out: Path,
+    callbacks: list[Any],
+    steps: int = 6,
+    accumulation: int = 2,
+    eval_steps: int | None = None,
 ) -> Trainer:
     args = TrainingArguments(
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        per_device_eval_batch_size=8,
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=8,
@@ -79,6 +87,7 @@ def _trainer(
         model=model,
         args=args,
         train_dataset=data,
+        eval_dataset=torch.utils.data.Subset(data, range(16)) if eval_steps else None,
         data_collator=lambda rows: {
             "input_ids": torch.stack([r["input_ids"] for r in rows]),
             "labels": torch.stack([r["labels"] for r in rows]),
@@ -94,7 +103,7 @@ def test_telemetry_reaches_the_controller_with_the_trainers_own_losses(
     monkeypatch.delenv("TRAINWARDEN_ENDPOINT", raising=False)
     run_dir = tmp_path / "run"
     tw = TrainwardenCallback(run_dir=run_dir, sync_every=2)
-    trainer = _trainer(data, tmp_path / "out", [tw])
+    trainer = _trainer(data, tmp_path / "out", [tw], eval_steps=3)
     trainer.train()
     records = [r for r in read_jsonl(run_dir / "telemetry.jsonl") if r.get("event") == "step"]
     assert [r["step"] for r in records] == list(range(1, 7))
@@ -104,6 +113,10 @@ def test_telemetry_reaches_the_controller_with_the_trainers_own_losses(
         assert rec["loss"] == pytest.approx(loss, abs=1e-3)
     assert records[-1]["samples"] == 6 * 16 and records[-1]["tokens"] == 6 * 16 * BLOCK
     assert all(r["memory"] for r in records if r["step"] % 2 == 0)
+    # Each evaluation's loss goes out with the next step (evaluation runs after on_step_end).
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert [r["eval_loss"] for r in records if "eval_loss" in r] == pytest.approx(evals[:1])
+    assert len(evals) == 2  # steps 3 and 6; the last one comes after the last step record
     hello = next(r for r in read_jsonl(run_dir / "telemetry.jsonl") if r.get("event") == "hello")
     assert {k["name"] for k in hello["shape"]["knobs"]} == {KNOB_LR_MULTIPLIER, KNOB_STOP}
     assert hello["shape"]["global_batch_size"] == 16
@@ -138,12 +151,14 @@ def test_stop_ends_training_through_the_trainers_control_and_saves(
     data: CorpusWindows, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TRAINWARDEN_DISABLE", "1")
-    tw = TrainwardenCallback()
+    saved: list[Any] = []
+    tw = TrainwardenCallback(on_stop=saved.append)
     # The injector runs after trainwarden's on_step_end: the stop it hands over at step 2 is
     # carried at the next boundary, as an action the agent returns at step 3 would be.
     probe = Inject(tw, {2: Action(KNOB_STOP, {}, "budget spent", 2)})
     trainer = _trainer(data, tmp_path / "out", [tw, probe], steps=10)
     trainer.train()
     assert probe.outcomes == ["applied"] and tw.should_stop
+    assert [(i.step, i.reason) for i in saved] == [(2, "budget spent")]
     assert trainer.state.global_step == 3
     assert (tmp_path / "out" / "checkpoint-3").is_dir(), "no checkpoint at the stop"
