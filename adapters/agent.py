@@ -13,6 +13,7 @@ configuration it has.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -73,6 +74,8 @@ class Agent:
         # here, on every rank alike, and applied at exactly that step with no collective.
         self._scheduled: list[Action] = []
         self._eval_loss: float | None = None
+        # The job's latest step times: what an action due at a time (a wall-time stop) is placed by.
+        self._step_times: deque[float] = deque(maxlen=4)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,6 +100,8 @@ class Agent:
     ) -> list[Action]:
         """Record step `step` (just finished); return the actions to apply before the next one."""
         # On a single rank too: the memory sample (~40 us, more under load) is paid only here.
+        if step_time_s > 0:
+            self._step_times.append(step_time_s)
         is_sync = step % self.sync_every == 0
         due: list[Action] = []
         memory: tuple[RankMemory, ...] = ()
@@ -164,10 +169,26 @@ class Agent:
             self._events.append(event)
         self._wake.set()
 
-    def _due(self, step: int) -> list[Action]:
+    def _due(self, last: int) -> list[Action]:
+        """Actions to apply by the step after `last` (rank 0, at a sync step). One with
+        params["at_time"] (a Unix time: the compute policy's wall-time stop) is placed here, by the
+        job's own clock and its latest step times, at the step boundary nearest that time, once
+        that boundary comes before the next sync: the controller's forecast, made a second or
+        more ahead, cannot see the job slow down in between."""
+        step = last - self.sync_every + 1  # the step that just ended
+        step_s = sum(self._step_times) / len(self._step_times) if self._step_times else 0.0
+        due = []
         with self._lock:
-            due = [a for a in self._inbox.values() if a.step <= step + 1]
-            for a in due:
+            for a in list(self._inbox.values()):
+                at = a.params.get("at_time")
+                if isinstance(at, (int, float)) and not isinstance(at, bool) and step_s > 0:
+                    nearest = step + max(0, round((at - time.time()) / step_s))
+                    if nearest > last:
+                        continue  # a later sync step places it
+                    a = dataclasses.replace(a, step=nearest + 1)
+                elif a.step > last + 1:
+                    continue
+                due.append(a)
                 del self._inbox[a.id]
         return sorted(due, key=lambda a: a.step)
 

@@ -131,6 +131,7 @@ from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
     StopHooks,
+    advance_lr_ramp,
     apply_shared_knob,
     check_budget_at_start,
     check_eval_loss,
@@ -1144,6 +1145,7 @@ class DeepSpeedHandle:
 
     def _on_boundary(self, applied_lr: float | None) -> None:
         engine = self._engine
+        advance_lr_ramp(self)  # the next step's multiplier, on the cooldown's ramp
         loss = float(self._loss_sum) / self._loss_count if self._loss_sum is not None else None
         self._loss_sum, self._loss_count = None, 0
         self.last_loss, self.last_lr = loss, applied_lr

@@ -5,13 +5,16 @@ refuse and apply them identically. An adapter's handle has `lr_multiplier`, `sho
 `stop_hooks` (a `StopHooks`); `apply_shared_knob` carries the two knobs, and the stop runs the
 user's save hooks (`handle.on_stop(fn)`) at the step boundary where it applies, before
 `should_stop` turns true, on every rank (a DeepSpeed checkpoint is a collective).
-`report_eval` and `check_budget_at_start` are the other two pieces every handle shares.
+`report_eval` and `check_budget_at_start` are the other two pieces every handle shares, and
+`advance_lr_ramp(handle)`, called once after every optimizer step, moves the multiplier along
+the cooldown's ramp between two actions.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,10 +98,17 @@ def apply_shared_knob(handle: _Carrier, action: Action, step: int = -1) -> tuple
             or not 0.0 <= value <= MAX_LR_MULTIPLIER
         ):
             return "rejected", f"lr_multiplier must be a number in [0, {MAX_LR_MULTIPLIER}], got {value!r}"
-        if float(value) == handle.lr_multiplier:
-            return "noop", ""
+        ramp = _ramp_of(action)
+        if isinstance(ramp, str):
+            return "rejected", ramp
+        if ramp is None:
+            _RAMPS.pop(handle, None)
+            if float(value) == handle.lr_multiplier:
+                return "noop", ""
+        else:
+            _RAMPS[handle] = [float(value), ramp[0], ramp[1], 0]
         handle.lr_multiplier = float(value)
-        return "applied", ""
+        return "applied", "" if ramp is None else f"ramping to {ramp[0]:g} over {ramp[1]} steps"
     if action.kind == KNOB_STOP:
         if handle.should_stop:
             return "noop", ""
@@ -111,6 +121,41 @@ def apply_shared_knob(handle: _Carrier, action: Action, step: int = -1) -> tuple
         log.warning("trainwarden: stop requested: %s", action.reason)
         return "applied", "should_stop is now true" + (f" ({problem})" if problem else "")
     return None
+
+
+#: A cooldown arrives as a line segment per action (params "to" and "over_steps"): the multiplier
+#: moves from "value" to "to" over that many optimizer steps, so it follows the schedule step by
+#: step between two actions (which come about every 0.5 s, the agent's exchange) instead of in
+#: stairs. handle -> [from, to, over_steps, steps done]. Weak: a closed handle leaves nothing.
+_RAMPS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+#: Longest ramp an action may ask for.
+MAX_RAMP_STEPS = 1_000_000
+
+
+def _ramp_of(action: Action) -> tuple[float, int] | str | None:
+    to, over = action.params.get("to"), action.params.get("over_steps")
+    if to is None and over is None:
+        return None
+    if isinstance(to, bool) or not isinstance(to, (int, float)) or not 0.0 <= to <= MAX_LR_MULTIPLIER:
+        return f"lr_multiplier's ramp target 'to' must be a number in [0, {MAX_LR_MULTIPLIER}], got {to!r}"
+    if isinstance(over, bool) or not isinstance(over, int) or not 1 <= over <= MAX_RAMP_STEPS:
+        return f"lr_multiplier's 'over_steps' must be an integer in [1, {MAX_RAMP_STEPS}], got {over!r}"
+    return float(to), over
+
+
+def advance_lr_ramp(handle: Any) -> None:
+    """Call once after each optimizer step: the next step's multiplier, on a ramp the last action
+    asked for (nothing without one). Every adapter that carries `lr_multiplier` calls it."""
+    ramp = _RAMPS.get(handle)
+    if ramp is None:
+        return
+    start, to, over, done = ramp
+    done += 1
+    handle.lr_multiplier = start + (to - start) * min(1.0, done / over)
+    if done >= over:
+        del _RAMPS[handle]
+    else:
+        ramp[3] = done
 
 
 @contextmanager
@@ -149,6 +194,6 @@ def check_budget_at_start(controller: Any, shape: JobShape) -> None:
     from trainwarden.controller.loop import BudgetSpentError
 
     try:
-        controller.check_start(shape)
+        controller.check_start(shape, new_job=True)
     except BudgetSpentError as exc:
         raise AttachError(str(exc)) from exc

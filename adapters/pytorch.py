@@ -41,6 +41,7 @@ from trainwarden.adapters.connect import AttachError, connect, run_id_from_env
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
+    advance_lr_ramp,
     apply_shared_knob,
     check_budget_at_start,
     check_eval_loss,
@@ -273,6 +274,7 @@ class Handle:
         with lr_scaled(self.optimizer.param_groups, self.lr_multiplier):
             self.optimizer.step()
             applied_lr = self.optimizer.param_groups[0]["lr"]
+        advance_lr_ramp(self)  # the next step's multiplier, on the cooldown's ramp
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

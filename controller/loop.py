@@ -183,17 +183,18 @@ class Controller:
         return False
 
     # ---- the channel's two calls -------------------------------------------------------
-    def check_start(self, shape: JobShape) -> None:
+    def check_start(self, shape: JobShape, new_job: bool = False) -> None:
         """Raise BudgetSpentError when `shape`'s job would start with a budget already spent: the
-        run directory holds a run that spent it (a new job, not the same one reconnecting), or a
-        token or FLOP budget is smaller than one optimizer step of this job."""
+        run directory holds a run that spent it (a new job, not the same one reconnecting: its pids
+        differ, or `new_job`, which an adapter says at attach), or a token or FLOP budget is smaller
+        than one optimizer step of this job."""
         with self._lock:
             fix_dir = (
                 f"start the job with a new run directory (this one, {self.run_dir}, holds a run that "
                 "spent it), or raise the budget in the policy file"
             )
             old = self.state.shape
-            same_job = old is not None and set(old.pids) == set(shape.pids)
+            same_job = not new_job and old is not None and set(old.pids) == set(shape.pids)
             if self.state.step >= 0 and not same_job:
                 for b in self.state.budgets(self.budget):
                     if b.fraction >= 1.0:

@@ -258,7 +258,9 @@ class JobState:
             finished=self.finished,
             nonfinite_losses=self.nonfinite_losses,
             last_nonfinite_step=self.last_nonfinite_step,
-            time=self.last_time,
+            # The job's own clock (a jump it made is held as an offset here): what an action due
+            # at a time (the compute policy's wall-time stop) is compared with in the job.
+            time=None if self.last_time is None else self.last_time + self._clock_offset,
             seconds_per_step=rate.seconds_per_step if rate else None,
             throughput_since_step=rate.since_step if rate else None,
             train_curve=tuple(self.train_curve),

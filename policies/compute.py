@@ -39,6 +39,9 @@ from trainwarden.policies.schema import Budget
 #: every 0.5 s and the agent exchanges every 0.5 s, so one second covers the next chance to send it.
 STOP_LEAD_S = 1.0
 
+#: Budgets spent by the clock (wall time, and money at a price per device-hour).
+TIMED_BUDGETS = ("wall_time", "cost")
+
 CAUSE_BUDGET = "budget"
 CAUSE_GAIN = "marginal_gain"
 
@@ -164,6 +167,12 @@ def lead_steps(snapshot: Snapshot) -> int:
     return max(1, snapshot.sync_every)
 
 
+def horizon_steps(snapshot: Snapshot, lead: int) -> int:
+    """Steps ahead a decision must look: the lead, and a second of decisions after it."""
+    spf = snapshot.seconds_per_step or snapshot.step_time_s or 0.0
+    return lead + (max(2, math.ceil(STOP_LEAD_S / spf)) if spf > 0 else 2)
+
+
 @register
 class ComputePolicy(PolicyKind):
     kind = "compute"
@@ -192,6 +201,13 @@ class ComputePolicy(PolicyKind):
             # The multiplier for where the run will be when the action applies.
             f_apply = f + lead * per_step if per_step else f
             target = cooldown_multiplier(f_apply, p, pl.start, pl.end)
+            params: dict[str, object] = {"value": round(target, 4)}
+            if per_step and target != p.min_lr_multiplier and f_apply > pl.start:
+                # A line to where the schedule will be when the next action is likely to apply:
+                # the job moves along it step by step (adapters/knobs.py), no stairs between actions.
+                ahead = horizon_steps(snapshot, lead)
+                params["to"] = round(cooldown_multiplier(f_apply + ahead * per_step, p, pl.start, pl.end), 4)
+                params["over_steps"] = ahead
             if abs(target - current) >= p.resolution or (target == p.min_lr_multiplier != current):
                 lead_note = f" (where the run will be in {lead} step(s))" if per_step else ""
                 why = (
@@ -202,7 +218,7 @@ class ComputePolicy(PolicyKind):
                 actions.append(
                     Action(
                         kind=KNOB_LR_MULTIPLIER,
-                        params={"value": round(target, 4)},
+                        params=params,
                         step=snapshot.step + 1,
                         reason=f"{f:.0%} of the {binding.name} budget spent{lead_note}: {why}, "
                         f"LR multiplier {current:g} -> {target:.3g}",
@@ -220,7 +236,7 @@ class ComputePolicy(PolicyKind):
         ):
             return None
         f = b.fraction
-        params = {"cause": pl.cause}
+        params: dict[str, object] = {"cause": pl.cause}
         end_words = "its end" if pl.cause == CAUSE_BUDGET else f"{pl.end:.0%} of it ({pl.why})"
         if f >= pl.end:
             spent = (
@@ -234,10 +250,13 @@ class ComputePolicy(PolicyKind):
         # The boundary nearest the end: after step T, T = now + round(steps left).
         steps_left = (pl.end - f) / per_step
         spf = snapshot.seconds_per_step or snapshot.step_time_s or 0.0
-        horizon = lead + max(2, math.ceil(STOP_LEAD_S / spf)) if spf > 0 else lead + 2
-        if steps_left > horizon:
+        if steps_left > horizon_steps(snapshot, lead):
             return None
         last = snapshot.step + max(0, round(steps_left))
+        if b.name in TIMED_BUDGETS and snapshot.time is not None and b.rate_per_s:
+            # Spent by the clock: the job places the stop by its own clock and step times (the
+            # agent, adapters/agent.py), so a slowdown after this decision moves it too.
+            params["at_time"] = round(snapshot.time + (pl.end - f) * b.limit / b.rate_per_s, 3)
         return Action(
             kind=KNOB_STOP,
             params=params,
