@@ -16,6 +16,7 @@ from typing import Any
 
 from trainwarden.controller.protocol import (
     CONFIG_DATA_STATE,
+    CONFIG_DATA_VERSION,
     CONFIG_PRUNED_FRACTION,
     KNOB_CURRICULUM_LEVEL,
     KNOB_DOMAIN_WEIGHTS,
@@ -88,6 +89,9 @@ class MixtureControl:
         self._level = float(curriculum_level) if curriculum else 1.0
         self.max_prune_fraction = float(max_prune_fraction)
         self._prune_fraction = 0.0
+        #: Bumped when the examples a domain draws from change (level, pruned set): the policy does
+        #: not read a loss change across it as learnability.
+        self.data_version = 0
         #: The data policy's state, kept for it (and checkpointed): {knob: state it last sent}.
         self.data_state: dict[str, Any] = {}
 
@@ -123,6 +127,7 @@ class MixtureControl:
             raise DataMixtureError(f"curriculum_level must be a number in [{MIN_LEVEL}, 1], got {level!r}")
         if float(level) != self._level:
             self._level = float(level)
+            self.data_version += 1
             self._control_changed()
 
     def set_prune_fraction(self, fraction: float) -> None:
@@ -162,6 +167,8 @@ class MixtureControl:
         if self.max_prune_fraction > 0:
             out[KNOB_PRUNE_FRACTION] = self._prune_fraction
             out[CONFIG_PRUNED_FRACTION] = self.pruned_fraction()
+        if self.curriculum or self.max_prune_fraction > 0:
+            out[CONFIG_DATA_VERSION] = self.data_version
         if self.data_state:
             out[CONFIG_DATA_STATE] = dict(self.data_state)
         return out
@@ -206,6 +213,7 @@ class MixtureControl:
             "curriculum_level": self._level,
             "prune_fraction": self._prune_fraction,
             "data_state": dict(self.data_state),
+            "data_version": self.data_version,
         }
 
     def load_control_state(self, state: Mapping[str, Any]) -> None:
@@ -221,3 +229,4 @@ class MixtureControl:
         self._level = float(state["curriculum_level"])
         self._prune_fraction = float(state["prune_fraction"])
         self.data_state = dict(state["data_state"])
+        self.data_version = int(state.get("data_version", 0))

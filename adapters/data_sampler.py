@@ -120,7 +120,7 @@ class MixtureSampler(MixtureControl, Sampler[int]):
         difficulty: Mapping[str, Sequence[float]] | None = None,
         curriculum_level: float = 1.0,
         max_prune_fraction: float = 0.0,
-        prune_refresh_steps: int = 20,
+        prune_refresh_steps: int = 100,
         num_samples: int | None = None,
     ) -> None:
         if not isinstance(dataset, MixtureDataset):
@@ -216,8 +216,9 @@ class MixtureSampler(MixtureControl, Sampler[int]):
         if self.tracker is None:
             return
         pruned = self.tracker.choose_pruned(self._prune_fraction)
-        if not np.array_equal(pruned, self._active.get("pruned")):
+        if not np.array_equal(pruned, self._pruned):
             self._pruned = pruned
+            self.data_version += 1
             self._record({"pruned": pruned})
 
     def pruned_fraction(self) -> float:

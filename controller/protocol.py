@@ -56,6 +56,9 @@ KNOB_PRUNE_FRACTION = "prune_fraction"
 #: Configuration keys (not knobs) the mixture reports: the policy's state, the fraction pruned now.
 CONFIG_DATA_STATE = "data_state"
 CONFIG_PRUNED_FRACTION = "pruned_fraction"
+#: Counts changes of which examples each domain draws from (curriculum level, pruned set): a
+#: domain's loss before and after such a change is of other examples, so no learnability signal.
+CONFIG_DATA_VERSION = "data_version"
 #: Most domains a mixture may have (a message stays far below the body limit).
 MAX_DOMAINS = 256
 

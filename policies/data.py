@@ -28,6 +28,7 @@ from typing import Any
 
 from trainwarden.controller.protocol import (
     CONFIG_DATA_STATE,
+    CONFIG_DATA_VERSION,
     KNOB_CURRICULUM_LEVEL,
     KNOB_DOMAIN_WEIGHTS,
     KNOB_PRUNE_FRACTION,
@@ -174,11 +175,17 @@ def mix_step(
     state: Mapping[str, Any],
     step: int,
     p: DataParams,
+    version: int | None = None,
 ) -> tuple[dict[str, float], dict[str, Any], dict[str, float]]:
-    """One bandit decision: (new weights, new state, this interval's rewards)."""
+    """One bandit decision: (new weights, new state, this interval's rewards). `version` is the
+    mixture's data version: when it changed since the last decision (a curriculum level or pruned
+    set changed which examples each domain gives), the losses are of other examples, so there is
+    no reward this time, only a new baseline."""
     names = list(weights)
     n = len(names)
     prev_step = state.get("step")
+    if version is not None and state.get("version", version) != version:
+        prev_step = None
     prev_loss = state.get("loss", {})
     scores = {k: float(v) for k, v in state.get("score", {}).items() if k in weights}
     rewards: dict[str, float] = {}
@@ -197,7 +204,13 @@ def mix_step(
         target = with_floor(softmax_target({k: scores.get(k, 0.0) for k in names}, p.temperature), p.floor)
         new = {k: (1 - p.step_size) * float(weights[k]) + p.step_size * target[k] for k in names}
     new = with_floor(new, p.floor)
-    state_out = {"step": step, "loss": {k: losses[k] for k in names if k in losses}, "score": scores}
+    state_out: dict[str, Any] = {
+        "step": step,
+        "loss": {k: losses[k] for k in names if k in losses},
+        "score": scores,
+    }
+    if version is not None:
+        state_out["version"] = version
     return new, state_out, rewards
 
 
@@ -287,7 +300,17 @@ class DataPolicy(PolicyKind):
         ):
             return None
         losses = {k: v for k, v in snap.domain_loss.items() if k in weights}
-        new, new_state, rewards = mix_step(weights, losses, bandit, snap.step, p)
+        version = snap.config.get(CONFIG_DATA_VERSION)
+        version = version if isinstance(version, int) and not isinstance(version, bool) else None
+        new, new_state, rewards = mix_step(weights, losses, bandit, snap.step, p, version)
+        if not rewards and version is not None and bandit.get("version", version) != version:
+            return Action(
+                kind=KNOB_DOMAIN_WEIGHTS,
+                params={"value": dict(weights), "state": new_state},
+                step=snap.step + 1,
+                reason="the examples drawn changed (curriculum level or pruned set): learnability is "
+                "measured again from here; per-domain loss " + _show(losses),
+            )
         return Action(
             kind=KNOB_DOMAIN_WEIGHTS,
             params={"value": new, "state": new_state},
@@ -316,16 +339,27 @@ class DataPolicy(PolicyKind):
                 return None
             return Action(
                 kind=KNOB_CURRICULUM_LEVEL,
-                params={"value": p.start_level, "state": {"step": snap.step, "loss": snap.loss}},
+                params={
+                    "value": p.start_level,
+                    "state": {
+                        "step": snap.step,
+                        "loss": snap.loss,
+                        "version": snap.config.get(CONFIG_DATA_VERSION),
+                    },
+                },
                 step=snap.step + 1,
                 reason=f"curriculum starts at level {p.start_level:g} (the easiest part of each domain)",
             )
         if not self._ready(snap, KNOB_CURRICULUM_LEVEL, p.plateau_steps, cur.get("step")):
             return None
+        version = snap.config.get(CONFIG_DATA_VERSION)
         before = float(cur.get("loss", snap.loss))
         fell = (before - snap.loss) / before if before > 0 else 0.0
         new = float(level)
-        if fell < p.plateau_threshold and level < 1.0:
+        if cur.get("version", version) != version:
+            # A level change or pruning since the last check: the loss is of other examples now.
+            why = "the examples drawn changed (level or pruning): the plateau is measured again from here"
+        elif fell < p.plateau_threshold and level < 1.0:
             new = min(1.0, round(float(level) + p.level_step, 6))
             span = snap.step - int(cur.get("step", snap.step))
             why = f"plateau: loss {before:.4g} -> {snap.loss:.4g} ({fell:+.1%}) over {span} steps"
@@ -333,7 +367,7 @@ class DataPolicy(PolicyKind):
             why = f"still learning: loss {before:.4g} -> {snap.loss:.4g} ({fell:+.1%})"
         return Action(
             kind=KNOB_CURRICULUM_LEVEL,
-            params={"value": new, "state": {"step": snap.step, "loss": snap.loss}},
+            params={"value": new, "state": {"step": snap.step, "loss": snap.loss, "version": version}},
             step=snap.step + 1,
             reason=f"{why}; level {float(level):g} -> {new:g}",
         )

@@ -173,9 +173,10 @@ def test_iterable_weights_reach_the_workers(windows) -> None:
     before = [next(it)[2] for _ in range(4)]
     assert set(_domains_of(before)) == {0, 1}
     mix.apply(_action(KNOB_DOMAIN_WEIGHTS, {"code": 1.0, "noise": 0.0}))
-    # Two workers x two prefetched batches were drawn with the old weights; after them, only code.
-    after = [next(it)[2] for _ in range(12)]
-    assert set(_domains_of(after[6:])) == {0}
+    # Two workers x two prefetched batches (and one each being built) may carry the old weights;
+    # after them, only code.
+    after = [next(it)[2] for _ in range(14)]
+    assert set(_domains_of(after[8:])) == {0}
     del it
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import (
     CONFIG_DATA_STATE,
+    CONFIG_DATA_VERSION,
     KNOB_CURRICULUM_LEVEL,
     KNOB_DOMAIN_WEIGHTS,
     KNOB_PRUNE_FRACTION,
@@ -40,6 +41,7 @@ def snap(
     level: float | None = None,
     prune: float | None = None,
     last: dict[str, int] | None = None,
+    version: int | None = None,
 ) -> Snapshot:
     weights = weights or UNIFORM
     knobs = {KNOB_DOMAIN_WEIGHTS: KnobSpec(KNOB_DOMAIN_WEIGHTS, weights)}
@@ -52,6 +54,8 @@ def snap(
         config[KNOB_PRUNE_FRACTION] = prune
     if state:
         config[CONFIG_DATA_STATE] = state
+    if version is not None:
+        config[CONFIG_DATA_VERSION] = version
     return Snapshot(
         step=step,
         elapsed_s=10.0,
@@ -146,13 +150,17 @@ def test_curriculum_advances_on_a_plateau_only() -> None:
     p = policy(mixing=False, curriculum=True, start_level=0.3, level_step=0.2, plateau_steps=40)
     (start,) = p.decide(snap(5, level=1.0, loss=3.0), Budget())
     assert start.kind == KNOB_CURRICULUM_LEVEL and start.params["value"] == 0.3
-    state = {KNOB_CURRICULUM_LEVEL: {"step": 5, "loss": 3.0}}
-    assert p.decide(snap(30, level=0.3, loss=2.5, state=state), Budget()) == []  # too soon
-    (learning,) = p.decide(snap(45, level=0.3, loss=2.5, state=state), Budget())
+    state = {KNOB_CURRICULUM_LEVEL: {"step": 5, "loss": 3.0, "version": 1}}
+    assert p.decide(snap(30, level=0.3, loss=2.5, state=state, version=1), Budget()) == []  # too soon
+    (learning,) = p.decide(snap(45, level=0.3, loss=2.5, state=state, version=1), Budget())
     assert learning.params["value"] == 0.3 and "still learning" in learning.reason
-    (plateau,) = p.decide(snap(45, level=0.3, loss=2.99, state=state), Budget())
+    (plateau,) = p.decide(snap(45, level=0.3, loss=2.99, state=state, version=1), Budget())
     assert plateau.params["value"] == 0.5 and "plateau" in plateau.reason
-    assert plateau.params["state"] == {"step": 45, "loss": 2.99}
+    assert plateau.params["state"] == {"step": 45, "loss": 2.99, "version": 1}
+    # Pruning changed the examples since the last check: no judgement across it, a new baseline.
+    (again,) = p.decide(snap(45, level=0.3, loss=2.99, state=state, version=2), Budget())
+    assert again.params == {"value": 0.3, "state": {"step": 45, "loss": 2.99, "version": 2}}
+    assert "measured again" in again.reason
 
 
 def test_pruning_grows_in_steps_up_to_its_bound() -> None:
@@ -215,3 +223,17 @@ def test_a_policy_naming_domains_the_job_lacks_is_said_at_connect_and_left_out(
     assert f"{path}:4:" in msg and "'docstrings', 'noise', 'text'" in msg and "prose" in msg, msg
     ctl.close()
     assert load_policy_text(text).policies[0].kind == "data"
+
+
+def test_no_learnability_is_read_across_a_change_of_the_examples_drawn() -> None:
+    """A curriculum level or pruned set changed between two decisions: the domains' losses are of
+    other examples (pruning what stopped falling makes the rest look learnable), so the weights
+    stay and the losses become the new baseline."""
+    p = policy(every_steps=20, warmup_steps=0)
+    state = {KNOB_DOMAIN_WEIGHTS: {"step": 10, "loss": dict.fromkeys(NAMES, 3.0), "score": {}, "version": 3}}
+    losses = {"code": 2.85, "text": 2.85, "docstrings": 2.85, "noise": 2.0}
+    (a,) = p.decide(snap(30, losses=losses, state=state, version=4), Budget())
+    assert a.params["value"] == UNIFORM and "measured again" in a.reason
+    assert a.params["state"] == {"step": 30, "loss": losses, "score": {}, "version": 4}
+    (b,) = p.decide(snap(30, losses=losses, state=state, version=3), Budget())
+    assert b.params["value"]["noise"] > 0.25  # the same losses, same examples: a real signal
