@@ -1,0 +1,78 @@
+"""Two CPU ranks (gloo, DDP) under torchrun through trainwarden's Accelerator: the memory policy's
+micro-batch step-down and a precision switch reach both ranks at the same sync step, and both
+ranks then compute in the new precision with the global batch kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import free_port, job_env
+
+from trainwarden.controller.runlog import read_jsonl
+
+JOB = Path(__file__).parent / "jobs" / "accelerate_two_rank_job.py"
+STEPS, SYNC, PRECISION_AT = 12, 3, 4
+
+POLICY = """\
+version: 1
+budget:
+  device_memory: 1MiB
+controller:
+  sync_every: 3
+  decide_interval_s: 0.01
+policies:
+  - kind: memory
+    cooldown_steps: 1
+    step_up: false
+    min_micro_batch: 4
+"""
+
+
+@pytest.mark.slow
+def test_both_ranks_switch_precision_and_micro_batch_at_the_same_step(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(JOB),
+        *("--log-dir", str(tmp_path), "--policy", str(policy), "--run-dir", str(tmp_path / "run")),
+        *("--steps", str(STEPS), "--sync-every", str(SYNC), "--precision-at", str(PRECISION_AT)),
+    ]
+    env = job_env(TRAINWARDEN_RUN_ID="accelerate-two-ranks", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    logs = [[json.loads(x) for x in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    for rows in logs:
+        assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # The same configuration at every step on both ranks.
+    for key in ("micro_batch_size", "accumulation", "dtypes", "next_precision"):
+        assert [r[key] for r in logs[0]] == [r[key] for r in logs[1]], key
+    micro_switches = [r["step"] for r in logs[0] if r["next_micro_batch_size"] != r["micro_batch_size"]]
+    assert micro_switches and all(s % SYNC == 0 for s in micro_switches), micro_switches
+    # The precision action, put in at step 4, applies at the next sync step (6) on both ranks.
+    precision_switch = next(r["step"] for r in logs[0] if r["next_precision"] == "bf16")
+    assert precision_switch == 6
+    for rows in logs:
+        assert all(r["dtypes"] == ["float32"] for r in rows if r["step"] <= precision_switch)
+        assert all(r["dtypes"] == ["bfloat16"] for r in rows if r["step"] > precision_switch)
+    for r in logs[0]:
+        assert r["accumulation"] * r["next_micro_batch_size"] == 8  # the global batch kept: 8 per rank
+
+    run_dir = tmp_path / "run"
+    decisions = list(read_jsonl(run_dir / "decisions.jsonl"))
+    applied = [d for d in decisions if d["outcome"] == "applied"]
+    assert [d["step"] for d in applied if d["kind"] == "micro_batch_size"] == micro_switches
+    records = [r for r in read_jsonl(run_dir / "telemetry.jsonl") if r.get("event") == "step"]
+    assert all(r["samples"] == 2 * 8 * r["step"] for r in records)
+    assert all(sorted(m["rank"] for m in r["memory"]) == [0, 1] for r in records if r["step"] % SYNC == 0)
