@@ -102,7 +102,9 @@ def make_sampler(name: str, seed: int | None) -> Any:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
+        from trainwarden.policies.tune_sampler import FailureAwareTPESampler
+
+        return FailureAwareTPESampler(seed=seed, n_startup_trials=8)
     raise TuneError(f"--sampler {name!r} is not known; use tpe or random")
 
 

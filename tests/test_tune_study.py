@@ -142,7 +142,9 @@ def test_a_trial_that_breaks_the_cap_is_failed_not_good(tmp_path: Path, capsys) 
     trials = trials_of(storage, "s")
     assert [t.state for t in trials] == [TrialState.FAIL] * 4
     assert all(t.value is None for t in trials)
-    assert all("memory cap broken" in t.user_attrs["failure"] for t in trials)
+    reasons = [t.user_attrs["failure"] for t in trials]
+    assert reasons[0].startswith("memory cap broken")  # the file's own values
+    assert all(r.startswith(("memory cap broken", "parameters refused by the policy")) for r in reasons)
     assert "no trial of study 's' completed" in capsys.readouterr().err
     assert not out.exists()
 

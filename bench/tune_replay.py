@@ -1,0 +1,284 @@
+"""Does `trainwarden tune` on replayed traces pay off on a real run it never saw?
+
+1. Records real `trainwarden run`s of the demo job (examples/train_gpt.py, one torch thread): the
+   training runs, which vary what the model must learn: seed 0 under a 600 MiB cap with a 20%
+   cooldown, seed 1 under 440 MiB with a 50% cooldown (so they visit large and small
+   micro-batches, and two cooldown lengths).
+2. Tunes the policy for the held-out budget (seed 2, a 520 MiB cap, another wall time) by
+   replaying the training traces only: TPE (failure-aware, policies/tune_sampler.py), and random
+   search with the same number of trials (both seeded, both with the default parameters as trial 0).
+3. Runs the held-out configuration for real with the default parameters, TPE's best and random
+   search's best, same seed (same data order), interleaved, `--repeats` times each; reads each
+   run's objective from its own telemetry.
+4. Compares each real run with what the replay predicted for it (the mean over the training
+   traces replayed under that run's policy): smoothed final loss, tokens per second, the median
+   per-step memory peak, and cap violations.
+
+Prints one JSON object and saves it (default bench/results/tune_replay.json). Progress on stderr.
+
+    .venv/bin/python bench/tune_replay.py            # ~10 min on 2 shared cores
+    .venv/bin/python bench/tune_replay.py --quick    # 35 s runs, one held-out run each, ~4 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from trainwarden.policies.loader import load_policy_text
+from trainwarden.policies.replay import replay
+from trainwarden.policies.replay_trace import load_trace
+from trainwarden.policies.schema import PolicyFile
+from trainwarden.policies.tune import make_sampler, open_study, policy_text, run_study
+from trainwarden.policies.tune_replay import load_traces, replay_evaluator
+from trainwarden.policies.tune_run import RunWatcher
+
+REPO = Path(__file__).resolve().parents[1]
+
+POLICY = """\
+version: 1
+budget:
+  device_memory: {cap}
+  wall_time: {wall}
+controller:
+  sync_every: 1
+policies:
+  - kind: memory
+    high_water: 0.9
+    low_water: 0.5
+    cooldown_steps: 3
+  - kind: compute
+    cooldown_fraction: {cooldown}
+    cooldown_shape: 1-sqrt
+objective:
+  minimize: final_loss
+  max_cap_violations: 0
+  grace_steps: 6
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[tune_replay] {msg}", file=sys.stderr, flush=True)
+
+
+def write_policy(folder: Path, name: str, cap: str, wall: str, cooldown: float = 0.2) -> PolicyFile:
+    path = folder / f"{name}.yaml"
+    path.write_text(POLICY.format(cap=cap, wall=wall, cooldown=cooldown))
+    return load_policy_text(path.read_text(), str(path))
+
+
+def real_run(policy: Path, run_dir: Path, seed: int) -> dict[str, Any]:
+    """One real `trainwarden run` of the demo job; its figures from its own telemetry."""
+    cmd = [sys.executable, "-m", "trainwarden.controller.cli", "run", "--policy", str(policy)]
+    cmd += ["--run-dir", str(run_dir), "--quiet", "--"]
+    cmd += [sys.executable, "-m", "trainwarden.examples.train_gpt", "--seed", str(seed)]
+    cmd += ["--threads", "1", "--eval-every", "0", "--steps", "100000"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINWARDEN_")}
+    env["OMP_NUM_THREADS"] = "1"
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {run_dir} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    pf = load_policy_text(policy.read_text(), str(policy))
+    assert pf.objective is not None
+    watch = RunWatcher(run_dir, pf, pf.objective)
+    watch.poll()
+    peaks = [
+        max(m.peak_bytes for m in s.memory)
+        for s in load_trace(run_dir).steps
+        if s.memory and s.step > pf.objective.grace_steps
+    ]
+    s = watch.state
+    return {
+        "run_dir": str(run_dir),
+        "seed": seed,
+        "steps": s.step,
+        "final_loss": s.loss_ema,
+        "tokens": s.tokens,
+        "wall_time_s": s.elapsed_s,
+        "tokens_per_second": s.tokens / s.elapsed_s if s.elapsed_s else None,
+        "median_peak_mib": statistics.median(peaks) / 2**20 if peaks else None,
+        "cap_violations": watch.violations,
+        "process_wall_s": time.monotonic() - t0,
+    }
+
+
+def predicted(pf: PolicyFile, traces: list[Any], model: Any) -> dict[str, Any]:
+    assert pf.objective is not None
+    rs = [replay(pf, t, model, pf.objective.grace_steps) for t in traces]
+    return {
+        "steps": statistics.mean(r.steps for r in rs),
+        "final_loss": statistics.mean(r.final_loss for r in rs if r.final_loss is not None),
+        "tokens_per_second": statistics.mean(r.tokens_per_second for r in rs),
+        "median_peak_mib": statistics.mean(r.median_peak_bytes for r in rs) / 2**20,
+        "cap_violations": sum(r.cap_violations for r in rs),
+    }
+
+
+def rel_err(pred: float | None, real: float | None) -> float | None:
+    if pred is None or real is None or real == 0:
+        return None
+    return round(abs(pred - real) / abs(real), 4)
+
+
+def tune(pf: PolicyFile, traces: list[Any], sampler: str, trials: int, seed: int, db: Path) -> dict[str, Any]:
+    assert pf.objective is not None
+    evaluate, _ = replay_evaluator(traces, pf.objective)
+    study = open_study(f"sqlite:///{db}", sampler, "minimize", make_sampler(sampler, seed))
+    t0 = time.monotonic()
+    run_study(pf, study, evaluate, trials, say=lambda _: None)
+    elapsed = time.monotonic() - t0
+    states = [t.state.name for t in study.trials]
+    best = study.best_trial
+    return {
+        "sampler": sampler,
+        "trials": trials,
+        "complete": states.count("COMPLETE"),
+        "failed": states.count("FAIL"),
+        "seconds_per_trial": round(elapsed / trials, 4),
+        "best_trial": best.number,
+        "best_replayed_final_loss": best.value,
+        "baseline_replayed_final_loss": study.trials[0].value,
+        "params": best.params,
+    }
+
+
+def _mean(values: list[Any]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="35 s runs, one held-out run each, 20 trials")
+    ap.add_argument(
+        "--trials", type=int, default=None, help="trials per sampler (default 40; 20 with --quick)"
+    )
+    ap.add_argument("--repeats", type=int, default=None, help="real held-out runs per candidate (default 2)")
+    ap.add_argument("--seed", type=int, default=0, help="sampler seed")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "tune_replay.json"))
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trials = args.trials or (20 if args.quick else 40)
+    repeats = args.repeats or (1 if args.quick else 2)
+    wall_train, wall_held = ("35s", "35s") if args.quick else ("50s", "60s")
+    t_start = time.monotonic()
+    load_start = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="tune-replay-bench-"))
+    log(f"work folder {work}")
+
+    # The training runs vary what the model must learn: the cap (so they visit large and small
+    # micro-batches: memory and step time at each) and the cooldown (so the loss law sees the
+    # LR's annealing at two lengths).
+    training = [
+        ("train-seed0-600MiB-cool0.2", 0, "600MiB", 0.2),
+        ("train-seed1-440MiB-cool0.5", 1, "440MiB", 0.5),
+    ]
+    train_runs = []
+    for name, seed, cap, cooldown in training:
+        write_policy(work, name, cap, wall_train, cooldown)
+        log(f"recording {name} ({wall_train})")
+        train_runs.append(
+            {"cooldown_fraction": cooldown, **real_run(work / f"{name}.yaml", work / name, seed)}
+        )
+    traces = load_traces([r["run_dir"] for r in train_runs])
+
+    held_seed, held_cap = 2, "520MiB"
+    held = write_policy(work, "heldout", held_cap, wall_held)
+    _, model = replay_evaluator(traces, held.objective)  # type: ignore[arg-type]
+    searches = {}
+    for sampler in ("tpe", "random"):
+        log(f"tuning with {sampler}: {trials} replayed trials")
+        searches[sampler] = tune(held, traces, sampler, trials, args.seed, work / f"{sampler}.db")
+
+    candidates = {"default": {}, "tpe": searches["tpe"]["params"], "random": searches["random"]["params"]}
+    paths = {}
+    for name, params in candidates.items():
+        paths[name] = work / f"heldout-{name}.yaml"
+        paths[name].write_text(
+            policy_text(held, params, f"# bench/tune_replay.py: held-out run, {name} parameters\n")
+        )
+    # Interleaved (default, tpe, random, default, ...): the machine is shared, and its load drifts.
+    reals: dict[str, list[dict[str, Any]]] = {name: [] for name in candidates}
+    for r in range(repeats):
+        for name in candidates:
+            log(
+                f"held-out run {r + 1}/{repeats}, {name} parameters "
+                f"(seed {held_seed}, {held_cap}, {wall_held})"
+            )
+            reals[name].append(real_run(paths[name], work / f"heldout-{name}-{r}", held_seed))
+    evaluations = {}
+    for name, params in candidates.items():
+        pred = predicted(load_policy_text(paths[name].read_text(), str(paths[name])), traces, model)
+        runs = reals[name]
+        real = {
+            k: _mean([x[k] for x in runs])
+            for k in ("steps", "final_loss", "tokens_per_second", "median_peak_mib")
+        }
+        real["cap_violations"] = sum(x["cap_violations"] for x in runs)
+        evaluations[name] = {
+            "params": params or "the file's defaults",
+            "real_mean": real,
+            "real_runs": runs,
+            "predicted": pred,
+            "relative_error": {
+                k: rel_err(pred[k], real[k]) for k in ("final_loss", "tokens_per_second", "median_peak_mib")
+            },
+        }
+    errs = {
+        k: round(statistics.mean(e["relative_error"][k] for e in evaluations.values()), 4)
+        for k in ("final_loss", "tokens_per_second", "median_peak_mib")
+    }
+    default_loss = evaluations["default"]["real_mean"]["final_loss"]
+    result = {
+        "bench": "tune_replay",
+        "job": "examples/train_gpt.py, default model (0.84M params), global batch 64, 1 torch thread",
+        "objective": "minimize the smoothed training loss at the end of the wall-time budget; "
+        "no step over the cap after the first 6",
+        "training_runs": train_runs,
+        "heldout": {"seed": held_seed, "cap": held_cap, "wall_time": wall_held, "repeats": repeats},
+        "model": {
+            "memory_mib_by_micro_batch": {
+                k: [[x, round(y / 2**20, 1)] for x, y in v.points] for k, v in model.memory.items()
+            },
+            "step_s_by_micro_batches_per_step": {
+                k: [[x, round(y, 3)] for x, y in v.points] for k, v in model.step_time.items()
+            },
+            "loss_law": model.loss.__dict__,
+            "notes": list(model.notes),
+        },
+        "search": searches,
+        "heldout_runs": evaluations,
+        "mean_relative_error": errs,
+        "real_final_loss_minus_default": {
+            name: round(evaluations[name]["real_mean"]["final_loss"] - default_loss, 4)
+            for name in ("tpe", "random")
+        },
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg(),
+        },
+        "wall_s": round(time.monotonic() - t_start, 1),
+    }
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
