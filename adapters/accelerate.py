@@ -115,7 +115,7 @@ class TrackedOptimizer(AcceleratedOptimizer):
         with lr_scaled(self.optimizer.param_groups, acc.lr_multiplier):
             out = super().step(closure)
             applied_lr = float(self.optimizer.param_groups[0]["lr"])
-        if synced and self is acc._optimizers[0]:
+        if synced and acc._optimizers and self is acc._optimizers[0]:  # one boundary per step
             acc._tw_boundary(applied_lr)
         return out
 
