@@ -61,7 +61,9 @@ Out of memory inside a step (`torch.cuda.OutOfMemoryError`, or the types given a
 step began: counters and RNG included), moves one rung down the OOM ladder (adapters/ds_oom.py:
 micro-batch halved with the global batch kept, then activation checkpointing, ZeRO stage up with
 several ranks, optimizer offload, parameter offload), and raises `StepRetry` so that the step is
-trained again from its first sample. Two ways to have it retried:
+trained again from its first sample. Each retry reaches the controller as an adapter event (one
+line of decisions.jsonl, kind `oom_retry`, policy `adapter`; counted in
+`trainwarden_actions_total`). Two ways to have it retried:
 
     loss = engine.train_batch(data_iter, loss_fn=lambda b: engine(b["x"], b["y"]))   # one step
 
