@@ -35,8 +35,12 @@ fails is reported (`rejected`, or `rolled_back` when the switch had begun and wa
 raised into the loop. The agent starts at the first optimizer step (by then `prepare` has seen
 the model, optimizer and loader, so the knobs it reports are the ones the job can carry).
 
-Not carried here: a DeepSpeed or FSDP plugin's engine knobs (the DeepSpeed adapter switches a
-plain DeepSpeed job; see docs/hf.md), fp8.
+With a DeepSpeed plugin, the engine Accelerate builds is the DeepSpeed adapter's live handle
+(adapters/accelerate_deepspeed.py): `zero_stage`, `offload_optimizer`, `offload_param`,
+`precision` (DeepSpeed's) and `activation_checkpointing` switch through its in-memory state
+transfer; the step boundary is then `accelerator.backward` on a synced micro-batch (DeepSpeed
+steps inside it). Not carried: FSDP's and Megatron's engine knobs, fp8; the micro-batch under
+DeepSpeed (its config's value stays).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import accelerate
@@ -54,6 +58,7 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
+from trainwarden.adapters import accelerate_deepspeed
 from trainwarden.adapters import accelerate_precision as precision_switch
 from trainwarden.adapters.accelerate_loader import MicroBatchLoader
 from trainwarden.adapters.agent import Agent
@@ -164,6 +169,7 @@ class Accelerator(accelerate.Accelerator):
         self.last_domain_loss: dict[str, float] = {}
         self.last_switch_s: float | None = None
         self._tw_loader: MicroBatchLoader | None = None
+        self._tw_ds: Any = None  # the DeepSpeed adapter's handle, with a DeepSpeed plugin
         self._tw_loss_sum: torch.Tensor | None = None
         self._tw_loss_n = 0
         self._tw_samples = 0
@@ -184,11 +190,15 @@ class Accelerator(accelerate.Accelerator):
 
     # ---- prepare ------------------------------------------------------------------------------
     def prepare(self, *args: Any, device_placement: Any = None) -> Any:
-        out = super().prepare(*args, device_placement=device_placement)
+        deepspeed = self.distributed_type == DistributedType.DEEPSPEED
+        with accelerate_deepspeed.dropin_initialize() if deepspeed else nullcontext():
+            out = super().prepare(*args, device_placement=device_placement)
+        if deepspeed and self._tw_ds is None:
+            self._tw_ds = accelerate_deepspeed.handle_of(self)
         single = len(args) == 1
         items = [out] if single else list(out)
         for i, item in enumerate(items):
-            if isinstance(item, AcceleratedOptimizer) and not isinstance(item, TrackedOptimizer):
+            if type(item) is AcceleratedOptimizer:  # not DeepSpeed's wrapper: its step is a no-op
                 item.__class__ = TrackedOptimizer
                 item._tw_accelerator = self
             elif (
@@ -224,7 +234,18 @@ class Accelerator(accelerate.Accelerator):
         part = loss.detach().float()
         self._tw_loss_sum = part if self._tw_loss_sum is None else self._tw_loss_sum + part
         self._tw_loss_n += 1
+        ds = self._tw_ds
+        if ds is None:
+            super().backward(loss, **kwargs)
+            return
+        # With DeepSpeed the optimizer steps inside backward (Accelerate's engine wrapper calls
+        # engine.step() on a synced micro-batch): that is the boundary, and the handle applies
+        # the LR multiplier inside the engine's step.
+        ds.lr_multiplier = self.lr_multiplier
+        synced = self.sync_gradients
         super().backward(loss, **kwargs)
+        if synced:
+            self._tw_boundary(ds.last_lr if ds.last_lr is not None else float("nan"))
 
     @contextmanager
     def accumulate(self, *models: Any) -> Iterator[None]:
@@ -327,6 +348,8 @@ class Accelerator(accelerate.Accelerator):
         }
         if self.micro_batch_size is not None:
             out[KNOB_MICRO_BATCH] = self.micro_batch_size
+        if self._tw_ds is not None:
+            out.update(accelerate_deepspeed.config(self._tw_ds))
         if self.mixture is not None:
             out.update(self.mixture.config())
         return out
@@ -354,6 +377,8 @@ class Accelerator(accelerate.Accelerator):
             KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
             KnobSpec(KNOB_STOP, False, choices=(True,)),
         ]
+        if self._tw_ds is not None:
+            specs[:0] = accelerate_deepspeed.knob_specs(self._tw_ds)
         if self.mixture is not None:
             specs += self.mixture.knob_specs()
         return tuple(specs)
@@ -370,6 +395,8 @@ class Accelerator(accelerate.Accelerator):
 
     def _apply(self, action: Action) -> tuple[str, str]:
         value = action.params.get("value")
+        if self._tw_ds is not None and action.kind in accelerate_deepspeed.ENGINE_KNOBS:
+            return self._set_engine(action.kind, value)
         if action.kind == KNOB_PRECISION:
             return self._set_precision(value)
         if action.kind == KNOB_MICRO_BATCH:
@@ -382,11 +409,15 @@ class Accelerator(accelerate.Accelerator):
             return data
         return "rejected", f"the accelerate adapter has no knob {action.kind!r}"
 
-    def reconfigure(self, precision: str | None = None, micro_batch_size: int | None = None) -> None:
+    def reconfigure(
+        self, precision: str | None = None, micro_batch_size: int | None = None, **engine: Any
+    ) -> None:
         """Switch by hand, at a step boundary (between an optimizer step and the next forward).
-        Raises ValueError for a request that cannot be carried, RuntimeError after a failed
-        switch was rolled back."""
-        for kind, value in ((KNOB_PRECISION, precision), (KNOB_MICRO_BATCH, micro_batch_size)):
+        With a DeepSpeed plugin, `engine` takes the DeepSpeed adapter's knobs (zero_stage,
+        offload_optimizer, offload_param, activation_checkpointing). Raises ValueError for a
+        request that cannot be carried, RuntimeError after a failed switch was rolled back."""
+        changes = [(KNOB_PRECISION, precision), (KNOB_MICRO_BATCH, micro_batch_size), *engine.items()]
+        for kind, value in changes:
             # Through the same path as the controller's actions (validation, rollback, agreement).
             if value is None:
                 continue
@@ -395,6 +426,23 @@ class Accelerator(accelerate.Accelerator):
                 raise ValueError(detail)
             if outcome == "rolled_back":
                 raise RuntimeError(detail)
+
+    def _set_engine(self, kind: str, value: Any) -> tuple[str, str]:
+        """A ZeRO stage, offload, precision or checkpointing switch: the DeepSpeed adapter's own."""
+        from trainwarden.adapters.deepspeed import ConfigError, ReconfigureError
+
+        handle = self._tw_ds
+        try:
+            result = handle.reconfigure(**{kind: value})
+        except ConfigError as exc:
+            return "rejected", str(exc)
+        except ReconfigureError as exc:  # rolled back by the handle: the old engine, same state
+            return "rolled_back", str(exc)
+        if not result.changes:
+            return "noop", result.describe()
+        accelerate_deepspeed.after_switch(self, handle)
+        self.last_switch_s = result.duration_s
+        return "applied", result.describe()
 
     def _set_precision(self, value: Any) -> tuple[str, str]:
         if not self._precision_knob():
