@@ -33,6 +33,10 @@ log = logging.getLogger("trainwarden")
 MIN_LEVEL = 0.01
 #: Most of the examples any mixture lets a policy prune (the policy's own bound is lower).
 MAX_PRUNE_FRACTION = 0.9
+#: Samples over which a domain's reported loss is averaged (an EMA by sample, not by step): a
+#: domain at a 5% weight sees under one sample a step, and the data policy reads differences of
+#: these losses, so a one-sample loss would be mostly noise. Costs a lag of about this many samples.
+LOSS_WINDOW_SAMPLES = 128
 
 
 class DataMixtureError(ValueError):
@@ -94,6 +98,7 @@ class MixtureControl:
         self.data_version = 0
         #: The data policy's state, kept for it (and checkpointed): {knob: state it last sent}.
         self.data_state: dict[str, Any] = {}
+        self._loss_ema: dict[str, float] = {}
 
     # ---- values ------------------------------------------------------------------------------
     @property
@@ -139,6 +144,20 @@ class MixtureControl:
         if float(fraction) != self._prune_fraction:
             self._prune_fraction = float(fraction)
             self._refresh_pruning()
+
+    def _smoothed(self, sums: Any, counts: Any) -> dict[str, float]:
+        """Per-domain loss, an EMA over the last ~LOSS_WINDOW_SAMPLES samples of each domain, for
+        the domains with samples this step (sums and counts of this step's per-sample losses)."""
+        out = {}
+        for d, name in enumerate(self.names):
+            n = int(counts[d])
+            if not n:
+                continue
+            mean = float(sums[d]) / n
+            prev = self._loss_ema.get(name)
+            keep = (1.0 - 1.0 / LOSS_WINDOW_SAMPLES) ** n
+            out[name] = self._loss_ema[name] = mean if prev is None else keep * prev + (1 - keep) * mean
+        return out
 
     def _control_changed(self) -> None:
         """The weights, level or pruned set changed: subclasses take it from the next draw."""
@@ -214,6 +233,7 @@ class MixtureControl:
             "prune_fraction": self._prune_fraction,
             "data_state": dict(self.data_state),
             "data_version": self.data_version,
+            "loss_ema": dict(self._loss_ema),
         }
 
     def load_control_state(self, state: Mapping[str, Any]) -> None:
@@ -230,3 +250,4 @@ class MixtureControl:
         self._prune_fraction = float(state["prune_fraction"])
         self.data_state = dict(state["data_state"])
         self.data_version = int(state.get("data_version", 0))
+        self._loss_ema = {str(k): float(v) for k, v in state.get("loss_ema", {}).items()}

@@ -120,9 +120,7 @@ class MixtureIterableDataset(MixtureControl, IterableDataset):
         np.add.at(self._step_n, dom[finite], 1)
 
     def take_domain_loss(self) -> dict[str, float]:
-        out = {
-            n: float(self._step_sum[d] / self._step_n[d]) for d, n in enumerate(self.names) if self._step_n[d]
-        }
+        out = self._smoothed(self._step_sum, self._step_n)
         self._step_sum[:] = 0
         self._step_n[:] = 0
         return out

@@ -287,10 +287,9 @@ class MixtureSampler(MixtureControl, Sampler[int]):
             self.tracker.observe(idx[finite], loss[finite])
 
     def take_domain_loss(self) -> dict[str, float]:
-        """Mean loss per domain over the samples observed since the last call (domains seen only)."""
-        out = {
-            n: float(self._step_sum[d] / self._step_n[d]) for d, n in enumerate(self.names) if self._step_n[d]
-        }
+        """Loss per domain, for the domains observed since the last call: their mean this step,
+        folded into an EMA over each domain's last ~128 samples (data_control.LOSS_WINDOW_SAMPLES)."""
+        out = self._smoothed(self._step_sum, self._step_n)
         self._step_sum[:] = 0
         self._step_n[:] = 0
         return out

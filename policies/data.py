@@ -74,6 +74,14 @@ class DataParams:
         tune=Range(0.05, 0.9),
         doc="EMA weight of the newest reward in each domain's smoothed reward.",
     )
+    min_reward_scale: float = param(
+        0.002,
+        valid=Range(0.0, 1.0),
+        tune=Range(0.0005, 0.02, log=True),
+        doc="Least scale the rewards are divided by before the softmax (relative loss decrease per "
+        "interval): when every domain has stopped learning, noise in tiny rewards must not swing the "
+        "weights.",
+    )
     step_size: float = param(
         0.5,
         valid=Range(0.01, 1.0),
@@ -157,9 +165,12 @@ def with_floor(weights: Mapping[str, float], floor: float) -> dict[str, float]:
     return {k: floor + free * excess[k] / total for k in names}
 
 
-def softmax_target(scores: Mapping[str, float], temperature: float) -> dict[str, float]:
-    """Softmax of the scores divided by their mean magnitude (so the temperature has no units)."""
-    scale = sum(abs(v) for v in scores.values()) / max(1, len(scores))
+def softmax_target(
+    scores: Mapping[str, float], temperature: float, min_scale: float = 0.0
+) -> dict[str, float]:
+    """Softmax of the scores divided by their mean magnitude (so the temperature has no units),
+    or by `min_scale` when they are all smaller than that."""
+    scale = max(sum(abs(v) for v in scores.values()) / max(1, len(scores)), min_scale)
     if scale <= 0 or not math.isfinite(scale):
         return {k: 1.0 / len(scores) for k in scores}
     z = {k: v / (scale * temperature) for k, v in scores.items()}
@@ -195,13 +206,16 @@ def mix_step(
             before, now = prev_loss.get(k), losses.get(k)
             if before is None or now is None or not before > 0:
                 continue
-            share = max(float(weights[k]) * n, 1e-3)  # exposure relative to uniform
+            # Per unit of sampling (exposure relative to uniform), but at most doubled: a domain at
+            # the floor has the noisiest loss, and dividing by its small share would amplify that.
+            share = max(float(weights[k]) * n, 0.5)
             r = (before - now) / before * per_interval / share
             rewards[k] = r
             scores[k] = r if k not in scores else (1 - p.smoothing) * scores[k] + p.smoothing * r
     new = dict(weights)
     if rewards:
-        target = with_floor(softmax_target({k: scores.get(k, 0.0) for k in names}, p.temperature), p.floor)
+        scored = {k: scores.get(k, 0.0) for k in names}
+        target = with_floor(softmax_target(scored, p.temperature, p.min_reward_scale), p.floor)
         new = {k: (1 - p.step_size) * float(weights[k]) + p.step_size * target[k] for k in names}
     new = with_floor(new, p.floor)
     state_out: dict[str, Any] = {

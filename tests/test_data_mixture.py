@@ -194,3 +194,16 @@ def test_iterable_resume_without_workers_continues_the_same_stream(windows) -> N
     for a, b in zip(rest, (next(it2) for _ in range(5)), strict=True):
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert mix2.weights == pytest.approx({"code": 0.7, "text": 0.3})
+
+
+def test_reported_domain_loss_is_averaged_over_samples_not_steps(windows) -> None:
+    """A domain with one sample a step must not report that one sample's loss: the policy reads
+    differences of these losses. The report is an EMA over the domain's last ~128 samples."""
+    data, mix = _sampler(windows)
+    code = data.offsets[data.names.index("code")]
+    mix.observe(torch.full((64,), 2.0), torch.arange(code, code + 64))
+    assert mix.take_domain_loss() == {"code": 2.0}
+    mix.observe(torch.tensor([10.0]), torch.tensor([code]))  # one outlier sample
+    got = mix.take_domain_loss()["code"]
+    assert got == pytest.approx(2.0 + 8.0 / 128)
+    assert mix.take_domain_loss() == {}  # nothing observed since: nothing reported
