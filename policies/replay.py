@@ -51,6 +51,9 @@ class ReplayResult:
     tokens: int
     wall_time_s: float
     final_loss: float | None
+    eval_loss: float | None
+    """The loss law's value at the last step: the expected loss, without the EMA's lag or a batch's
+    noise. Fitted on training losses, it stands for a validation loss as far as the two agree."""
     tokens_per_second: float
     peak_bytes: int
     """Highest per-step peak after the grace steps."""
@@ -163,6 +166,7 @@ def replay(pf: PolicyFile, trace: Trace, model: KnobModel, grace_steps: int = 0)
         cap = pf.budget.device_memory.resolve(job.total_bytes)
     applied: list[tuple[int, str, Any]] = []
     window_peak = 0.0
+    loss = None
     with tempfile.TemporaryDirectory(prefix="trainwarden-replay-") as tmp, _quiet_controller():
         ctl = Controller(Path(tmp), "replay", policy_file=pf, clock=job.clock)
         ctl.hello(dataclasses.replace(shape, sync_every=sync_every, pids=()))  # no live pids here
@@ -213,6 +217,7 @@ def replay(pf: PolicyFile, trace: Trace, model: KnobModel, grace_steps: int = 0)
                 tokens=state.tokens,
                 wall_time_s=elapsed,
                 final_loss=state.loss_ema,
+                eval_loss=loss,
                 tokens_per_second=state.tokens / elapsed if elapsed > 0 else 0.0,
                 peak_bytes=max(peaks, default=0),
                 median_peak_bytes=int(statistics.median(peaks)) if peaks else 0,

@@ -82,7 +82,7 @@ class PolicySpec:
 
 
 #: What `trainwarden tune` can optimise, each read from a run (or a replayed one) at its end.
-OBJECTIVE_METRICS = ("final_loss", "tokens", "tokens_per_second", "wall_time_s")
+OBJECTIVE_METRICS = ("final_loss", "eval_loss", "tokens", "tokens_per_second", "wall_time_s")
 
 
 def _choices(*values: str, doc: str = "") -> Any:
@@ -94,7 +94,8 @@ class Objective:
     """What `trainwarden tune` optimises: one metric, one direction, and what makes a trial fail."""
 
     minimize: str | None = _choices(*OBJECTIVE_METRICS)
-    """Metric to minimise: final_loss (the smoothed training loss at the end), wall_time_s, ..."""
+    """Metric to minimise: final_loss (the smoothed training loss at the end), eval_loss (the last
+    validation loss the job reported), wall_time_s, ..."""
     maximize: str | None = _choices(*OBJECTIVE_METRICS)
     """Metric to maximise: tokens (trained within the budget), tokens_per_second, ..."""
     max_cap_violations: int = 0

@@ -65,6 +65,7 @@ def summarize(results: Sequence[ReplayResult]) -> dict[str, Any]:
 
     return {
         "final_loss": mean("final_loss"),
+        "eval_loss": mean("eval_loss"),
         "tokens": mean("tokens"),
         "tokens_per_second": mean("tokens_per_second"),
         "wall_time_s": mean("wall_time_s"),

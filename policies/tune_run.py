@@ -43,7 +43,7 @@ class RunWatcher:
     def __init__(self, run_dir: Path, pf: PolicyFile, objective: Objective) -> None:
         self.path = run_dir / TELEMETRY_FILE
         self.pf, self.objective = pf, objective
-        self.state = JobState()
+        self.state = JobState(budget=pf.budget)  # with the budget, it keeps the eval loss too
         self.offset = 0
         self.violations = 0
         self.new_steps: list[int] = []
@@ -84,6 +84,8 @@ class RunWatcher:
         name = self.objective.metric
         if name == "final_loss":
             return s.loss_ema
+        if name == "eval_loss":
+            return s.eval_loss  # the job's last `report(eval_loss=...)`; None if it never sent one
         if name == "tokens":
             return float(s.tokens)
         if name == "wall_time_s":
@@ -203,6 +205,7 @@ def _attrs(watch: RunWatcher) -> dict[str, Any]:
     return {
         "steps": s.step,
         "final_loss": s.loss_ema,
+        "eval_loss": s.eval_loss,
         "tokens": s.tokens,
         "wall_time_s": s.elapsed_s,
         "cap_violations": watch.violations,

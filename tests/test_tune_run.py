@@ -133,3 +133,25 @@ def test_a_pruned_trial_is_stopped_and_recorded_as_pruned(tmp_path: Path) -> Non
     controller_pid = json.loads((run_dir / "controller.json").read_text())["pid"]
     with pytest.raises(ProcessLookupError):
         os.kill(controller_pid, 0)
+
+
+def test_the_objective_can_be_the_jobs_validation_loss(tmp_path: Path) -> None:
+    """`minimize: eval_loss` reads the last validation loss the job reported (train_gpt.py
+    evaluates every --eval-every steps and sends it with `handle.report(eval_loss=...)`)."""
+    path = policy(tmp_path)
+    path.write_text(path.read_text().replace("minimize: final_loss", "minimize: eval_loss"))
+    pf = load_policy_file(path)
+    assert pf.objective is not None and pf.objective.metric == "eval_loss"
+    study = open_study(
+        f"sqlite:///{tmp_path / 'tune.db'}", "s", "minimize", optuna.samplers.RandomSampler(seed=0)
+    )
+    job = [*tiny_job(30), "--eval-every", "10"]
+    run_study(pf, study, run_evaluator(job, pf.objective, tmp_path / "w", poll_s=0.2, say=lambda _: None), 1)
+    (t,) = study.get_trials()
+    assert t.state == TrialState.COMPLETE
+    evals = [
+        r["eval_loss"]
+        for r in read_jsonl(Path(t.user_attrs["run_dir"]) / "telemetry.jsonl")
+        if "eval_loss" in r
+    ]
+    assert len(evals) >= 2 and t.value == evals[-1] != t.user_attrs["final_loss"]
