@@ -632,3 +632,13 @@ def test_activation_checkpointing_as_a_rung_of_a_files_ladder() -> None:
     # Without the knob (a model that cannot switch it) those rungs are left out.
     s = snap(device="cuda", params=10**9, peak=20 * GiB, cap=20 * GiB, config=cfg(1))
     assert MemoryPolicy("memory", params).decide(s, NO_BUDGET) == []
+
+
+def test_the_first_step_is_not_read_as_growth() -> None:
+    # Step 1 runs before Adam's state exists: its peak is lower, then the peak is flat. A line from it
+    # would forecast a crossing (700 -> 820 MiB over one step, 16 steps ahead: far over 883 MiB).
+    recent = ((1, 700 * MiB), *((s, 820 * MiB) for s in range(2, 9)))
+    assert policy().decide(snap(peak=820 * MiB, step=8, recent=recent), NO_BUDGET) == []
+    # The same rise later in the run is a trend.
+    later = ((11, 700 * MiB), *((s, 820 * MiB) for s in range(12, 19)))
+    assert policy().decide(snap(peak=820 * MiB, step=18, recent=later), NO_BUDGET) != []
