@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import job_env
+from accelerate_helpers import fresh_job_env
 
 from trainwarden.adapters import attach_hook
 
@@ -34,7 +34,7 @@ print(json.dumps(out))
 
 
 def _probe(tmp_path: Path, attach: str) -> dict[str, Any]:
-    env = job_env(TRAINWARDEN_DISABLE="1")
+    env = fresh_job_env(TRAINWARDEN_DISABLE="1")
     env.update(attach_hook.job_env(tmp_path / "run", env))
     env["TRAINWARDEN_ATTACH"] = attach
     proc = subprocess.run(

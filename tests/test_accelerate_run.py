@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import itertools
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TRAINWARDEN, job_env
+from accelerate_helpers import fresh_job_env
+from helpers import REPO, TRAINWARDEN
 
 from trainwarden.controller.runlog import read_jsonl
 
@@ -33,7 +35,7 @@ policies:
 """
 
 JOB = [
-    str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else "python",
+    sys.executable,
     str(REPO / "examples" / "accelerate_train.py"),
     *("--plain", "--steps", "100000", "--threads", "1", "--block-size", "32", "--n-embd", "64"),
     *("--batch-size", "16"),
@@ -46,7 +48,7 @@ def test_attach_runs_the_unchanged_accelerate_job_under_the_budget(tmp_path: Pat
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [*TRAINWARDEN, "run", "--attach", "--policy", str(policy), "--run-dir", str(run_dir), "--", *JOB],
-        env=job_env(HF_HUB_OFFLINE="1"),
+        env=fresh_job_env(HF_HUB_OFFLINE="1"),
         capture_output=True,
         text=True,
         timeout=240,

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port, job_env
+from accelerate_helpers import fresh_job_env
+from helpers import free_port
 
 from trainwarden.controller.runlog import read_jsonl
 
@@ -48,7 +49,7 @@ def test_both_ranks_switch_precision_and_micro_batch_at_the_same_step(tmp_path: 
         *("--log-dir", str(tmp_path), "--policy", str(policy), "--run-dir", str(tmp_path / "run")),
         *("--steps", str(STEPS), "--sync-every", str(SYNC), "--precision-at", str(PRECISION_AT)),
     ]
-    env = job_env(TRAINWARDEN_RUN_ID="accelerate-two-ranks", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env = fresh_job_env(TRAINWARDEN_RUN_ID="accelerate-two-ranks", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

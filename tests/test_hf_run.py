@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TRAINWARDEN, job_env
+from accelerate_helpers import fresh_job_env
+from helpers import REPO, TRAINWARDEN
 
 from trainwarden.controller.runlog import read_jsonl
 
@@ -41,7 +42,7 @@ def test_the_trainer_cools_down_and_stops_at_the_budget_with_a_checkpoint(tmp_pa
     ]
     proc = subprocess.run(
         [*TRAINWARDEN, "run", "--policy", str(policy), "--run-dir", str(run_dir), "--", *job],
-        env=job_env(HF_HUB_OFFLINE="1"),
+        env=fresh_job_env(HF_HUB_OFFLINE="1"),
         capture_output=True,
         text=True,
         timeout=240,
