@@ -228,6 +228,13 @@ class Accelerator(accelerate.Accelerator):
         total = getattr(loader, "total_batch_size", None)
         return total // self.num_processes if isinstance(total, int) else None
 
+    def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
+        """Accelerate's, for trainwarden's training loader too (`num_batches` of the prepared
+        loader's own batches are skipped; the result is cut at the current micro-batch)."""
+        if isinstance(dataloader, MicroBatchLoader):
+            return dataloader.with_loader(super().skip_first_batches(dataloader.loader, num_batches))
+        return super().skip_first_batches(dataloader, num_batches)
+
     # ---- the loop -----------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         self._tw_start_clock()

@@ -89,6 +89,12 @@ class MicroBatchLoader:
                 )
                 yield piece
 
+    def with_loader(self, loader: Any) -> MicroBatchLoader:
+        """The same cut over another prepared loader (e.g. Accelerate's `skip_first_batches`)."""
+        out = MicroBatchLoader(loader, self._owner, self._accumulation, self.tokens_per_sample)
+        out.step_samples = self.step_samples
+        return out
+
     def __len__(self) -> int:
         inner = len(self.loader)
         if self.step_samples is None or not self._owner.micro_batch_size:

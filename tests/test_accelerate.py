@@ -223,3 +223,13 @@ def test_bad_values_are_rejected_not_raised(data: CorpusWindows) -> None:
         assert run.acc.apply(Action(kind, {"value": value}, "test", 1)).outcome == "rejected"
     run.steps(1)
     assert run.acc.step_count == 2
+
+
+def test_skip_first_batches_keeps_trainwardens_cut(data: CorpusWindows) -> None:
+    run = Run(data)
+    run.steps(1)
+    run.acc.reconfigure(micro_batch_size=4)
+    skipped = run.acc.skip_first_batches(run.loader, 2)
+    assert isinstance(skipped, MicroBatchLoader)
+    first = next(iter(skipped))
+    assert torch.equal(first["input_ids"], data.input_ids[2 * BATCH : 2 * BATCH + 4])
