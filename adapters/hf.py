@@ -12,6 +12,7 @@ controller decided; the Trainer's own control flags carry the rest.
 - telemetry: the loss of each optimizer step (the mean of its micro-batches' losses, read by a
   forward hook on the model from its output's `loss` while it trains), samples and tokens (from
   each micro-batch's `input_ids`), step time, memory; per-domain loss given to `log_domain_loss`.
+  A `compute_loss` that computes the loss outside the model gives it to `log_loss` instead.
 - `lr_multiplier` (the compute budget's cooldown): in `on_pre_optimizer_step` each param group's
   LR is multiplied, and in `on_optimizer_step` (before the Trainer steps its scheduler) the
   scheduled LR is put back, so the Trainer's scheduler never sees it, as in the other adapters.
@@ -106,11 +107,14 @@ class TrainwardenCallback(TrainerCallback):
         self.controller: Any = None
         self.last_loss: float | None = None
         self.last_lr: float | None = None
+        self.last_domain_loss: dict[str, float] = {}
         self._hook: Any = None
         self._scheduled: list[float] | None = None
         self._applied_lr: float | None = None
         self._loss_sum = 0.0
         self._loss_n = 0
+        self._given_loss_sum = 0.0
+        self._given_loss_n = 0
         self._scaled_losses = False
         self._samples = 0
         self._tokens = 0
@@ -137,6 +141,13 @@ class TrainwardenCallback(TrainerCallback):
             samples = int(ids.shape[0])
             self._samples += samples
             self._tokens += samples * self.tokens_per_sample if self.tokens_per_sample else int(ids.numel())
+
+    def log_loss(self, loss: Any) -> None:
+        """The loss of a micro-batch, for a `compute_loss` that computes it outside the model
+        (the model's output then has no `loss` for the forward hook to read). Once used, only
+        these are reported."""
+        self._given_loss_sum += float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        self._given_loss_n += 1
 
     def log_domain_loss(self, losses: Mapping[str, float], counts: Mapping[str, int] | None = None) -> None:
         """Per-domain loss of a micro-batch (e.g. from `compute_loss`); reported with its step."""
@@ -184,13 +195,16 @@ class TrainwardenCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
-        if self._loss_n:
-            loss: float | None = self._loss_sum if self._scaled_losses else self._loss_sum / self._loss_n
+        if self._given_loss_n:
+            loss: float | None = self._given_loss_sum / self._given_loss_n
+        elif self._loss_n:
+            loss = self._loss_sum if self._scaled_losses else self._loss_sum / self._loss_n
             if self._scaled_losses and getattr(args, "average_tokens_across_devices", False):
                 loss = self._loss_sum * self._world  # the model divided by every rank's tokens
         else:
             loss = None
         self._loss_sum, self._loss_n = 0.0, 0
+        self._given_loss_sum, self._given_loss_n = 0.0, 0
         step_samples = self._samples
         self._samples_seen += self._samples
         self._tokens_seen += self._tokens
@@ -200,6 +214,7 @@ class TrainwardenCallback(TrainerCallback):
         if self.mixture is not None:
             self.mixture.on_step(int(state.global_step), step_samples)
             domain = domain or self.mixture.take_domain_loss()
+        self.last_domain_loss = domain
         now = time.perf_counter()
         step_time, self._step_started = now - self._step_started, now
         self.last_loss, self.last_lr = loss, self._applied_lr
