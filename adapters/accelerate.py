@@ -32,8 +32,8 @@ step on every rank (the agent's collective). Nothing there needs the old configu
 the precision lives in the next forward, the micro-batch in the loader's next cut, and the
 scheduler and `zero_grad` that follow in the loop act on the same optimizer. An action that
 fails is reported (`rejected`, or `rolled_back` when the switch had begun and was undone), never
-raised into the loop. The agent starts at the first optimizer step (by then `prepare` has seen
-the model, optimizer and loader, so the knobs it reports are the ones the job can carry).
+raised into the loop. The agent starts at the `prepare` that brings the optimizer (prepare the
+training loader with it, or before it: the micro-batch knob is known from the loader).
 
 With a DeepSpeed plugin, the engine Accelerate builds is the DeepSpeed adapter's live handle
 (adapters/accelerate_deepspeed.py): `zero_stage`, `offload_optimizer`, `offload_param`,
@@ -313,7 +313,7 @@ class Accelerator(accelerate.Accelerator):
         self.last_loss, self.last_lr = loss, applied_lr
         if self.agent is None or self._tw_closed:
             return
-        world = self.num_processes
+        world = self.agent.world_size
         due = self.agent.on_step(
             step=self.step_count,
             loss=loss,
