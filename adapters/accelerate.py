@@ -228,6 +228,32 @@ class Accelerator(accelerate.Accelerator):
         total = getattr(loader, "total_batch_size", None)
         return total // self.num_processes if isinstance(total, int) else None
 
+    def prepare_data_loader(
+        self, data_loader: Any, device_placement: bool | None = None, slice_fn_for_dispatch: Any = None
+    ) -> Any:
+        """Accelerate's, except for a loader drawing from trainwarden's data mixture on several
+        processes: the mixture already draws one stream per rank, so Accelerate must not shard
+        its batches across processes as well (each rank would keep every other batch of its own
+        stream, and the mixture's position would count the ones it skipped)."""
+        from trainwarden.adapters.data_control import MixtureControl
+
+        sampler = getattr(data_loader, "sampler", None)
+        if self.num_processes == 1 or not isinstance(sampler, MixtureControl):
+            return super().prepare_data_loader(data_loader, device_placement, slice_fn_for_dispatch)
+        from accelerate.data_loader import prepare_data_loader
+
+        prepared = prepare_data_loader(
+            data_loader,
+            self.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=self.device_placement if device_placement is None else device_placement,
+            rng_types=[],  # the mixture's own seed and rank fix its stream
+            non_blocking=self.non_blocking,
+        )
+        self._dataloaders.append(prepared)
+        return prepared
+
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
         """Accelerate's, for trainwarden's training loader too (`num_batches` of the prepared
         loader's own batches are skipped; the result is cut at the current micro-batch)."""

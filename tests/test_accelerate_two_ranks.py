@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from accelerate_helpers import fresh_job_env
@@ -33,8 +34,7 @@ policies:
 """
 
 
-@pytest.mark.slow
-def test_both_ranks_switch_precision_and_micro_batch_at_the_same_step(tmp_path: Path) -> None:
+def _run(tmp_path: Path, *extra: str) -> list[list[dict[str, Any]]]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     cmd = [
@@ -50,10 +50,14 @@ def test_both_ranks_switch_precision_and_micro_batch_at_the_same_step(tmp_path: 
         *("--steps", str(STEPS), "--sync-every", str(SYNC), "--precision-at", str(PRECISION_AT)),
     ]
     env = fresh_job_env(TRAINWARDEN_RUN_ID="accelerate-two-ranks", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [[json.loads(x) for x in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
 
-    logs = [[json.loads(x) for x in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+
+@pytest.mark.slow
+def test_both_ranks_switch_precision_and_micro_batch_at_the_same_step(tmp_path: Path) -> None:
+    logs = _run(tmp_path)
     for rows in logs:
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     # The same configuration at every step on both ranks.
@@ -77,3 +81,28 @@ def test_both_ranks_switch_precision_and_micro_batch_at_the_same_step(tmp_path: 
     records = [r for r in read_jsonl(run_dir / "telemetry.jsonl") if r.get("event") == "step"]
     assert all(r["samples"] == 2 * 8 * r["step"] for r in records)
     assert all(sorted(m["rank"] for m in r["memory"]) == [0, 1] for r in records if r["step"] % SYNC == 0)
+
+
+@pytest.mark.slow
+def test_both_ranks_draw_their_own_mixture_and_change_it_at_the_same_step(tmp_path: Path) -> None:
+    """The mixture's loader is not sharded by Accelerate: each rank trains on every sample its own
+    stream draws, and a change of weights reaches both at the same sync step."""
+    logs = _run(tmp_path, "--mixture")
+    streams = [rows.pop(0)["stream"] for rows in logs]
+    assert streams[0] != streams[1]  # a stream per rank
+    for rows, stream in zip(logs, streams):
+        # Each rank trains on its own stream in order, every sample of it: Accelerate did not
+        # shard the batches across ranks (which would skip every other batch of each stream).
+        trained = [i for r in rows[: len(stream) // 8] for i in r["drawn"]]
+        assert trained == stream
+        assert all(len(r["drawn"]) == 8 for r in rows)
+    assert [r["domains"] for r in logs[0]] == [r["domains"] for r in logs[1]]
+    # Weights {code: 1} put in at step 4, applied at sync step 6; step 7 was prefetched before it.
+    for rows in logs:
+        assert all(r["domains"] == ["code", "prose"] for r in rows[:7])
+        assert all(r["domains"] == ["code"] for r in rows[7:])
+    decisions = list(read_jsonl(tmp_path / "run" / "decisions.jsonl"))
+    records = [r for r in read_jsonl(tmp_path / "run" / "telemetry.jsonl") if r.get("event") == "step"]
+    assert records[-1]["config"]["domain_weights"] == {"code": 1.0, "prose": 0.0}
+    assert all(r["samples"] == 2 * 8 * r["step"] for r in records)
+    assert not [d for d in decisions if d["outcome"] in ("rejected", "rolled_back")]

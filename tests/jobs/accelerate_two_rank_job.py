@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 from pathlib import Path
@@ -20,10 +21,24 @@ import torch
 import torch.distributed as dist
 
 from trainwarden.adapters.accelerate import Accelerator
-from trainwarden.controller.protocol import KNOB_PRECISION, Action
+from trainwarden.adapters.data import MixtureDataset, MixtureSampler
+from trainwarden.controller.protocol import KNOB_DOMAIN_WEIGHTS, KNOB_PRECISION, Action
 from trainwarden.examples.accelerate_train import CorpusWindows, gpt2, per_sample_loss
 
 BLOCK = 32
+
+
+class Domain(torch.utils.data.Dataset):
+    """The windows of one domain of the corpus."""
+
+    def __init__(self, windows: CorpusWindows, domain: int) -> None:
+        self.ids = windows.input_ids[windows.domain == domain]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i]}
 
 
 def main() -> int:
@@ -34,6 +49,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--sync-every", type=int, default=3)
     p.add_argument("--precision-at", type=int, default=4)
+    p.add_argument("--mixture", action="store_true", help="draw from trainwarden's data mixture")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -43,10 +59,19 @@ def main() -> int:
     rank = acc.process_index
     data = CorpusWindows(16 * 8 * args.steps, BLOCK, seed=0, max_bytes_per_domain=300_000)
     loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
+    mix = None
+    if args.mixture:  # the same windows as two domains, drawn by the mixture (a stream per rank)
+        mixed = MixtureDataset({name: Domain(data, d) for d, name in enumerate(data.domain_names)})
+        mix = MixtureSampler(mixed, seed=0)
+        # This rank's stream before any change, from a twin sampler: what its steps must train on.
+        stream = list(itertools.islice(iter(MixtureSampler(mixed, seed=0)), 8 * args.precision_at))
+        loader = torch.utils.data.DataLoader(mixed, batch_size=8, sampler=mix)
+        acc.mixture = mix
     torch.manual_seed(0)
     model = gpt2(BLOCK, n_layer=1, n_embd=32, n_head=2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, opt, loader = acc.prepare(model, opt, loader)
+    drawn: list[int] = []
     dtypes: list[str] = []
     acc.unwrap_model(model).transformer.h[0].attn.c_attn.register_forward_hook(
         lambda _m, _i, out: dtypes.append(str(out.dtype).removeprefix("torch."))
@@ -54,10 +79,16 @@ def main() -> int:
 
     log_path = Path(args.log_dir) / f"rank{rank}.jsonl"
     with open(log_path, "w") as log:
+        if mix is not None:
+            log.write(json.dumps({"rank": rank, "stream": stream}) + "\n")
         used = acc.micro_batch_size
         for batch in loader:
             with acc.accumulate(model):
-                loss = per_sample_loss(model(input_ids=batch["input_ids"]).logits, batch["input_ids"]).mean()
+                per_sample = per_sample_loss(model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
+                if mix is not None:
+                    mix.observe(per_sample, batch["index"])
+                    drawn.extend(int(i) for i in batch["index"])
+                loss = per_sample.mean()
                 acc.backward(loss)
                 opt.step()
                 opt.zero_grad()
@@ -72,15 +103,21 @@ def main() -> int:
                 "dtypes": sorted(set(dtypes)),
                 "next_precision": acc.precision,
                 "loss": acc.last_loss,
+                "drawn": drawn,
+                "domains": sorted(acc.last_domain_loss),
             }
             log.write(json.dumps(row) + "\n")
             log.flush()
             dtypes.clear()
+            drawn = []
             used = acc.micro_batch_size
             if rank == 0 and acc.step_count == args.precision_at and acc.agent is not None:
-                action = Action(
-                    KNOB_PRECISION, {"value": "bf16"}, "test: as the controller answers", acc.step_count
-                )
+                if mix is not None:
+                    action = Action(
+                        KNOB_DOMAIN_WEIGHTS, {"value": {"code": 1.0, "prose": 0.0}}, "test", acc.step_count
+                    )
+                else:
+                    action = Action(KNOB_PRECISION, {"value": "bf16"}, "test", acc.step_count)
                 with acc.agent._lock:
                     acc.agent._inbox[action.id] = action
             if acc.step_count >= args.steps:
