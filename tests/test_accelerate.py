@@ -233,3 +233,18 @@ def test_skip_first_batches_keeps_trainwardens_cut(data: CorpusWindows) -> None:
     assert isinstance(skipped, MicroBatchLoader)
     first = next(iter(skipped))
     assert torch.equal(first["input_ids"], data.input_ids[2 * BATCH : 2 * BATCH + 4])
+
+
+def test_save_state_and_load_state_work_through_the_dropin(data: CorpusWindows, tmp_path: Any) -> None:
+    first = Run(data)
+    first.steps(2)
+    first.acc.save_state(str(tmp_path / "ckpt"))
+    first.steps(2)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    resumed = Run(data)
+    resumed.acc.load_state(str(tmp_path / "ckpt"))
+    resumed.batches = iter(resumed.acc.skip_first_batches(resumed.loader, 2))
+    resumed.steps(2)
+    assert resumed.losses == first.losses[2:]
+    assert all(torch.equal(resumed.weights()[k], v) for k, v in first.weights().items())
