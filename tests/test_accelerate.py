@@ -248,3 +248,18 @@ def test_save_state_and_load_state_work_through_the_dropin(data: CorpusWindows, 
     resumed.steps(2)
     assert resumed.losses == first.losses[2:]
     assert all(torch.equal(resumed.weights()[k], v) for k, v in first.weights().items())
+
+
+def test_accumulation_from_the_constructor_is_the_steps_size_and_can_go_to_one(data: CorpusWindows) -> None:
+    plain = Run(data)
+    plain.steps(4)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    run = Run(data, batch=BATCH // 2, gradient_accumulation_steps=2)
+    assert run.acc.micro_batch_size == BATCH // 2 and run.loader.step_samples == BATCH
+    run.steps(2)
+    run.acc.reconfigure(micro_batch_size=BATCH)  # one micro-batch of 8 per step from here
+    assert run.acc.gradient_accumulation_steps == 1
+    run.steps(2)
+    for a, b in zip(run.losses, plain.losses):
+        assert abs(a - b) < 1e-5, (run.losses, plain.losses)
