@@ -111,7 +111,7 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
     out = Path(args.out or f"{stem}.tuned.yaml")
     sampler = make_sampler(args.sampler, args.seed)
     if mode == "replay":
-        from trainwarden.policies.tune_replay import load_traces, replay_evaluator
+        from trainwarden.policies.tune_replay import load_traces, replay_evaluator, unmodelled
 
         traces = load_traces(args.trace)
         evaluate, model = replay_evaluator(traces, objective)
@@ -119,7 +119,7 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
             f"trainwarden tune: replaying {len(traces)} trace(s); loss law fitted with rmse "
             f"{model.loss.rmse:.3g}"
         )
-        for note in model.notes:
+        for note in (*model.notes, *unmodelled(pf)):
             say(f"  note: {note}")
         pruner = optuna.pruners.NopPruner()
     else:

@@ -12,6 +12,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_MICRO_BATCH, KNOB_STOP
+from trainwarden.policies.memory import RUNG_KNOBS
 from trainwarden.policies.replay import ReplayResult, replay
 from trainwarden.policies.replay_model import KnobModel, fit_model
 from trainwarden.policies.replay_trace import Trace, load_trace
@@ -74,6 +76,28 @@ def summarize(results: Sequence[ReplayResult]) -> dict[str, Any]:
         "cap_violations": sum(r.cap_violations for r in results),
         "actions": sum(len(r.actions) for r in results),
     }
+
+
+#: Knobs whose effect the replay models: memory and step time (micro-batch, engine rungs), loss
+#: (the LR multiplier), the end of the run (stop).
+MODELLED_KNOBS = frozenset({KNOB_MICRO_BATCH, KNOB_LR_MULTIPLIER, KNOB_STOP, *RUNG_KNOBS})
+
+
+def unmodelled(pf: PolicyFile) -> list[str]:
+    """One line per policy of the file that sets knobs the replay does not model: its parameters
+    are searched, but cannot move a replayed objective (tune them on real runs instead)."""
+    from trainwarden.policies.base import kinds
+
+    registry = kinds()
+    lines = []
+    for spec in pf.policies:
+        missing = sorted(set(getattr(registry[spec.kind], "knobs", ())) - MODELLED_KNOBS)
+        if missing:
+            lines.append(
+                f"policy {spec.name!r} sets {', '.join(missing)}, which the replay does not model: its "
+                "parameters cannot change a replayed objective; tune it with real runs (-- CMD)"
+            )
+    return lines
 
 
 def replay_evaluator(traces: Sequence[Trace], objective: Objective) -> tuple[Any, KnobModel]:

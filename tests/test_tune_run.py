@@ -155,3 +155,21 @@ def test_the_objective_can_be_the_jobs_validation_loss(tmp_path: Path) -> None:
         if "eval_loss" in r
     ]
     assert len(evals) >= 2 and t.value == evals[-1] != t.user_attrs["final_loss"]
+
+
+def test_a_run_past_the_trial_timeout_is_stopped_and_failed(tmp_path: Path) -> None:
+    pf = load_policy_file(policy(tmp_path))
+    assert pf.objective is not None
+    study = open_study(
+        f"sqlite:///{tmp_path / 'tune.db'}", "s", "minimize", optuna.samplers.RandomSampler(seed=0)
+    )
+    evaluate = run_evaluator(
+        tiny_job(100_000), pf.objective, tmp_path / "w", timeout_s=8.0, poll_s=0.2, say=lambda _: None
+    )
+    run_study(pf, study, evaluate, 1, say=lambda _: None)
+    (t,) = study.get_trials()
+    assert t.state == TrialState.FAIL and t.user_attrs["failure"] == "the run took over 8 s (--trial-timeout)"
+    run_dir = Path(t.user_attrs["run_dir"])
+    controller_pid = json.loads((run_dir / "controller.json").read_text())["pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(controller_pid, 0)

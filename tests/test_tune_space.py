@@ -98,3 +98,11 @@ def test_the_first_trial_of_a_new_study_is_the_files_own_values(tmp_path: Path) 
     run_study(pf, study, evaluate, 3, say=lambda _: None)
     assert seen[0] == NewParams(threshold=0.7, window=8)
     assert len(study.trials) == 3 and study.best_trial.number == 2
+
+
+def test_a_policy_whose_knobs_the_replay_does_not_model_is_named(tmp_path: Path) -> None:
+    from trainwarden.policies.tune_replay import unmodelled
+
+    pf = load_policy_text(FILE, str(tmp_path / "p.yaml"))
+    (line,) = unmodelled(pf)  # compute's knobs are modelled; the new kind's are not
+    assert line.startswith("policy 'new.v2' sets test_knob, which the replay does not model")
