@@ -212,6 +212,7 @@ def policy_text(
         for item in items:
             if (item.get("name") or item.get("kind")) == policy:
                 item[key] = value
+    data.pop("tuned", None)  # a tuned file tuned again: its old provenance is not this file's
     if tuned is not None:
         data["tuned"] = tuned
     text = header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)

@@ -103,6 +103,12 @@ def test_a_study_completes_resumes_and_writes_a_valid_policy(tmp_path: Path) -> 
     assert tuned.budget == load_policy_file(pf_path).budget and tuned.objective is not None
     # validate says OK too
     assert main(["validate", str(out)]) == 0
+    # A tuned file tuned again: its provenance is the new study's, pointing at the tuned file.
+    again = tmp_path / "again.yaml"
+    args = ["--policy", str(out), "--storage", storage, "--study", "s2", "--out", str(again)]
+    assert tune(*args, "--trials", "1", "--trace", TRACE_DIRS[0]) == 0
+    retuned = load_policy_file(again).tuned
+    assert retuned is not None and retuned.study == "s2" and retuned.base == str(out)
 
 
 def test_an_interrupted_trial_is_failed_and_the_study_resumes(tmp_path: Path) -> None:
