@@ -201,17 +201,15 @@ class Accelerator(accelerate.Accelerator):
             if type(item) is AcceleratedOptimizer:  # not DeepSpeed's wrapper: its step is a no-op
                 item.__class__ = TrackedOptimizer
                 item._tw_accelerator = self
-            elif (
-                isinstance(item, torch.utils.data.DataLoader)
-                and self._tw_loader is None
-                and self.distributed_type in _AUTOCAST_TYPES
-            ):
+            elif isinstance(item, torch.utils.data.DataLoader) and self._tw_loader is None:
+                # Under DeepSpeed the engine owns the micro-batch: the loader only counts.
                 self._tw_loader = MicroBatchLoader(
                     item,
                     self,
                     self.gradient_accumulation_steps,
                     self.tokens_per_sample,
                     batch_size=self._per_process_batch(item),
+                    cut=self._tw_ds is None and self.distributed_type in _AUTOCAST_TYPES,
                 )
                 items[i] = self._tw_loader
         if self.agent is None and self._tw_attach_agent and not self._tw_closed and self._optimizers:
@@ -307,7 +305,7 @@ class Accelerator(accelerate.Accelerator):
             acc[1] += n
 
     # Called by the MicroBatchLoader for each micro-batch it gives.
-    def _tw_micro_batch(self, samples: int, tokens: int, last: bool) -> None:
+    def _tw_micro_batch(self, samples: int, tokens: int, last: bool | None) -> None:
         self._tw_start_clock()
         self._tw_samples += samples
         self._tw_tokens += tokens
@@ -367,6 +365,8 @@ class Accelerator(accelerate.Accelerator):
         uses `accumulate()` is known only once it ran: checked when a change is applied."""
         if self._tw_loader is None or self._tw_loader.step_samples is None:
             return "no training DataLoader was prepared by this Accelerator (the first one given to prepare)"
+        if not self._tw_loader.cut:
+            return f"under {self.distributed_type.value} the engine's config sets the micro-batch"
         if applying and not self._tw_accumulate_used:
             return "the loop does not use accelerator.accumulate(model), which is where accumulation happens"
         return None

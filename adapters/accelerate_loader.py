@@ -28,7 +28,7 @@ from trainwarden.adapters.batching import batch_size, micro_slices, regroup, sli
 class _Owner(Protocol):
     micro_batch_size: int | None
 
-    def _tw_micro_batch(self, samples: int, tokens: int, last: bool) -> None: ...
+    def _tw_micro_batch(self, samples: int, tokens: int, last: bool | None) -> None: ...
 
 
 def tokens_in(batch: Any, samples: int, tokens_per_sample: int | None) -> int:
@@ -57,8 +57,12 @@ class MicroBatchLoader:
         accumulation: int,
         tokens_per_sample: int | None,
         batch_size: int | None = None,
+        cut: bool = True,
     ) -> None:
         self.loader = loader
+        #: False: the batches pass through as Accelerate made them, only counted (under an engine
+        #: that owns its micro-batch, DeepSpeed's).
+        self.cut = cut
         self._owner = owner
         self._accumulation = max(1, accumulation)
         self.tokens_per_sample = tokens_per_sample
@@ -69,6 +73,12 @@ class MicroBatchLoader:
             owner.micro_batch_size = batch_size
 
     def __iter__(self) -> Iterator[Any]:
+        if not self.cut:
+            for batch in self.loader:
+                n = batch_size(batch)
+                self._owner._tw_micro_batch(n, tokens_in(batch, n, self.tokens_per_sample), None)
+                yield batch
+            return
         batches = iter(self.loader)
         first = next(batches, None)
         if first is None:
@@ -91,7 +101,7 @@ class MicroBatchLoader:
 
     def with_loader(self, loader: Any) -> MicroBatchLoader:
         """The same cut over another prepared loader (e.g. Accelerate's `skip_first_batches`)."""
-        out = MicroBatchLoader(loader, self._owner, self._accumulation, self.tokens_per_sample)
+        out = MicroBatchLoader(loader, self._owner, self._accumulation, self.tokens_per_sample, cut=self.cut)
         out.step_samples = self.step_samples
         return out
 

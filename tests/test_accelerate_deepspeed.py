@@ -99,6 +99,8 @@ def test_zero_stage_switch_through_accelerate_is_exact(data: CorpusWindows) -> N
     assert all(torch.equal(a, b) for a, b in zip(run["weights"], plain["weights"]))
     specs = {k.name: k for k in acc._knob_specs()}
     assert specs[KNOB_ZERO_STAGE].choices == (0, 1, 2, 3) and KNOB_PRECISION in specs
+    assert "micro_batch_size" not in specs  # DeepSpeed's config owns it
+    assert acc._tw_samples_seen == 4 * 8  # the loader counts what each step trained on
     run["handle"].destroy()
 
 
