@@ -37,8 +37,8 @@ tokens per CPU-second of the run's process (one torch thread: its own work, the 
 on these shared machines the other jobs' load moves between runs and wall time counts it; the wall
 figures are reported beside them.
 
-    .venv/bin/python bench/ladder_throughput.py           # ~5-7 min on 2 loaded cores
-    .venv/bin/python bench/ladder_throughput.py --quick   # fewer steps, a smoke run (~3 min)
+    .venv/bin/python bench/ladder_throughput.py           # 12 steps, 6 runs: ~4 min idle, ~8 at load 6
+    .venv/bin/python bench/ladder_throughput.py --quick   # 8 steps, a smoke run
 
 Prints one JSON object and writes it to bench/results/ladder_throughput.json. See bench/README.md.
 """
@@ -242,11 +242,23 @@ def summarize(run: dict[str, Any], cap: int, global_batch: int) -> dict[str, Any
     peaks = [s["peak_bytes"] for s in run["steps"] if s["peak_bytes"] is not None]
     over = [s["step"] for s in run["steps"] if s["peak_bytes"] is not None and s["peak_bytes"] > cap]
     first_decision = min((d["step"] for d in run["decisions"]), default=None)
+    short_seq = min(s["seq"] for s in run["steps"])
+    phases = {}
+    for name, part in (
+        ("short", [s for s in steps if s["seq"] == short_seq]),
+        ("long", [s for s in steps if s["seq"] != short_seq]),
+    ):
+        n = sum(global_batch * s["seq"] for s in part)
+        phases[name] = {
+            "tokens_per_cpu_s": n / sum(s["cpu_s"] for s in part),
+            "tokens_per_s": n / sum(s["s"] for s in part),
+        }
     return {
         "tokens_per_s": tokens / wall,
         "tokens_per_cpu_s": tokens / cpu,
         "wall_s_measured": wall,
         "cpu_s_measured": cpu,
+        "by_phase": phases,
         "peak_MiB_max": max(peaks) / MIB if peaks else None,
         "fits": not over,
         "steps_over_cap": over,
@@ -342,7 +354,7 @@ def compare(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seq", type=int, default=128, help="first half's sequence length (doubled after)")
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--layers", type=int, default=4)
