@@ -107,7 +107,7 @@ class MicroBatchLoader:
 
     def __len__(self) -> int:
         inner = len(self.loader)
-        if self.step_samples is None or not self._owner.micro_batch_size:
+        if not self.cut or self.step_samples is None or not self._owner.micro_batch_size:
             return inner
         per_batch = self.step_samples // self._accumulation
         steps = -(-inner * per_batch // self.step_samples)
