@@ -163,6 +163,7 @@ def test_micro_batch_switch_keeps_the_global_batch(data: CorpusWindows) -> None:
     weights, moments = run.weights(), run.moments()
     run.acc.reconfigure(micro_batch_size=2)
     assert run.acc.gradient_accumulation_steps == 4 and run.acc.micro_batch_size == 2
+    assert len(run.loader) == 4 * len(run.loader.loader)  # micro-batches an epoch gives now
     assert all(torch.equal(weights[k], v) for k, v in run.weights().items())
     assert _same(moments, run.moments())
     samples_before = run.acc._tw_samples_seen
