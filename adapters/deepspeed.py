@@ -698,6 +698,7 @@ class DeepSpeedHandle:
         attach_agent: bool,
         oom_errors: tuple[type[BaseException], ...] | None = None,
         oom_retry: bool = True,
+        mixture: Any = None,
     ) -> None:
         s = object.__setattr__
         s(self, "_builder", builder)
@@ -757,6 +758,15 @@ class DeepSpeedHandle:
             loader = MicroBatchLoader(engine.training_dataloader, lambda: self._setting.micro_batch_size)
             s(self, "_loader", loader)
             engine.training_dataloader = loader
+        #: The live data mixture (adapters/data.py): it draws the indices of `training_data` in
+        #: DeepSpeed's sampler's place; its knobs are this handle's too.
+        s(self, "mixture", mixture)
+        if mixture is not None:
+            if self._loader is None:
+                raise ConfigError(
+                    "mixture= draws the indices of training_data: pass training_data=MixtureDataset(...) too"
+                )
+            self._loader.data_sampler = mixture
         self._mark_step_start()
         if attach_agent:
             self._attach(policy, run_dir, sync_every)
@@ -1153,6 +1163,11 @@ class DeepSpeedHandle:
         self.last_loss, self.last_lr = loss, applied_lr
         now = time.perf_counter()
         step_time, self._step_started = now - self._step_started, now
+        domain_loss = None
+        if self.mixture is not None:
+            # The step consumed its samples (this rank's): the mixture's resume position moves past them.
+            self.mixture.on_step(int(engine.global_steps), engine.train_batch_size() // engine.dp_world_size)
+            domain_loss = self.mixture.take_domain_loss()
         if self.agent is None:
             return
         samples = int(engine.global_samples)
@@ -1164,6 +1179,7 @@ class DeepSpeedHandle:
             step_time_s=step_time,
             lr=applied_lr,
             config=self.config(),
+            domain_loss=domain_loss,
         )
         for outcome in self.apply_all(due):
             self.agent.report(outcome)
@@ -1186,6 +1202,7 @@ class DeepSpeedHandle:
             "train_batch_size": s.train_batch_size,
             KNOB_LR_MULTIPLIER: self.lr_multiplier,
             KNOB_STOP: self.should_stop,
+            **(self.mixture.config() if self.mixture is not None else {}),
             **({KNOB_ACTIVATION_CHECKPOINTING: self._ckpt()} if self._ckpt_api else {}),
         }
 
@@ -1252,6 +1269,8 @@ class DeepSpeedHandle:
             KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
             KnobSpec(KNOB_STOP, False, choices=(True,)),
         ]
+        if self.mixture is not None:
+            specs += self.mixture.knob_specs()
         return tuple(specs)
 
     def apply(self, action: Action) -> Outcome:
@@ -1327,6 +1346,9 @@ class DeepSpeedHandle:
         shared = apply_shared_knob(self, action, int(self._engine.global_steps))
         if shared is not None:
             return shared
+        data = self.mixture.apply(action) if self.mixture is not None else None
+        if data is not None:
+            return data
         return "rejected", f"the deepspeed adapter has no knob {kind!r}"
 
     # ---- the switch ----------------------------------------------------------------------------
@@ -1661,6 +1683,7 @@ def initialize(
     oom_errors: tuple[type[BaseException], ...] | None = None,
     oom_retry: bool = True,
     on_stop: StopHook | list[StopHook] | None = None,
+    mixture: Any = None,
 ) -> tuple[DeepSpeedHandle, OptimizerProxy | None, MicroBatchLoader | None, SchedulerProxy | None]:
     """`deepspeed.initialize`, returning (engine handle, optimizer, loader, scheduler) that stay
     valid across switches. Same arguments; trainwarden's own are keyword-only:
@@ -1672,6 +1695,8 @@ def initialize(
     oom_errors: the exception types that mean out of memory (default torch.cuda.OutOfMemoryError);
     oom_retry=False: an OOM is raised as it is, with no step down (module docstring).
     on_stop: save hook(s) run once when trainwarden stops the run (`DeepSpeedHandle.on_stop`).
+    mixture: the live data mixture (adapters/data.py) drawing `training_data`, a MixtureDataset: the
+    loader reads its indices from it instead of DeepSpeed's sampler, and the handle carries its knobs.
     """
     if model is None:
         raise ConfigError("initialize needs a model")
@@ -1704,6 +1729,7 @@ def initialize(
         attach_agent=attach_agent,
         oom_errors=oom_errors,
         oom_retry=oom_retry,
+        mixture=mixture,
     )
     object.__setattr__(handle, "stop_hooks", stop_hooks_arg(on_stop))
     opt_proxy = OptimizerProxy(lambda: handle._engine.optimizer) if engine.optimizer is not None else None
