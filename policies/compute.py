@@ -237,7 +237,11 @@ class ComputePolicy(PolicyKind):
             return None
         f = b.fraction
         params: dict[str, object] = {"cause": pl.cause}
-        end_words = "its end" if pl.cause == CAUSE_BUDGET else f"{pl.end:.0%} of it ({pl.why})"
+        end_words = (
+            f"the {b.name} budget is spent"
+            if pl.cause == CAUSE_BUDGET
+            else f"the early end at {pl.end:.0%} of the {b.name} budget comes ({pl.why})"
+        )
         if f >= pl.end:
             spent = (
                 f"the {b.name} budget is spent ({b.spent:.4g} of {b.limit:.4g} {b.unit})"
@@ -261,6 +265,6 @@ class ComputePolicy(PolicyKind):
             kind=KNOB_STOP,
             params=params,
             step=last + 1,
-            reason=f"the {b.name} budget reaches {end_words} {steps_left:.2g} step(s) after step "
-            f"{snapshot.step}: stopping after step {last}, the boundary nearest it (steps take {spf:.3g} s)",
+            reason=f"{end_words} {steps_left:.2g} step(s) after step {snapshot.step}: stopping after "
+            f"step {last}, the boundary nearest it (steps take {spf:.3g} s)",
         )
