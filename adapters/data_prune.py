@@ -13,6 +13,12 @@ from typing import Any
 
 import numpy as np
 
+#: Most of one domain that pruning may leave out.
+MAX_DOMAIN_PRUNED = 0.5
+#: An example whose loss fell by at least this fraction since its previous visit still teaches:
+#: never pruned, whatever fraction the policy allows (the fraction is a bound, not a quota).
+STILL_TEACHING = 0.01
+
 
 class ExampleTracker:
     def __init__(self, n: int) -> None:
@@ -33,18 +39,31 @@ class ExampleTracker:
         out[self.visits < 2] = np.nan
         return out
 
-    def choose_pruned(self, fraction: float) -> np.ndarray:
+    def choose_pruned(self, fraction: float, domain_ends: np.ndarray | None = None) -> np.ndarray:
         """Indices of the examples to leave out: those whose loss fell least since their previous
-        visit, at most `fraction` of all examples (fewer while few have been seen twice). Sorted."""
+        visit (by less than STILL_TEACHING), at most `fraction` of all examples, and at
+        most MAX_DOMAIN_PRUNED of any one domain (`domain_ends`: each domain's end index), so a
+        domain keeps examples to draw and a draw never walks a long run of pruned ones (the
+        domain's weight, not pruning, is what turns a whole domain down). Sorted."""
         k = int(fraction * len(self.visits))
         if k <= 0:
             return np.zeros(0, dtype=np.int64)
         score = self.learnability()
-        seen = np.flatnonzero(~np.isnan(score))
+        seen = np.flatnonzero(~np.isnan(score) & (score < STILL_TEACHING))
         if len(seen) == 0:
             return np.zeros(0, dtype=np.int64)
         # Stable order: ties (and equal scores) resolve by index, so a resumed run prunes the same set.
         order = seen[np.argsort(score[seen], kind="stable")]
+        if domain_ends is not None:
+            ends = np.asarray(domain_ends)
+            dom = np.searchsorted(ends, order, side="right")
+            sizes = np.diff(np.concatenate(([0], ends)))
+            # Rank of each candidate within its own domain, in score order.
+            rank = np.empty(len(order), dtype=np.int64)
+            for d in np.unique(dom):
+                at = np.flatnonzero(dom == d)
+                rank[at] = np.arange(len(at))
+            order = order[rank < (MAX_DOMAIN_PRUNED * sizes[dom]).astype(np.int64)]
         return np.sort(order[:k]).astype(np.int64)
 
     def state_dict(self) -> dict[str, Any]:

@@ -215,7 +215,7 @@ class MixtureSampler(MixtureControl, Sampler[int]):
     def _refresh_pruning(self) -> None:
         if self.tracker is None:
             return
-        pruned = self.tracker.choose_pruned(self._prune_fraction)
+        pruned = self.tracker.choose_pruned(self._prune_fraction, self.dataset._ends)
         if not np.array_equal(pruned, self._pruned):
             self._pruned = pruned
             self.data_version += 1

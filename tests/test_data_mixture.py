@@ -207,3 +207,26 @@ def test_reported_domain_loss_is_averaged_over_samples_not_steps(windows) -> Non
     got = mix.take_domain_loss()["code"]
     assert got == pytest.approx(2.0 + 8.0 / 128)
     assert mix.take_domain_loss() == {}  # nothing observed since: nothing reported
+
+
+def test_pruning_leaves_out_only_what_stopped_falling_and_at_most_half_of_a_domain(windows) -> None:
+    data, mix = _sampler(windows)
+    tracker = mix.tracker
+    n = len(data)
+    everything = torch.arange(n)
+    # Two visits: the noise domain's loss stays flat (unlearnable), the others fall 10%.
+    noise = torch.as_tensor(data.domain_of(everything) == data.names.index("noise"))
+    tracker.observe(everything.numpy(), torch.full((n,), 3.0).numpy())
+    tracker.observe(everything.numpy(), torch.where(noise, 3.0, 2.7).numpy())
+    pruned = tracker.choose_pruned(0.5, data._ends)
+    doms = data.domain_of(pruned)
+    size = data.sizes[data.names.index("noise")]
+    # Only the flat ones (still-falling examples teach, whatever the fraction allows), and at most
+    # half of their domain.
+    assert set(doms.tolist()) == {data.names.index("noise")}
+    assert len(pruned) == int(0.5 * size)
+    assert mix.apply(_action(KNOB_PRUNE_FRACTION, 0.3)) == (
+        "applied",
+        f"{mix.pruned_fraction():.1%} of the examples left out now",
+    )
+    assert 0 < mix.pruned_fraction() <= 0.3
