@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--arms", nargs="+", default=None, help="run only these arms (uniform is always run)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "data_mixture.json"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for seed in args.seeds:
         for arm, extra in arms(natural).items():
+            if args.arms and arm != "uniform" and arm not in args.arms:
+                continue
             with tempfile.TemporaryDirectory() as run_dir:
                 r = train(Options(seed=seed, run_dir=run_dir, **base, **extra))
             runs.setdefault(arm, {})[seed] = {
