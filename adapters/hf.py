@@ -123,6 +123,7 @@ class TrainwardenCallback(TrainerCallback):
         self._domain: dict[str, list[float]] = {}
         self._step_started = time.perf_counter()
         self._world = 1
+        self._deepspeed = False
         self._closed = False
 
     # ---- what the model sees ----------------------------------------------------------------
@@ -165,6 +166,7 @@ class TrainwardenCallback(TrainerCallback):
         if model is not None and self._hook is None:
             self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self._world = max(1, int(args.world_size))
+        self._deepspeed = bool(getattr(args, "deepspeed", None))
         self._step_started = time.perf_counter()
         if self.agent is None and not self._closed:
             self._attach(args, model)
@@ -176,6 +178,9 @@ class TrainwardenCallback(TrainerCallback):
         if opt is None:
             return
         groups = opt.param_groups
+        if self._deepspeed:  # the step already happened (see _attach); just report its LR
+            self._applied_lr = float(groups[0]["lr"]) if groups else None
+            return
         self._scheduled = [g["lr"] for g in groups]
         if self.lr_multiplier != 1.0:
             for g, lr in zip(groups, self._scheduled):
@@ -270,7 +275,15 @@ class TrainwardenCallback(TrainerCallback):
         """Carry one action at this step boundary; never raises into the Trainer."""
         t = time.perf_counter()
         try:
-            shared = apply_shared_knob(self, action, step)
+            shared: tuple[str, str] | None
+            if action.kind == KNOB_LR_MULTIPLIER and self._deepspeed:
+                shared = (
+                    "rejected",
+                    "the Trainer runs DeepSpeed's optimizer step inside backward, before any callback "
+                    "event: the LR multiplier is not carried under DeepSpeed (docs/hf.md)",
+                )
+            else:
+                shared = apply_shared_knob(self, action, step)
             if shared is None and self.mixture is not None:
                 shared = self.mixture.apply(action)
             outcome, detail = shared or (
@@ -314,7 +327,17 @@ class TrainwardenCallback(TrainerCallback):
             global_batch_size=per_device * world,
             tokens_per_sample=self.tokens_per_sample or 1,
             knobs=(
-                KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
+                # Under DeepSpeed the optimizer steps inside backward, before the Trainer's
+                # pre-optimizer event: a multiplier set there would miss the step it was for.
+                *(
+                    ()
+                    if self._deepspeed
+                    else (
+                        KnobSpec(
+                            KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER
+                        ),
+                    )
+                ),
                 KnobSpec(KNOB_STOP, False, choices=(True,)),
                 *(self.mixture.knob_specs() if self.mixture is not None else ()),
             ),
