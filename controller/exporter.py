@@ -170,7 +170,6 @@ class ControllerCollector(Collector):
             current_gain(snap, self._gain_window()),
         )
 
-
         dl = GaugeMetricFamily(
             "trainwarden_domain_loss", "Training loss per data domain.", labels=["run", "domain"]
         )

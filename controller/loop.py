@@ -544,6 +544,7 @@ class Controller:
                 src.close()
             return summary
 
+
 def budget_report(snap: Snapshot) -> list[dict[str, Any]]:
     """Each budget's spend, forecast end and whether it binds: what summary.json lists."""
     binding = snap.binding_budget

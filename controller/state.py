@@ -258,6 +258,7 @@ class JobState:
             finished=self.finished,
             nonfinite_losses=self.nonfinite_losses,
             last_nonfinite_step=self.last_nonfinite_step,
+            domain_loss=dict(self.domain_loss_ema),
             # The job's own clock (a jump it made is held as an offset here): what an action due
             # at a time (the compute policy's wall-time stop) is compared with in the job.
             time=None if self.last_time is None else self.last_time + self._clock_offset,
@@ -268,7 +269,6 @@ class JobState:
             eval_loss=self.eval_loss,
             action_lag_steps=max(self.action_lags) if self.action_lags else None,
             sync_every=shape.sync_every if shape else 1,
-            domain_loss=dict(self.domain_loss_ema),
         )
 
 
