@@ -486,6 +486,11 @@ class Accelerator(accelerate.Accelerator):
         why = precision_switch.refusal(value, self.device)
         if why is not None:
             return "rejected", why
+        if any(hasattr(precision_switch.inner_module(m), "_orig_mod") for m in self._models):
+            return "rejected", (
+                "a torch.compile'd model keeps the autocast it was compiled with: precision is not "
+                "switched for it (compile after the switch, or not at all)"
+            )
         target = "fp32" if value == "no" else str(value)
         if target == self.precision:
             return "noop", f"already {target}"
