@@ -75,7 +75,7 @@ def test_a_wall_time_budget_ends_within_tolerance(tmp_path: Path) -> None:
 
 
 def test_the_forecast_follows_a_throughput_change(tmp_path: Path) -> None:
-    """Micro-batch 16 -> 2 at step 40 (8 forward/backward passes a step instead of one): 8 steps
+    """Micro-batch 16 -> 1 at step 40 (16 forward/backward passes a step instead of one): 8 steps
     later the forecast's wall time per step is the new one (within 30% of what the steps since
     took), where the 20-step window the status line shows still mixes the two."""
     seen: dict[str, Any] = {}
@@ -84,18 +84,20 @@ def test_the_forecast_follows_a_throughput_change(tmp_path: Path) -> None:
     def each_step(run: Run) -> None:
         n = run.handle.step_count
         if n == 40:
-            act(run, KNOB_MICRO_BATCH, 2)
-        if n in (48, 70):
+            act(run, KNOB_MICRO_BATCH, 1)
+        if n in (48, 60):
             seen[n] = _forecast_when_caught_up(run, n)
 
-    run = run_job(tmp_path, policy, max_steps=70, each_step=each_step)
+    run = run_job(tmp_path, policy, max_steps=60, each_step=each_step)
     t = _record_times(run)
     before = (t[40] - t[10]) / 30
-    for n in (48, 70):
+    for n in (48, 60):
         spf, since, window_spf = seen[n]
-        after = (t[n] - t[41]) / (n - 41)
+        # The new segment starts at the first step under the new configuration; by step 60 another
+        # may have started, if the load on the machine changed (8 steps in a row 25% off).
+        assert since == 41 if n == 48 else since >= 41, (n, since)
+        after = (t[n] - t[since]) / (n - since)
         assert after > 2 * before, "the switch must change throughput for this test to mean anything"
-        assert since == 41, "the new segment starts at the first step under the new configuration"
         assert spf == pytest.approx(after, rel=0.3), (n, spf, before, after)
         if n == 48:
             assert abs(window_spf - after) > 0.3 * after, "a fixed window would not have followed yet"
