@@ -257,14 +257,16 @@ class ComputePolicy(PolicyKind):
         if steps_left > horizon_steps(snapshot, lead):
             return None
         last = snapshot.step + max(0, round(steps_left))
+        where = f"stopping after step {last}, the boundary nearest it"
         if b.name in TIMED_BUDGETS and snapshot.time is not None and b.rate_per_s:
             # Spent by the clock: the job places the stop by its own clock and step times (the
             # agent, adapters/agent.py), so a slowdown after this decision moves it too.
             params["at_time"] = round(snapshot.time + (pl.end - f) * b.limit / b.rate_per_s, 3)
+            where = f"stopping at the boundary nearest it (forecast: after step {last}; the job places it)"
         return Action(
             kind=KNOB_STOP,
             params=params,
             step=last + 1,
-            reason=f"{end_words} {steps_left:.2g} step(s) after step {snapshot.step}: stopping after "
-            f"step {last}, the boundary nearest it (steps take {spf:.3g} s)",
+            reason=f"{end_words} {steps_left:.2g} step(s) after step {snapshot.step}: {where} "
+            f"(steps take {spf:.3g} s)",
         )

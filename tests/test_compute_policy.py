@@ -82,6 +82,17 @@ def test_the_stop_is_sent_ahead_for_the_step_nearest_the_end() -> None:
     assert "stopping after step 55" in stop.reason
 
 
+def test_a_wall_time_stop_carries_the_time_the_job_places_it_by() -> None:
+    # The job's clock read 5000.0 at the end of step 50, 94.6 s of 100 spent: the end is at 5005.4.
+    stop = decide(snap(94.6, action_lag_steps=4, time=5000.0))[KNOB_STOP]
+    assert stop.params == {"cause": CAUSE_BUDGET, "at_time": pytest.approx(5005.4)}
+    assert "the job places it" in stop.reason
+    # A token budget has no time: it is spent by whole steps.
+    tokens = BudgetUse("tokens", "tokens", 99_000.0, 100_000.0, 1000.0)
+    stop = decide(snap(0.0, budgets=(tokens,), time=5000.0, action_lag_steps=4))[KNOB_STOP]
+    assert "at_time" not in stop.params
+
+
 def test_a_token_budget_stops_after_the_step_that_spends_it() -> None:
     # 1000 tokens a step, 10 steps left: the stop is for after step 60, however fast the steps.
     tokens = BudgetUse("tokens", "tokens", 90_000.0, 100_000.0, 50_000.0)
