@@ -66,6 +66,7 @@ from trainwarden.adapters.connect import connect, run_id_from_env
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
+    advance_lr_ramp,
     apply_shared_knob,
     check_budget_at_start,
     check_eval_loss,
@@ -318,6 +319,7 @@ class Accelerator(accelerate.Accelerator):
             self._tw_step_started = time.perf_counter()
 
     def _tw_boundary(self, applied_lr: float) -> None:
+        advance_lr_ramp(self)  # the next step's multiplier, on the cooldown's ramp
         self.step_count += 1
         loss = float(self._tw_loss_sum) / self._tw_loss_n if self._tw_loss_sum is not None else None
         self._tw_loss_sum, self._tw_loss_n = None, 0

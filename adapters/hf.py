@@ -46,6 +46,7 @@ from trainwarden.adapters.connect import connect, run_id_from_env
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
+    advance_lr_ramp,
     apply_shared_knob,
     check_budget_at_start,
     check_eval_loss,
@@ -200,6 +201,7 @@ class TrainwardenCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
+        advance_lr_ramp(self)  # the next step's multiplier, on the cooldown's ramp
         if self._given_loss_n:
             loss: float | None = self._given_loss_sum / self._given_loss_n
         elif self._loss_n:

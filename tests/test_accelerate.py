@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from trainwarden.adapters.accelerate import Accelerator, TrackedOptimizer
 from trainwarden.adapters.accelerate_loader import MicroBatchLoader
-from trainwarden.controller.protocol import KNOB_MICRO_BATCH, KNOB_PRECISION, Action
+from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_MICRO_BATCH, KNOB_PRECISION, Action
 from trainwarden.examples.accelerate_train import CorpusWindows, gpt2, per_sample_loss
 
 BLOCK = 32
@@ -264,3 +264,17 @@ def test_accumulation_from_the_constructor_is_the_steps_size_and_can_go_to_one(d
     run.steps(2)
     for a, b in zip(run.losses, plain.losses):
         assert abs(a - b) < 1e-5, (run.losses, plain.losses)
+
+
+def test_the_lr_multiplier_follows_a_cooldown_ramp_step_by_step(data: CorpusWindows) -> None:
+    """The compute policy sends a cooldown as a ramp (value, to, over_steps): the multiplier moves
+    every optimizer step, not once per exchange."""
+    run = Run(data)
+    run.steps(1)
+    ramp = Action(KNOB_LR_MULTIPLIER, {"value": 1.0, "to": 0.0, "over_steps": 4}, "test", 1)
+    assert run.acc.apply(ramp).outcome == "applied"
+    lrs = []
+    for _ in range(6):
+        run.steps(1)
+        lrs.append(run.acc.last_lr)
+    assert lrs == pytest.approx([3e-3, 2.25e-3, 1.5e-3, 0.75e-3, 0.0, 0.0])

@@ -147,6 +147,23 @@ def test_lr_multiplier_applies_to_the_optimizer_step_and_never_to_the_scheduler(
     assert all(torch.equal(weights[2], w) for w in weights[3:])
 
 
+def test_the_lr_multiplier_follows_a_cooldown_ramp_step_by_step(
+    data: CorpusWindows, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compute policy sends a cooldown as a ramp: the multiplier moves every optimizer step."""
+    monkeypatch.setenv("TRAINWARDEN_DISABLE", "1")
+    tw = TrainwardenCallback()
+    ramp = Action(KNOB_LR_MULTIPLIER, {"value": 1.0, "to": 0.0, "over_steps": 2}, "test", 3)
+    probe = Inject(tw, {3: ramp})
+    trainer = _trainer(data, tmp_path / "out", [tw, probe])
+    trainer.train()
+    assert probe.outcomes == ["applied"]
+    # The injector runs after trainwarden's on_step_end: step 4 runs at the action's value,
+    # then the ramp moves once per step.
+    multipliers = [a / s for a, s in zip(probe.applied_lr[3:], probe.scheduled_lr[3:])]
+    assert multipliers == pytest.approx([1.0, 0.5, 0.0])
+
+
 def test_stop_ends_training_through_the_trainers_control_and_saves(
     data: CorpusWindows, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
