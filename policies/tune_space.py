@@ -94,7 +94,9 @@ def with_params(pf: PolicyFile, values: Mapping[str, Any]) -> PolicyFile:
             continue
         params = dataclasses.replace(spec.params, **changes)
         check = getattr(params, "check", None)
-        problems += [f"{spec.name}: {p}" for p in (check() if callable(check) else [])]
+        for p in check() if callable(check) else []:
+            # A check may name the key it is about: (key, message), as the loader reports it.
+            problems.append(f"{spec.name}: {p[0]}: {p[1]}" if isinstance(p, tuple) else f"{spec.name}: {p}")
         specs.append(dataclasses.replace(spec, params=params))
     if problems:
         raise InvalidParams("; ".join(problems))
