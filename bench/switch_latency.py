@@ -8,9 +8,10 @@ from the same training state, one after the other:
 - one process holds a trainwarden handle over a GPT of ~25M parameters (examples/gpt.py,
   8 layers, 512 wide, context 64), single rank, AdamW (`torch_adam`: no op build);
 - for each leg A -> B of a chain that covers every ZeRO stage pair (2-3-0-2-0-3-1-3-2-1-0-1-2,
-  fp32) and the precision pairs at ZeRO 2 (fp32 <-> bf16, and fp16 <-> fp32 / bf16 where
-  DeepSpeed supports fp16 on this CPU): one optimizer step at A (the state moves on), a host
-  copy of the state as the reference (not timed), then
+  fp32), the precision pairs at ZeRO 2 (fp32 <-> bf16, and fp16 <-> fp32 / bf16 where
+  DeepSpeed supports fp16 on this CPU) and offload (ZeRO 2 -> + optimizer offload -> ZeRO 3 with
+  both offloads -> ZeRO 2; torch's AdamW under offload, as `torch_adam` gives it): one optimizer
+  step at A (the state moves on), a host copy of the state as the reference (not timed), then
   - the checkpoint path: `save_checkpoint` (timed), then a new Python process (timed from its
     spawn) that imports torch and DeepSpeed, builds the model, `deepspeed.initialize`s it at B and
     `load_checkpoint`s; once it has loaded (its clock stops there) it compares the fp32 masters,
@@ -29,7 +30,7 @@ Both sides run with the same torch thread count (`--threads`, 1 by default: the 
 shared) and glibc's mmap threshold at 64 KiB (as `trainwarden run` sets it; the script re-executes
 itself with it), so freed engines really leave RSS.
 
-    .venv/bin/python bench/switch_latency.py                 # every leg, ~4-6 min on 2 loaded cores
+    .venv/bin/python bench/switch_latency.py                 # 21 legs, ~4-6 min on 2 loaded cores
     .venv/bin/python bench/switch_latency.py --quick         # 3 legs, a smoke run (~1 min)
     .venv/bin/python bench/switch_latency.py --legs 2:fp32-3:fp32 3:fp32-0:fp32
 
@@ -51,7 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -65,6 +66,45 @@ PRECISION_CHAIN_FP16 = ("fp32", "bf16", "fp32", "fp16", "bf16", "fp16", "fp32")
 MIB = 1 << 20
 
 
+class Cfg(NamedTuple):
+    """One end of a leg: what the engine runs with."""
+
+    stage: int
+    precision: str
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    @staticmethod
+    def parse(spec: str) -> Cfg:
+        """`STAGE:PRECISION[:FLAGS]`, FLAGS `o` (optimizer offload) and/or `p` (parameter offload)."""
+        parts = spec.split(":")
+        flags = parts[2] if len(parts) > 2 else ""
+        return Cfg(int(parts[0]), parts[1], "o" in flags, "p" in flags)
+
+    def describe(self) -> str:
+        extra = [
+            w
+            for w, on in (
+                ("optimizer offload", self.offload_optimizer),
+                ("param offload", self.offload_param),
+            )
+            if on
+        ]
+        return f"ZeRO {self.stage} {self.precision}" + (f" + {' + '.join(extra)}" if extra else "")
+
+    def knobs(self) -> dict[str, Any]:
+        return {
+            "zero_stage": self.stage,
+            "precision": self.precision,
+            "offload_optimizer": self.offload_optimizer,
+            "offload_param": self.offload_param,
+        }
+
+
+#: Offload legs after the chain (which ends at ZeRO 2 fp32): on, both (ZeRO 3), off.
+OFFLOAD_LEGS = (Cfg(2, "fp32", True), Cfg(3, "fp32", True, True), Cfg(2, "fp32"))
+
+
 # ---- what both processes share --------------------------------------------------------------------
 
 
@@ -74,11 +114,17 @@ def model_config(args: argparse.Namespace) -> Any:
     return GPTConfig(block_size=args.seq, n_layer=args.layers, n_head=8, n_embd=args.width)
 
 
-def ds_config(stage: int, precision: str, micro: int) -> dict[str, Any]:
+def ds_config(cfg: Cfg, micro: int) -> dict[str, Any]:
+    stage, precision = cfg.stage, cfg.precision
+    zero: dict[str, Any] = {"stage": stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
     return {
         "train_batch_size": micro,
         "train_micro_batch_size_per_gpu": micro,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "steps_per_print": 10**9,
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 8},
         "bf16": {"enabled": precision == "bf16"},
@@ -178,7 +224,9 @@ def child(args: argparse.Namespace) -> None:
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=model.parameters(),
-            config=ds_config(args.stage, args.precision, args.micro),
+            config=ds_config(
+                Cfg(args.stage, args.precision, args.offload_optimizer, args.offload_param), args.micro
+            ),
         )
         t_init = time.time()
         path, _ = engine.load_checkpoint(args.ckpt_dir, tag="switch")
@@ -210,7 +258,7 @@ def child(args: argparse.Namespace) -> None:
     print(CHILD_TAG + json.dumps(out), flush=True)
 
 
-def run_child(args: argparse.Namespace, ckpt_dir: str, stage: int, precision: str) -> dict[str, Any]:
+def run_child(args: argparse.Namespace, ckpt_dir: str, cfg: Cfg) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINWARDEN_")}
     env.update(single_rank_env(free_port()))
     env["OMP_NUM_THREADS"] = str(args.threads)
@@ -222,9 +270,11 @@ def run_child(args: argparse.Namespace, ckpt_dir: str, stage: int, precision: st
         "--ckpt-dir",
         ckpt_dir,
         "--stage",
-        str(stage),
+        str(cfg.stage),
         "--precision",
-        precision,
+        cfg.precision,
+        *(["--offload-optimizer"] if cfg.offload_optimizer else []),
+        *(["--offload-param"] if cfg.offload_param else []),
         "--layers",
         str(args.layers),
         "--width",
@@ -252,19 +302,18 @@ def run_child(args: argparse.Namespace, ckpt_dir: str, stage: int, precision: st
 # ---- the parent -------------------------------------------------------------------------------------
 
 
-def legs(args: argparse.Namespace, fp16: bool) -> list[tuple[tuple[int, str], tuple[int, str]]]:
+def legs(args: argparse.Namespace, fp16: bool) -> list[tuple[Cfg, Cfg]]:
     if args.legs:
-        out = []
-        for spec in args.legs:
-            a, b = spec.split("-")
-            sa, pa = a.split(":")
-            sb, pb = b.split(":")
-            out.append(((int(sa), pa), (int(sb), pb)))
-        return out
+        return [(Cfg.parse(a), Cfg.parse(b)) for a, b in (spec.split("-") for spec in args.legs)]
     if args.quick:
-        return [((2, "fp32"), (2, "bf16")), ((2, "bf16"), (3, "bf16")), ((3, "bf16"), (0, "fp32"))]
-    chain = [(2, p) for p in (PRECISION_CHAIN_FP16 if fp16 else PRECISION_CHAIN)]
-    chain += [(s, "fp32") for s in STAGE_CHAIN[1:]]
+        return [
+            (Cfg(2, "fp32"), Cfg(2, "bf16")),
+            (Cfg(2, "bf16"), Cfg(3, "bf16")),
+            (Cfg(3, "bf16"), Cfg(0, "fp32")),
+        ]
+    chain = [Cfg(2, p) for p in (PRECISION_CHAIN_FP16 if fp16 else PRECISION_CHAIN)]
+    chain += [Cfg(s, "fp32") for s in STAGE_CHAIN[1:]]
+    chain += list(OFFLOAD_LEGS)
     return list(itertools.pairwise(chain))
 
 
@@ -320,11 +369,10 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = GPT(model_config(args))
     n_params = model.num_params()
-    (s0, p0) = plan[0][0]
     handle, _, _, _ = initialize(
         model=model,
         model_parameters=model.parameters(),
-        config=ds_config(s0, p0, args.micro),
+        config=ds_config(plan[0][0], args.micro),
         attach_agent=False,
     )
     g = torch.Generator().manual_seed(1)
@@ -333,9 +381,10 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="tw-switch-"))
     try:
-        for (sa, pa), (sb, pb) in plan:
-            if (handle.setting.zero_stage, handle.setting.precision) != (sa, pa):
-                handle.reconfigure(zero_stage=sa, precision=pa)  # a leg given by hand: get to its start
+        for a, b in plan:
+            st = handle.setting
+            if Cfg(st.zero_stage, st.precision, st.offload_optimizer, st.offload_param) != a:
+                handle.reconfigure(**a.knobs())  # a leg given by hand: get to its start
             train_step(handle, batch)
             ref = reference(handle.training_state())
             ckpt = work / "ckpt"
@@ -346,15 +395,15 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             torch.save(ref, ckpt / "reference.pt")
             files = [f for f in ckpt.rglob("*") if f.is_file() and f.name != "reference.pt"]
             ckpt_bytes = sum(f.stat().st_size for f in files)
-            print(f"leg ZeRO {sa} {pa} -> ZeRO {sb} {pb}: checkpoint path ...", file=sys.stderr, flush=True)
-            rep = run_child(args, str(ckpt), sb, pb)
+            print(f"leg {a.describe()} -> {b.describe()}: checkpoint path ...", file=sys.stderr, flush=True)
+            rep = run_child(args, str(ckpt), b)
             shutil.rmtree(ckpt, ignore_errors=True)
             t = time.perf_counter()
-            r = handle.reconfigure(zero_stage=sb, precision=pb)
+            r = handle.reconfigure(**b.knobs())
             inplace_wall = time.perf_counter() - t
             after = compare(handle.training_state(), ref)
             del ref
-            row = leg_row(sa, pa, sb, pb, save_s, ckpt_bytes, rep, r, inplace_wall, after)
+            row = leg_row(a, b, save_s, ckpt_bytes, rep, r, inplace_wall, after)
             print(
                 f"  in place {row['in_place_s']:.2f} s, checkpoint path {row['checkpoint_path']['status']}"
                 f" {row['checkpoint_path'].get('total_s')}",
@@ -419,10 +468,8 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def leg_row(
-    sa: int,
-    pa: str,
-    sb: int,
-    pb: str,
+    a: Cfg,
+    b: Cfg,
     save_s: float,
     ckpt_bytes: int,
     rep: dict[str, Any],
@@ -453,8 +500,8 @@ def leg_row(
     bound = r.memory_before_bytes + r.bytes_moved
     larger = max(r.memory_before_bytes, r.memory_after_bytes)
     return {
-        "from": {"zero_stage": sa, "precision": pa},
-        "to": {"zero_stage": sb, "precision": pb},
+        "from": a.knobs(),
+        "to": b.knobs(),
         "in_place_s": inplace_wall,
         "in_place_reported_s": r.duration_s,
         "in_place_state": after,
@@ -481,12 +528,18 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="3 legs: fp32->bf16 at ZeRO 2, 2->3, 3->0")
-    ap.add_argument("--legs", nargs="*", help="legs as STAGE:PREC-STAGE:PREC, e.g. 2:fp32-3:fp32")
+    ap.add_argument(
+        "--legs",
+        nargs="*",
+        help="legs as STAGE:PREC[:o][p]-STAGE:PREC[:o][p], e.g. 2:fp32-3:fp32 2:fp32-3:fp32:op",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt-dir", help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--precision", help=argparse.SUPPRESS)
+    ap.add_argument("--offload-optimizer", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--offload-param", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trainwarden" / "torch_extensions")
