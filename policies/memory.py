@@ -524,10 +524,13 @@ class MemoryPolicy(PolicyKind):
 
     # ---- reading the snapshot -------------------------------------------------------------
     def _view(self, snapshot: Snapshot) -> _View | None:
-        """The decision's inputs; None when there is no engine ladder (micro-batch only)."""
+        """The decision's inputs; None when there is no engine ladder (micro-batch only).
+
+        The default ladder needs DeepSpeed's knobs; a file's ladder runs on whatever adapter carries
+        its knobs (precision rungs on Accelerate, activation checkpointing on plain PyTorch)."""
         p: MemoryParams = self.params
         cap = snapshot.memory_cap_bytes
-        if cap is None or not snapshot.memory or KNOB_ZERO_STAGE not in snapshot.knobs:
+        if cap is None or not snapshot.memory:
             return None
         ladder = self._ladder(snapshot)
         if len(ladder) < 2:

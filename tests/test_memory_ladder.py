@@ -642,3 +642,19 @@ def test_the_first_step_is_not_read_as_growth() -> None:
     # The same rise later in the run is a trend.
     later = ((11, 700 * MiB), *((s, 820 * MiB) for s in range(12, 19)))
     assert policy().decide(snap(peak=820 * MiB, step=18, recent=later), NO_BUDGET) != []
+
+
+def test_a_files_ladder_runs_without_deepspeeds_knobs() -> None:
+    """An Accelerate job reports precision and the micro-batch, no ZeRO stage: a file's precision
+    ladder steps it down (the default ladder needs DeepSpeed's knobs and stays empty)."""
+    knobs = {
+        KNOB_PRECISION: KnobSpec(KNOB_PRECISION, "fp32", choices=("fp32", "bf16")),
+        KNOB_MICRO_BATCH: KnobSpec(KNOB_MICRO_BATCH, 8, choices=(1, 2, 4, 8)),
+    }
+    config = {KNOB_PRECISION: "fp32", KNOB_MICRO_BATCH: 8, "gradient_accumulation_steps": 1}
+    s = snap(peak=913 * MiB, config=config, knobs=knobs, ranks=1)
+    assert default_ladder(s) == ()
+    p = policy(ladder=({KNOB_PRECISION: "fp32"}, {KNOB_PRECISION: "bf16"}))
+    assert moves(p.decide(s, NO_BUDGET)) == [(KNOB_PRECISION, "bf16")]
+    # Without a file's ladder the micro-batch is the whole ladder, as before.
+    assert moves(policy().decide(s, NO_BUDGET)) == [(KNOB_MICRO_BATCH, 4)]
