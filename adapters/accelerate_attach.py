@@ -17,12 +17,12 @@ a string comparison per import, and the import of the adapter when Accelerate is
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import logging
 import sys
 from types import ModuleType
 from typing import Any
+
+from trainwarden.adapters.import_patch import PatchingFinder
 
 log = logging.getLogger("trainwarden")
 
@@ -46,54 +46,11 @@ LIBRARY_CALLERS = frozenset(
 )
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    """The real loader of `accelerate`, plus the replacement of `Accelerator` once it has run."""
-
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        spec = module.__spec__
-        if spec is not None:
-            spec.loader = self._loader
-        module.__loader__ = self._loader
-        self._loader.exec_module(module)
-        patch(module)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
-
-
-class AccelerateFinder(importlib.abc.MetaPathFinder):
+class AccelerateFinder(PatchingFinder):
     """Finds `accelerate` with the finders after it and wraps its loader."""
 
     def __init__(self) -> None:
-        self._busy = False
-
-    def find_spec(
-        self, fullname: str, path: Any = None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "accelerate" or self._busy:
-            return None
-        self._busy = True
-        try:
-            spec = None
-            for finder in sys.meta_path:
-                find = getattr(finder, "find_spec", None)
-                if finder is self or find is None:
-                    continue
-                spec = find(fullname, path, target)
-                if spec is not None:
-                    break
-        finally:
-            self._busy = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None
-        spec.loader = _PatchingLoader(spec.loader)
-        return spec
+        super().__init__("accelerate", patch)
 
 
 def install() -> None:

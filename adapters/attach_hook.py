@@ -39,8 +39,6 @@ TRAINWARDEN_ATTACH in `.deepspeed_env`) start ranks without the hook.
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import inspect
 import logging
 import os
@@ -51,6 +49,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from trainwarden.adapters.import_patch import PatchingFinder
 from trainwarden.controller.protocol import ENV_ATTACH
 
 log = logging.getLogger("trainwarden")
@@ -126,55 +125,11 @@ def job_env(run_dir: str | os.PathLike[str], env: Mapping[str, str]) -> dict[str
 # ---- the import hook ----------------------------------------------------------------------------
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    """The real loader of `deepspeed`, plus the replacement of `initialize` once it has run."""
-
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        # The module is the real loader's from here on: nothing of the hook stays visible.
-        spec = module.__spec__
-        if spec is not None:
-            spec.loader = self._loader
-        module.__loader__ = self._loader
-        self._loader.exec_module(module)
-        patch(module)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
-
-
-class DeepSpeedFinder(importlib.abc.MetaPathFinder):
+class DeepSpeedFinder(PatchingFinder):
     """Finds `deepspeed` with the finders after it, and wraps its loader (see the docstring)."""
 
     def __init__(self) -> None:
-        self._busy = False
-
-    def find_spec(
-        self, fullname: str, path: Any = None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "deepspeed" or self._busy:
-            return None
-        self._busy = True
-        try:
-            spec = None
-            for finder in sys.meta_path:
-                find = getattr(finder, "find_spec", None)
-                if finder is self or find is None:
-                    continue
-                spec = find(fullname, path, target)
-                if spec is not None:
-                    break
-        finally:
-            self._busy = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None  # not installed, or a kind of module this hook leaves alone
-        spec.loader = _PatchingLoader(spec.loader)
-        return spec
+        super().__init__("deepspeed", patch)
 
 
 def install() -> None:
