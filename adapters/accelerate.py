@@ -62,30 +62,26 @@ from trainwarden.adapters import accelerate_deepspeed
 from trainwarden.adapters import accelerate_precision as precision_switch
 from trainwarden.adapters.accelerate_loader import MicroBatchLoader
 from trainwarden.adapters.agent import Agent
-from trainwarden.adapters.connect import connect, run_id_from_env
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
     advance_lr_ramp,
     apply_shared_knob,
-    check_budget_at_start,
     check_eval_loss,
     lr_scaled,
     stop_hooks_arg,
 )
+from trainwarden.adapters.link import open_link, start_agent
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
-    ENV_SYNC_EVERY,
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
     KNOB_PRECISION,
     KNOB_STOP,
     Action,
-    JobShape,
     KnobSpec,
     Outcome,
 )
-from trainwarden.policies.schema import ControllerSettings
 
 log = logging.getLogger("trainwarden")
 
@@ -557,44 +553,22 @@ class Accelerator(accelerate.Accelerator):
 
     # ---- the agent ----------------------------------------------------------------------------
     def _tw_attach(self) -> None:
-        dist = torch.distributed
-        initialized = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank() if initialized else 0
-        world = dist.get_world_size() if initialized else 1
-        run_id = run_id_from_env()
         opts = self._tw_options
-        channel, self.controller = connect(rank, run_id, opts["policy"], opts["run_dir"])
-        settings_sync = self.controller.settings.sync_every if self.controller is not None else None
-        sync = (
-            opts["sync_every"]
-            or settings_sync
-            or int(os.environ.get(ENV_SYNC_EVERY, ControllerSettings.sync_every))
-        )
-        pids: tuple[int, ...] = (os.getpid(),)
-        if initialized and world > 1:
-            # Every rank must run its collectives at the same steps: rank 0's cadence is the job's.
-            out: list[Any] = [None] * world
-            dist.all_gather_object(out, (os.getpid(), sync))
-            pids, sync = tuple(int(p) for p, _ in out), int(out[0][1])
+        link = open_link(opts["policy"], opts["run_dir"], opts["sync_every"])
+        self.controller = link.controller
         model = self._models[0] if self._models else None
         params = list(precision_switch.inner_module(model).parameters()) if model is not None else []
         probe = probe_for(params[0].device if params else self.device)
         step_samples = self._tw_loader.step_samples if self._tw_loader is not None else None
-        shape = JobShape(
-            run_id=run_id,
+        self.agent = start_agent(
+            link,
+            probe,
             adapter=self.adapter_name,
-            world_size=world,
             param_count=sum(p.numel() for p in params),
-            global_batch_size=(step_samples or 0) * world,
+            global_batch_size=(step_samples or 0) * link.world_size,
             tokens_per_sample=self.tokens_per_sample or 1,
             knobs=self._knob_specs(),
-            pids=pids,
-            device=probe.device,
-            device_total_bytes=probe.total_bytes,
-            sync_every=sync,
         )
-        check_budget_at_start(self.controller, shape)
-        self.agent = Agent(shape, channel, probe, rank=rank, world_size=world, sync_every=sync)
 
     def close(self) -> None:
         """Flush telemetry, tell the controller the job is done; idempotent. Training may go on."""

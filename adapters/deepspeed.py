@@ -117,8 +117,6 @@ from typing import Any
 import torch
 
 from trainwarden.adapters import attach_hook, ds_oom, ds_state
-from trainwarden.adapters.agent import Agent
-from trainwarden.adapters.connect import connect, run_id_from_env
 from trainwarden.adapters.ds_config import (
     PRECISIONS,
     ConfigError,
@@ -135,14 +133,13 @@ from trainwarden.adapters.knobs import (
     StopHooks,
     advance_lr_ramp,
     apply_shared_knob,
-    check_budget_at_start,
     check_eval_loss,
     lr_scaled,
     stop_hooks_arg,
 )
+from trainwarden.adapters.link import open_link, start_agent
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
-    ENV_SYNC_EVERY,
     KNOB_ACTIVATION_CHECKPOINTING,
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
@@ -154,11 +151,9 @@ from trainwarden.controller.protocol import (
     MAX_EVENT_REASON_CHARS,
     Action,
     AdapterEvent,
-    JobShape,
     KnobSpec,
     Outcome,
 )
-from trainwarden.policies.schema import ControllerSettings
 
 log = logging.getLogger("trainwarden")
 
@@ -1564,40 +1559,18 @@ class DeepSpeedHandle:
         run_dir: str | os.PathLike[str] | None,
         sync_every: int | None,
     ) -> None:
-        dist = torch.distributed
-        initialized = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank() if initialized else 0
-        world = dist.get_world_size() if initialized else 1
-        run_id = run_id_from_env()
-        channel, controller = connect(rank, run_id, policy, run_dir)
-        object.__setattr__(self, "controller", controller)
-        settings_sync = controller.settings.sync_every if controller is not None else None
-        sync = (
-            sync_every or settings_sync or int(os.environ.get(ENV_SYNC_EVERY, ControllerSettings.sync_every))
-        )
-        pids: tuple[int, ...] = (os.getpid(),)
-        if initialized and world > 1:
-            out: list[Any] = [None] * world
-            dist.all_gather_object(out, (os.getpid(), sync))
-            pids, sync = tuple(int(p) for p, _ in out), int(out[0][1])
-        probe = probe_for(self._meter.device)
-        shape = JobShape(
-            run_id=run_id,
+        link = open_link(policy, run_dir, sync_every)
+        object.__setattr__(self, "controller", link.controller)
+        agent = start_agent(
+            link,
+            probe_for(self._meter.device),
             adapter=self.adapter_name,
-            world_size=world,
             param_count=self._builder.param_count,
             global_batch_size=self._setting.train_batch_size,
             tokens_per_sample=self.tokens_per_sample,
             knobs=self._knob_specs(),
-            pids=pids,
-            device=probe.device,
-            device_total_bytes=probe.total_bytes,
-            sync_every=sync,
         )
-        check_budget_at_start(controller, shape)
-        object.__setattr__(
-            self, "agent", Agent(shape, channel, probe, rank=rank, world_size=world, sync_every=sync)
-        )
+        object.__setattr__(self, "agent", agent)
 
     def on_stop(self, fn: StopHook) -> StopHook:
         """Call `fn(info)` once when trainwarden stops the run, at that step boundary, on every

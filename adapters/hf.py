@@ -42,27 +42,23 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from trainwarden.adapters.agent import Agent
-from trainwarden.adapters.connect import connect, run_id_from_env
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
     advance_lr_ramp,
     apply_shared_knob,
-    check_budget_at_start,
     check_eval_loss,
     stop_hooks_arg,
 )
+from trainwarden.adapters.link import open_link, start_agent
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
-    ENV_SYNC_EVERY,
     KNOB_LR_MULTIPLIER,
     KNOB_STOP,
     Action,
-    JobShape,
     KnobSpec,
     Outcome,
 )
-from trainwarden.policies.schema import ControllerSettings
 
 log = logging.getLogger("trainwarden")
 
@@ -300,33 +296,18 @@ class TrainwardenCallback(TrainerCallback):
 
     # ---- the agent --------------------------------------------------------------------------
     def _attach(self, args: TrainingArguments, model: torch.nn.Module | None) -> None:
-        dist = torch.distributed
-        initialized = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank() if initialized else 0
-        world = dist.get_world_size() if initialized else 1
-        run_id = run_id_from_env()
         opts = self._options
-        channel, self.controller = connect(rank, run_id, opts["policy"], opts["run_dir"])
-        settings_sync = self.controller.settings.sync_every if self.controller is not None else None
-        sync = (
-            opts["sync_every"]
-            or settings_sync
-            or int(os.environ.get(ENV_SYNC_EVERY, ControllerSettings.sync_every))
-        )
-        pids: tuple[int, ...] = (os.getpid(),)
-        if initialized and world > 1:  # every rank takes rank 0's cadence
-            out: list[Any] = [None] * world
-            dist.all_gather_object(out, (os.getpid(), sync))
-            pids, sync = tuple(int(p) for p, _ in out), int(out[0][1])
+        link = open_link(opts["policy"], opts["run_dir"], opts["sync_every"])
+        self.controller = link.controller
         params = list(model.parameters()) if model is not None else []
         probe = probe_for(params[0].device if params else None)
         per_device = int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps)
-        shape = JobShape(
-            run_id=run_id,
+        self.agent = start_agent(
+            link,
+            probe,
             adapter=self.adapter_name,
-            world_size=world,
             param_count=sum(p.numel() for p in params),
-            global_batch_size=per_device * world,
+            global_batch_size=per_device * link.world_size,
             tokens_per_sample=self.tokens_per_sample or 1,
             knobs=(
                 # Under DeepSpeed the optimizer steps inside backward, before the Trainer's
@@ -343,13 +324,7 @@ class TrainwardenCallback(TrainerCallback):
                 KnobSpec(KNOB_STOP, False, choices=(True,)),
                 *(self.mixture.knob_specs() if self.mixture is not None else ()),
             ),
-            pids=pids,
-            device=probe.device,
-            device_total_bytes=probe.total_bytes,
-            sync_every=sync,
         )
-        check_budget_at_start(self.controller, shape)
-        self.agent = Agent(shape, channel, probe, rank=rank, world_size=world, sync_every=sync)
 
     def close(self) -> None:
         """Flush telemetry and tell the controller the job is done; idempotent."""

@@ -35,31 +35,27 @@ from typing import Any
 
 import torch
 
-from trainwarden.adapters.agent import Agent
 from trainwarden.adapters.batching import batch_size, micro_slices, regroup, slice_batch
-from trainwarden.adapters.connect import AttachError, connect, run_id_from_env
+from trainwarden.adapters.connect import AttachError
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
     advance_lr_ramp,
     apply_shared_knob,
-    check_budget_at_start,
     check_eval_loss,
     lr_scaled,
     stop_hooks_arg,
 )
+from trainwarden.adapters.link import open_link, start_agent
 from trainwarden.adapters.probes import probe_for
 from trainwarden.controller.protocol import (
-    ENV_SYNC_EVERY,
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
     KNOB_STOP,
     Action,
-    JobShape,
     KnobSpec,
     Outcome,
 )
-from trainwarden.policies.schema import ControllerSettings
 
 log = logging.getLogger("trainwarden")
 
@@ -141,47 +137,19 @@ class Handle:
         self.last_lr = float(optimizer.param_groups[0]["lr"])
         self.last_loss: float | None = None
 
-        dist = torch.distributed
-        initialized = dist.is_available() and dist.is_initialized()
-        self.rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
-        self.world_size = (
-            world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
-        )
-
-        run_id = run_id_from_env()
-        channel, self.controller = connect(self.rank, run_id, policy, run_dir)
-        settings_sync = self.controller.settings.sync_every if self.controller is not None else None
-        sync = (
-            sync_every or settings_sync or int(os.environ.get(ENV_SYNC_EVERY, ControllerSettings.sync_every))
-        )
+        link = open_link(policy, run_dir, sync_every, rank=rank, world_size=world_size)
+        self.rank, self.world_size, self.controller = link.rank, link.world_size, link.controller
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        probe = probe_for(device)
-        # Every rank must run its collectives at the same steps: rank 0's cadence is the job's
-        # (only rank 0 has the embedded controller's settings).
-        pids, sync = self._gather_pids_and_sync(initialized, sync)
-        shape = JobShape(
-            run_id=run_id,
+        self.agent = start_agent(
+            link,
+            probe_for(device),
             adapter=self.adapter_name,
-            world_size=self.world_size,
             param_count=sum(p.numel() for p in model.parameters()),
             global_batch_size=global_batch_size,
             tokens_per_sample=tokens_per_sample,
             knobs=self._knob_specs(),
-            pids=pids,
-            device=probe.device,
-            device_total_bytes=probe.total_bytes,
-            sync_every=sync,
         )
-        check_budget_at_start(self.controller, shape)
-        self.agent = Agent(shape, channel, probe, rank=self.rank, world_size=self.world_size, sync_every=sync)
         atexit.register(self.close)
-
-    def _gather_pids_and_sync(self, initialized: bool, sync: int) -> tuple[tuple[int, ...], int]:
-        if not initialized or self.world_size == 1:
-            return (os.getpid(),), sync
-        out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, (os.getpid(), sync))
-        return tuple(int(pid) for pid, _ in out), int(out[0][1])
 
     # ---- knobs -----------------------------------------------------------------------------
     @property
