@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from accelerate.state import AcceleratorState, GradientState
 from helpers import job_env
 
 #: Variables of a launch that tests in this process may have set (the DeepSpeed tests set a
@@ -18,3 +22,15 @@ def fresh_job_env(**extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+@contextmanager
+def fresh_accelerate_state() -> Iterator[None]:
+    """Accelerate keeps its state per process: the test inside starts from none and leaves none."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

@@ -13,6 +13,7 @@ import accelerate
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from accelerate_helpers import fresh_accelerate_state
 
 from trainwarden.adapters.accelerate import Accelerator, TrackedOptimizer
 from trainwarden.adapters.accelerate_loader import MicroBatchLoader
@@ -27,11 +28,8 @@ BATCH = 8
 def _fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Accelerate keeps its state per process; each test starts from none."""
     monkeypatch.setenv("TRAINWARDEN_DISABLE", "1")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        yield
 
 
 @pytest.fixture(scope="module")

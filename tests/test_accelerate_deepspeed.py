@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DeepSpeedPlugin
+from accelerate_helpers import fresh_accelerate_state
 from ds_helpers import ds_env
 
 from trainwarden.adapters.accelerate import Accelerator
@@ -30,11 +31,8 @@ def _one_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     ds_env()
     monkeypatch.setenv("TRAINWARDEN_DISABLE", "1")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # Accelerate sets it process-wide
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate_helpers import fresh_accelerate_state
 
 from trainwarden.adapters.accelerate import Accelerator
 from trainwarden.adapters.data import MixtureDataset, MixtureSampler
@@ -21,11 +21,8 @@ BLOCK = 32
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("TRAINWARDEN_DISABLE", "1")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        yield
 
 
 class Domain(torch.utils.data.Dataset):

@@ -73,8 +73,12 @@ def test_a_stop_due_at_a_time_is_placed_by_the_jobs_step_times(steps_ahead: floa
     try:
         run_steps(agent, range(1, 4), step_s)
         agent._inbox.clear()
-        a = Action(kind=KNOB_STOP, params={"cause": "budget", "at_time": time.time() + steps_ahead * step_s},
-                   reason="test", step=10_000)
+        a = Action(
+            kind=KNOB_STOP,
+            params={"cause": "budget", "at_time": time.time() + steps_ahead * step_s},
+            reason="test",
+            step=10_000,
+        )
         agent._inbox[a.id] = a
         assert run_steps(agent, range(4, 13), step_s) == {due_after: [KNOB_STOP]}
     finally:

@@ -135,8 +135,17 @@ def test_report_takes_a_finite_number_or_a_0d_tensor() -> None:
 
 
 def record(step: int, **kw: Any) -> StepRecord:
-    base = dict(step=step, time=1000.0 + step, loss=2.0, samples=8 * step, tokens=1024 * step,
-                step_time_s=1.0, lr=0.1, config={}, memory=())
+    base = dict(
+        step=step,
+        time=1000.0 + step,
+        loss=2.0,
+        samples=8 * step,
+        tokens=1024 * step,
+        step_time_s=1.0,
+        lr=0.1,
+        config={},
+        memory=(),
+    )
     return StepRecord(**{**base, **kw})
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate_helpers import fresh_accelerate_state
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from trainwarden.adapters.hf import TrainwardenCallback
@@ -23,11 +23,8 @@ BLOCK = 32
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state() -> Iterator[None]:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate_helpers import fresh_accelerate_state
 from ds_helpers import ds_env
 from test_hf import Inject
 from transformers import Trainer, TrainingArguments
@@ -29,11 +29,8 @@ def _one_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")  # the Trainer sets it process-wide
     monkeypatch.delenv("TRAINWARDEN_DISABLE", raising=False)
     monkeypatch.delenv("TRAINWARDEN_ENDPOINT", raising=False)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        yield
 
 
 def test_under_deepspeed_the_callback_reports_and_stops_but_does_not_offer_the_multiplier(
