@@ -4,7 +4,6 @@ exactly as the stopped one would; the cooldown's ramp moves the multiplier step 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,6 @@ from trainwarden.adapters.knobs import StopInfo
 from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_STOP, Action
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_env")]
-
-
-@pytest.fixture
-def handles() -> Iterator[list[twds.DeepSpeedHandle]]:
-    made: list[twds.DeepSpeedHandle] = []
-    yield made
-    for h in made:
-        h.destroy()
 
 
 def test_the_stop_saves_a_deepspeed_checkpoint_a_new_engine_resumes_from(

@@ -4,7 +4,6 @@ switched it on and off follows the one that never did, bitwise, in fp32)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,14 +22,6 @@ from trainwarden.adapters import deepspeed as twds
 from trainwarden.controller.protocol import KNOB_ACTIVATION_CHECKPOINTING, Action
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_env")]
-
-
-@pytest.fixture
-def handles() -> Iterator[list[twds.DeepSpeedHandle]]:
-    made: list[twds.DeepSpeedHandle] = []
-    yield made
-    for h in made:
-        h.destroy()
 
 
 def _start(

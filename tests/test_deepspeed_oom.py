@@ -6,7 +6,6 @@ against a run switched by hand at the same boundary, and sample by sample."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +142,6 @@ class Injector:
                 return real(*a, **k)
 
             inner.step = step
-
-
-@pytest.fixture
-def handles() -> Iterator[list[twds.DeepSpeedHandle]]:
-    made: list[twds.DeepSpeedHandle] = []
-    yield made
-    for h in made:
-        h.destroy()
 
 
 def _with_loader(handles: list[twds.DeepSpeedHandle], **kw: Any) -> tuple[twds.DeepSpeedHandle, Any, Any]:

@@ -3,7 +3,6 @@ rebuilt from the host copy with the state intact, and training goes on as if not
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,14 +22,6 @@ from trainwarden.adapters import ds_state
 from trainwarden.controller.protocol import KNOB_PRECISION, KNOB_ZERO_STAGE, Action
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_env")]
-
-
-@pytest.fixture
-def handles() -> Iterator[list[twds.DeepSpeedHandle]]:
-    made: list[twds.DeepSpeedHandle] = []
-    yield made
-    for h in made:
-        h.destroy()
 
 
 def _start(handles: list[twds.DeepSpeedHandle], stage: int) -> twds.DeepSpeedHandle:

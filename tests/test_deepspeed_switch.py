@@ -5,7 +5,6 @@ and a switch that fails after the old engine is gone is rolled back with the sta
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,15 +32,6 @@ def _start(cfg: dict[str, Any], **kw: Any) -> tuple[twds.DeepSpeedHandle, Any, A
     return twds.initialize(
         model=model, model_parameters=model.parameters(), config=cfg, attach_agent=False, **kw
     )
-
-
-@pytest.fixture
-def handles() -> Iterator[list[twds.DeepSpeedHandle]]:
-    """Handles a test made; their engines are destroyed after it (one process runs them all)."""
-    made: list[twds.DeepSpeedHandle] = []
-    yield made
-    for h in made:
-        h.destroy()
 
 
 def _switch(h: twds.DeepSpeedHandle, **kw: Any) -> twds.ReconfigureResult:
