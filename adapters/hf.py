@@ -197,7 +197,6 @@ class TrainwardenCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
-        advance_lr_ramp(self)  # the next step's multiplier, on the cooldown's ramp
         if self._given_loss_n:
             loss: float | None = self._given_loss_sum / self._given_loss_n
         elif self._loss_n:
@@ -221,6 +220,7 @@ class TrainwardenCallback(TrainerCallback):
         now = time.perf_counter()
         step_time, self._step_started = now - self._step_started, now
         self.last_loss, self.last_lr = loss, self._applied_lr
+        due: list[Action] = []
         if self.agent is not None:
             due = self.agent.on_step(
                 step=int(state.global_step),
@@ -232,6 +232,10 @@ class TrainwardenCallback(TrainerCallback):
                 config=self.config(),
                 domain_loss=domain,
             )
+        # After the record (it carries the multiplier this step ran at), before new actions (a
+        # new ramp starts at its own value): the next step's multiplier, on the cooldown's ramp.
+        advance_lr_ramp(self)
+        if self.agent is not None:
             for action in due:
                 self.agent.report(self.apply(action, int(state.global_step)))
         if self.should_stop and not control.should_training_stop:

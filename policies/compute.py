@@ -205,9 +205,12 @@ class ComputePolicy(PolicyKind):
             if per_step and target != p.min_lr_multiplier and f_apply > pl.start:
                 # A line to where the schedule will be when the next action is likely to apply:
                 # the job moves along it step by step (adapters/knobs.py), no stairs between actions.
+                # It ends at the cooldown's end when that comes sooner: a line drawn past it would
+                # still be above the floor when the run stops.
                 ahead = horizon_steps(snapshot, lead)
-                params["to"] = round(cooldown_multiplier(f_apply + ahead * per_step, p, pl.start, pl.end), 4)
-                params["over_steps"] = ahead
+                f_to = min(pl.end, f_apply + ahead * per_step)
+                params["to"] = round(cooldown_multiplier(f_to, p, pl.start, pl.end), 4)
+                params["over_steps"] = max(1, round((f_to - f_apply) / per_step))
             if abs(target - current) >= p.resolution or (target == p.min_lr_multiplier != current):
                 lead_note = f" (where the run will be in {lead} step(s))" if per_step else ""
                 why = (
@@ -229,11 +232,7 @@ class ComputePolicy(PolicyKind):
     def _stop(
         self, snapshot: Snapshot, b: BudgetUse, pl: Plan, per_step: float | None, lead: int
     ) -> Action | None:
-        if (
-            KNOB_STOP not in snapshot.knobs
-            or KNOB_STOP in snapshot.pending
-            or snapshot.config.get(KNOB_STOP)
-        ):
+        if KNOB_STOP not in snapshot.knobs or KNOB_STOP in snapshot.pending or snapshot.config.get(KNOB_STOP):
             return None
         f = b.fraction
         params: dict[str, object] = {"cause": pl.cause}
@@ -254,11 +253,19 @@ class ComputePolicy(PolicyKind):
         # The boundary nearest the end: after step T, T = now + round(steps left).
         steps_left = (pl.end - f) / per_step
         spf = snapshot.seconds_per_step or snapshot.step_time_s or 0.0
-        if steps_left > horizon_steps(snapshot, lead):
+        timed = b.name in TIMED_BUDGETS
+        # A token or FLOP budget ends at a step known as soon as every step has spent the same
+        # share (the batch fixes it; checked against the measured rate): sent at once, the agent
+        # holds it for that step, so a controller slower than the job cannot make the run
+        # overshoot. A clock budget's end is a forecast, sent only when near.
+        exact = f / snapshot.step if not timed and pl.cause == CAUSE_BUDGET and snapshot.step > 0 else 0.0
+        if exact > 0 and abs(exact - per_step) <= 0.01 * exact:
+            steps_left = (pl.end - f) / exact
+        elif steps_left > horizon_steps(snapshot, lead):
             return None
         last = snapshot.step + max(0, round(steps_left))
         where = f"stopping after step {last}, the boundary nearest it"
-        if b.name in TIMED_BUDGETS and snapshot.time is not None and b.rate_per_s:
+        if timed and snapshot.time is not None and b.rate_per_s:
             # Spent by the clock: the job places the stop by its own clock and step times (the
             # agent, adapters/agent.py), so a slowdown after this decision moves it too.
             params["at_time"] = round(snapshot.time + (pl.end - f) * b.limit / b.rate_per_s, 3)

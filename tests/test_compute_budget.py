@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,23 @@ pytestmark = pytest.mark.slow
 #: Controller settings for runs of a few seconds: decisions as often as the loop allows.
 FAST = "controller:\n  sync_every: 1\n  decide_interval_s: 0.1\n"
 
+#: Least seconds a step of these jobs takes. The demo's model steps in ~5 ms on a quiet machine:
+#: a 40-step run would be over before the agent's first exchange (every 0.5 s), which no job a
+#: budget is worth steering looks like; paced, the runs last a few seconds, as a loaded machine
+#: made them anyway.
+PACE_S = 0.02
+
+
+def paced(then: Callable[[Run], None] | None = None) -> Callable[[Run], None]:
+    """An `each_step` that makes every step last at least PACE_S longer, then calls `then`."""
+
+    def each_step(run: Run) -> None:
+        time.sleep(PACE_S)
+        if then is not None:
+            then(run)
+
+    return each_step
+
 
 def token_policy(steps: int, cooldown: float = 0.5) -> str:
     return (
@@ -43,7 +61,7 @@ def test_a_token_budget_ends_at_its_step_annealed(tmp_path: Path) -> None:
     """Tolerance: none in steps (a token budget is spent by whole steps); the LR multiplier of the
     last step at most 0.25 (it is updated about every 0.5 s, the agent's exchange)."""
     steps = 100
-    run = run_job(tmp_path, token_policy(steps), max_steps=2 * steps)
+    run = run_job(tmp_path, token_policy(steps), max_steps=2 * steps, each_step=paced())
     assert run.handle.step_count == steps, "the stop applies after the step that spends the budget"
     m = run.lr_multipliers
     assert m[0] == 1.0 and m[steps // 2 - 5] == 1.0, "held at 1 through the stable phase"
@@ -75,9 +93,11 @@ def test_a_wall_time_budget_ends_within_tolerance(tmp_path: Path) -> None:
 
 
 def test_the_forecast_follows_a_throughput_change(tmp_path: Path) -> None:
-    """Micro-batch 16 -> 1 at step 40 (16 forward/backward passes a step instead of one): 8 steps
-    later the forecast's wall time per step is the new one (within 30% of what the steps since
-    took), where the 20-step window the status line shows still mixes the two."""
+    """Micro-batch 16 -> 1 at step 40, the new configuration slower by 16 forward/backward passes a
+    step and 40 ms more pacing (a tiny model's passes alone are too cheap to change the rate
+    reliably on a quiet machine): 8 steps later the forecast's wall time per step is the new one
+    (within 30% of what the steps since took), where the 20-step window the status line shows
+    still mixes the two."""
     seen: dict[str, Any] = {}
     policy = f"version: 1\nbudget:\n  tokens: {10_000 * TOKENS_PER_STEP}\n{FAST}policies: []\n"
 
@@ -85,6 +105,7 @@ def test_the_forecast_follows_a_throughput_change(tmp_path: Path) -> None:
         n = run.handle.step_count
         if n == 40:
             act(run, KNOB_MICRO_BATCH, 1)
+        time.sleep(0.005 if n < 40 else 0.045)
         if n in (48, 60):
             seen[n] = _forecast_when_caught_up(run, n)
 
@@ -137,8 +158,8 @@ def test_the_stop_saves_a_checkpoint_the_user_resumes_from(tmp_path: Path) -> No
             ckpt,
         )
 
-    steps = 40
-    keep = lambda r: holder.setdefault("run", r)  # noqa: E731  (the hook reads the live handle)
+    steps = 100
+    keep = paced(lambda r: holder.setdefault("run", r))  # the hook reads the live handle
     run = run_job(tmp_path, token_policy(steps), on_stop=save, each_step=keep)
     [(info, stopping)] = calls
     assert not stopping, "the hook runs before should_stop turns true"

@@ -101,6 +101,28 @@ def test_a_token_budget_stops_after_the_step_that_spends_it() -> None:
     assert stop.step == 61
 
 
+def test_a_token_budget_whose_steps_all_spend_alike_is_stopped_at_once_for_its_last_step() -> None:
+    # Step 10 of 1000 steps of 1000 tokens, measured at the same rate: the stop goes out now, for
+    # after step 1000, so a job faster than the controller's exchanges cannot overshoot it.
+    tokens = BudgetUse("tokens", "tokens", 10_000.0, 1_000_000.0, 50_000.0)
+    s = snap(0.0, step=10, budgets=(tokens,), seconds_per_step=0.02, action_lag_steps=2)
+    assert decide(s)[KNOB_STOP].step == 1001
+    # Steps that spent unlike shares so far (a measured rate 10% off): a forecast, sent only when near.
+    s = snap(0.0, step=10, budgets=(tokens,), seconds_per_step=0.022, action_lag_steps=2)
+    assert KNOB_STOP not in decide(s)
+    # A clock budget is always a forecast.
+    assert KNOB_STOP not in decide(snap(10.0, step=10))
+
+
+def test_the_ramp_ends_at_the_budgets_end_when_that_comes_first() -> None:
+    # 1000 tokens a step, 97 steps of 100 spent, steps of 20 ms: a second of decisions is 50 steps
+    # ahead, but the cooldown ends in 3: the ramp reaches the floor in 3 steps, not 50.
+    tokens = BudgetUse("tokens", "tokens", 97_000.0, 100_000.0, 50_000.0)
+    s = snap(0.0, budgets=(tokens,), seconds_per_step=0.02, action_lag_steps=1)
+    a = decide(s, cooldown_fraction=0.5)[KNOB_LR_MULTIPLIER]
+    assert a.params["to"] == 0.0 and a.params["over_steps"] == 2
+
+
 def plateau_curve(flat_from: float, until: float, drop: float = 2.0) -> tuple[tuple[float, float], ...]:
     """A loss falling linearly by `drop` per whole budget, flat from `flat_from` on."""
     xs = [i * 0.002 for i in range(int(until / 0.002) + 1)]
