@@ -21,6 +21,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def torchrun_two(job: str | os.PathLike[str], *args: str) -> list[str]:
+    """The command that runs `job` with `args` on two CPU ranks under torchrun, on a free port."""
+    return [
+        *(sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"),
+        *("--master_addr=127.0.0.1", f"--master_port={free_port()}", str(job), *args),
+    ]
+
+
 def job_env(**extra: str) -> dict[str, str]:
     """The test's environment for a child job: quiet threads, no inherited trainwarden settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINWARDEN_")}

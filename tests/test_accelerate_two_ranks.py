@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from accelerate_helpers import fresh_job_env
-from helpers import free_port
+from helpers import torchrun_two
 
 from trainwarden.controller.runlog import read_jsonl
 
@@ -37,18 +36,11 @@ policies:
 def _run(tmp_path: Path, *extra: str) -> list[list[dict[str, Any]]]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(JOB),
+    cmd = torchrun_two(
+        JOB,
         *("--log-dir", str(tmp_path), "--policy", str(policy), "--run-dir", str(tmp_path / "run")),
         *("--steps", str(STEPS), "--sync-every", str(SYNC), "--precision-at", str(PRECISION_AT)),
-    ]
+    )
     env = fresh_job_env(TRAINWARDEN_RUN_ID="accelerate-two-ranks", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,11 +6,10 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import torchrun_two
 
 from trainwarden.controller.runlog import read_jsonl
 
@@ -36,12 +35,11 @@ def test_both_ranks_change_the_weights_at_the_same_step(tmp_path: Path) -> None:
     policy.write_text(POLICY)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINWARDEN_")}
     env.update(OMP_NUM_THREADS="1", TRAINWARDEN_RUN_ID="data-two-ranks", PYTHONUNBUFFERED="1")
-    cmd = [
-        *(sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"),
-        *("--master_addr=127.0.0.1", f"--master_port={free_port()}", str(JOB)),
+    cmd = torchrun_two(
+        JOB,
         *("--log-dir", str(tmp_path), "--policy", str(policy), "--run-dir", str(tmp_path / "run")),
         *("--steps", str(STEPS)),
-    ]
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     logs = [[json.loads(x) for x in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]

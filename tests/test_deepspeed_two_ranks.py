@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port, job_env
+from helpers import job_env, torchrun_two
 
 from trainwarden.controller.runlog import read_jsonl
 
@@ -39,22 +38,11 @@ def test_two_ranks_switch_together_and_partition(tmp_path: Path) -> None:
     from ds_helpers import ds_env  # noqa: F401 - sets TORCH_EXTENSIONS_DIR for the children
 
     (tmp_path / "policy.yaml").write_text(POLICY)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(JOB),
-        "--log-dir",
-        str(tmp_path),
-        "--policy",
-        str(tmp_path / "policy.yaml"),
-        "--run-dir",
-        str(tmp_path / "run"),
-    ]
+    cmd = torchrun_two(
+        JOB,
+        *("--log-dir", str(tmp_path), "--policy", str(tmp_path / "policy.yaml")),
+        *("--run-dir", str(tmp_path / "run")),
+    )
     env = job_env(DS_ACCELERATOR="cpu", TRAINWARDEN_RUN_ID="ds-two-ranks", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

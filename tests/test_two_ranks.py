@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import torchrun_two
 
 from trainwarden.controller.protocol import KNOB_MICRO_BATCH
 from trainwarden.controller.runlog import read_jsonl
@@ -34,35 +33,16 @@ policies:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run_job(tmp_path: Path, sync_in_attach: bool, timeout_s: float = 120) -> subprocess.CompletedProcess:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(sync=SYNC))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINWARDEN_")}
     env.update(OMP_NUM_THREADS="1", TRAINWARDEN_RUN_ID="two-ranks", PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(JOB),
-        "--log-dir",
-        str(tmp_path),
-        "--policy",
-        str(policy),
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--steps",
-        str(STEPS),
-    ]
+    cmd = torchrun_two(
+        JOB,
+        *("--log-dir", str(tmp_path), "--policy", str(policy), "--run-dir", str(tmp_path / "run")),
+        *("--steps", str(STEPS)),
+    )
     if sync_in_attach:
         cmd += ["--sync-every", str(SYNC)]
     else:
