@@ -45,6 +45,20 @@ class CorpusWindows(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.input_ids[i], "domain": self.domain[i]}
 
 
+class DomainWindows(torch.utils.data.Dataset):
+    """The windows of one domain of `windows`, as HF batches of input_ids: one domain of a
+    trainwarden data mixture (adapters/data.py)."""
+
+    def __init__(self, windows: CorpusWindows, domain: int) -> None:
+        self.ids = windows.input_ids[windows.domain == domain]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i]}
+
+
 def gpt2(block_size: int = 64, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, seed: int = 0) -> Any:
     """A small transformers GPT-2 over bytes, built from its config (nothing downloaded)."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -13,7 +13,7 @@ from accelerate_helpers import fresh_accelerate_state
 from trainwarden.adapters.accelerate import Accelerator
 from trainwarden.adapters.data import MixtureDataset, MixtureSampler
 from trainwarden.controller.protocol import KNOB_DOMAIN_WEIGHTS, Action
-from trainwarden.examples.accelerate_train import CorpusWindows, gpt2, per_sample_loss
+from trainwarden.examples.accelerate_train import CorpusWindows, DomainWindows, gpt2, per_sample_loss
 
 BLOCK = 32
 
@@ -25,22 +25,9 @@ def _fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
-class Domain(torch.utils.data.Dataset):
-    """The windows of one domain of the demo's corpus."""
-
-    def __init__(self, windows: CorpusWindows, domain: int) -> None:
-        self.ids = windows.input_ids[windows.domain == domain]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i]}
-
-
 def test_mixture_knobs_and_domain_loss_through_the_accelerator() -> None:
     windows = CorpusWindows(400, BLOCK, seed=0, max_bytes_per_domain=300_000)
-    data = MixtureDataset({"code": Domain(windows, 0), "prose": Domain(windows, 1)})
+    data = MixtureDataset({"code": DomainWindows(windows, 0), "prose": DomainWindows(windows, 1)})
     mix = MixtureSampler(data, seed=0)
     torch.manual_seed(0)
     acc = Accelerator(attach_agent=False, mixture=mix)

@@ -17,20 +17,9 @@ from trainwarden.adapters.data import MixtureDataset, MixtureSampler
 from trainwarden.adapters.hf import TrainwardenCallback
 from trainwarden.controller.protocol import KNOB_DOMAIN_WEIGHTS, Action
 from trainwarden.controller.runlog import read_jsonl
-from trainwarden.examples.accelerate_train import CorpusWindows, gpt2, per_sample_loss
+from trainwarden.examples.accelerate_train import CorpusWindows, DomainWindows, gpt2, per_sample_loss
 
 BLOCK = 32
-
-
-class Domain(torch.utils.data.Dataset):
-    def __init__(self, windows: CorpusWindows, domain: int) -> None:
-        self.ids = windows.input_ids[windows.domain == domain]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i]}
 
 
 class MixtureTrainer(Trainer):
@@ -63,7 +52,7 @@ def test_the_trainer_draws_the_mixture_the_callback_sets(
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     windows = CorpusWindows(400, BLOCK, seed=0, max_bytes_per_domain=300_000)
-    data = MixtureDataset({"code": Domain(windows, 0), "prose": Domain(windows, 1)})
+    data = MixtureDataset({"code": DomainWindows(windows, 0), "prose": DomainWindows(windows, 1)})
     mix = MixtureSampler(data, seed=0, num_samples=8 * 7)
     tw = TrainwardenCallback(run_dir=tmp_path / "run", sync_every=1, mixture=mix)
     probe = Inject(tw, {2: Action(KNOB_DOMAIN_WEIGHTS, {"value": {"code": 1.0, "prose": 0.0}}, "test", 2)})

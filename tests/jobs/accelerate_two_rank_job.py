@@ -23,22 +23,9 @@ import torch.distributed as dist
 from trainwarden.adapters.accelerate import Accelerator
 from trainwarden.adapters.data import MixtureDataset, MixtureSampler
 from trainwarden.controller.protocol import KNOB_DOMAIN_WEIGHTS, KNOB_PRECISION, Action
-from trainwarden.examples.accelerate_train import CorpusWindows, gpt2, per_sample_loss
+from trainwarden.examples.accelerate_train import CorpusWindows, DomainWindows, gpt2, per_sample_loss
 
 BLOCK = 32
-
-
-class Domain(torch.utils.data.Dataset):
-    """The windows of one domain of the corpus."""
-
-    def __init__(self, windows: CorpusWindows, domain: int) -> None:
-        self.ids = windows.input_ids[windows.domain == domain]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i]}
 
 
 def main() -> int:
@@ -61,7 +48,7 @@ def main() -> int:
     loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
     mix = None
     if args.mixture:  # the same windows as two domains, drawn by the mixture (a stream per rank)
-        mixed = MixtureDataset({name: Domain(data, d) for d, name in enumerate(data.domain_names)})
+        mixed = MixtureDataset({name: DomainWindows(data, d) for d, name in enumerate(data.domain_names)})
         mix = MixtureSampler(mixed, seed=0)
         # This rank's stream before any change, from a twin sampler: what its steps must train on.
         stream = list(itertools.islice(iter(MixtureSampler(mixed, seed=0)), 8 * args.precision_at))
