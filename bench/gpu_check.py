@@ -607,15 +607,20 @@ def section_oom(ctx: Ctx) -> dict[str, Any]:
         release(ctx)
         if ctx.cuda:
             total = torch.cuda.get_device_properties(ctx.device).total_memory
-            lo, hi = halved["peak_reserved_bytes"], full["peak_reserved_bytes"]
+            # Between the allocated peaks: the full micro-batch cannot fit under it whatever the
+            # allocator does (it frees its cache and retries before raising), the half one can,
+            # with the cache's slack. The limit counts reserved bytes.
+            lo, hi = halved["peak_bytes"], full["peak_bytes"]
             limit = (lo + hi) // 2
             torch.cuda.set_per_process_memory_fraction(limit / total, ctx.device)
             out["forced"] = {
                 "how": "torch.cuda.set_per_process_memory_fraction",
                 "fraction": limit / total,
                 "limit_bytes": limit,
-                "peak_reserved_full_micro_batch": hi,
-                "peak_reserved_half_micro_batch": lo,
+                "peak_allocated_full_micro_batch": hi,
+                "peak_allocated_half_micro_batch": lo,
+                "peak_reserved_full_micro_batch": full["peak_reserved_bytes"],
+                "peak_reserved_half_micro_batch": halved["peak_reserved_bytes"],
             }
         else:
             simulate_oom_above(h.module, half)
@@ -1006,11 +1011,10 @@ def drive(args: argparse.Namespace) -> int:
 
 def single_rank_env(cuda: bool) -> None:
     """What single-process DeepSpeed needs (switch_latency's), on the accelerator at hand."""
-    env = switch_latency.single_rank_env(switch_latency.free_port())
+    env = switch_latency.single_rank_env(switch_latency.free_port())  # a port of its own per process
     if cuda:
         env["DS_ACCELERATOR"] = "cuda"
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
+    os.environ.update(env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1020,6 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--in-process", action="store_true", help="every section in this process")
+    ap.add_argument("--isolate", action="store_true", help="a process per section in a dry run too")
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help="model size (default 1b; tiny dry)")
     ap.add_argument("--micro", type=int, default=None, help="micro-batch (default: the size's)")
     ap.add_argument("--steps", type=int, default=4, help="steps of the metrics section")
@@ -1038,7 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size is None:
         args.size = "tiny" if args.dry_run else "1b"
     if args.dry_run:
-        args.in_process = True
+        args.in_process = not args.isolate
         os.environ["DS_ACCELERATOR"] = "cpu"
     import torch
 

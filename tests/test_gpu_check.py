@@ -112,3 +112,18 @@ def test_dry_run_exercises_every_section_on_the_cpu(tmp_path: Path) -> None:
 
     # jit: the builders are found; nothing is built on the CPU.
     assert all(op["builder"] and not op["built"] for op in s["jit"]["ops"].values())
+
+
+@pytest.mark.slow
+def test_each_section_can_run_in_a_process_of_its_own(tmp_path: Path) -> None:
+    """How the GPU run goes (a CUDA error or an OOM in one section leaves the next standing): the
+    driver spawns one process per section with the options passed on, and collects their JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINWARDEN_")}
+    cmd = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--isolate"]
+    cmd += ["--out", str(tmp_path), "--sections", "env", "jit", "--cap-factor", "0.5"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env_json = json.loads((tmp_path / "env.json").read_text())
+    assert env_json["status"] == "ok" and env_json["dry_run"] is True and env_json["size"] == "tiny"
+    assert json.loads((tmp_path / "jit.json").read_text())["status"] == "ok"
+    assert set(json.loads((tmp_path / "summary.json").read_text())["sections"]) == {"env", "jit"}
