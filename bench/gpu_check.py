@@ -820,6 +820,8 @@ def section_policy(ctx: Ctx) -> dict[str, Any]:
             "first_decision_step": first,
             "steps_over_cap_after_first_decision": over_after,
             "tokens_per_s": ladder_tps,
+            # Once it stands where the cap has put it (the switch's step left out).
+            "tokens_per_s_after_first_decision": tokens_per_s(after, tokens_per_step) if after else None,
             "ended_on": rows[-1]["config"] if rows else None,
         },
         "ratio_ladder_over_best_static": (
