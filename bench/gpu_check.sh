@@ -34,16 +34,17 @@ fi
 
 site="$(mktemp -d -t tw-gpu-site.XXXXXX)"
 if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
-    wheels=$(ls "$REPO"/.gpu-wheels/*.whl 2>/dev/null | grep -v '/trainwarden-' || true)
+    wheel_dir="${GPU_WHEELS:-$REPO/.gpu-wheels}"
+    wheels=$(ls "$wheel_dir"/*.whl 2>/dev/null | grep -v '/trainwarden-' || true)
     if [[ -z "$wheels" ]]; then
-        echo "gpu_check: DeepSpeed is not importable and .gpu-wheels/ holds no wheels: run scripts/gpu_wheels.sh first (docs/gpu.md)" >&2
+        echo "gpu_check: DeepSpeed is not importable and $wheel_dir holds no wheels: run scripts/gpu_wheels.sh first (docs/gpu.md)" >&2
         exit 2
     fi
     t=$SECONDS
     # shellcheck disable=SC2086 # one path a word
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site/lib" $wheels || exit 2
     export PYTHONPATH="$site/lib${PYTHONPATH:+:$PYTHONPATH}"
-    echo "gpu_check: installed $(echo "$wheels" | wc -l) wheels from .gpu-wheels/ in $((SECONDS - t)) s" >&2
+    echo "gpu_check: installed $(echo "$wheels" | wc -l) wheels from $wheel_dir in $((SECONDS - t)) s" >&2
 fi
 # trainwarden's import names are folders of this checkout (pyproject's package-dir): link them.
 mkdir -p "$site/src/trainwarden"
