@@ -77,6 +77,11 @@ class ThroughputForecast:
         self._points.append((step, time, tokens))
         self._detect_shift()
 
+    def restart(self, step: int) -> None:
+        """A new start of the job (its own step sequence) begins at `step`: a new segment."""
+        if self._points:
+            self._new_segment(step)
+
     def _new_segment(self, step: int, keep: int = 0) -> None:
         rate = self._own_rate()
         if rate is not None:
