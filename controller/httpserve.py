@@ -122,14 +122,14 @@ class BoundedHTTPServer(HTTPServer):
         handler: type[BaseHTTPRequestHandler],
         *,
         workers: int | None = None,
-        deadline_s: float = REQUEST_DEADLINE_S,
+        deadline_s: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
         name: str = "http",
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.workers = workers or workers_for()
-        self.deadline_s = deadline_s
+        self.deadline_s = deadline_s or REQUEST_DEADLINE_S
         self.ssl_context = ssl_context
         self.name = name
         self.refusals = RefusalLog(logging.getLogger(f"trainwarden.controller.{name}"))

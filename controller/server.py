@@ -21,7 +21,6 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from trainwarden.controller.httpserve import (
-    REQUEST_DEADLINE_S,
     BoundedHTTPServer,
     RefusalLog,
     printable,
@@ -42,9 +41,6 @@ from trainwarden.controller.protocol import (
 
 log = logging.getLogger(__name__)
 
-#: Seconds a client may take to send its whole request: a stalled client holds one worker, not the
-#: server, and not for longer than this.
-REQUEST_TIMEOUT_S = REQUEST_DEADLINE_S
 _POST_PATHS = ("/v1/hello", "/v1/exchange")
 
 
@@ -202,7 +198,7 @@ class ChannelServer(BoundedHTTPServer):
         *,
         ssl_context: ssl.SSLContext | None = None,
         workers: int | None = None,
-        deadline_s: float = REQUEST_TIMEOUT_S,
+        deadline_s: float | None = None,
     ) -> None:
         if not token:
             raise ValueError("the channel needs a bearer token; none was given")
