@@ -57,6 +57,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), printable(format % args))
 
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # Not the request line: its query may hold a token.
+        log.debug(
+            "%s %s %s %s",
+            self.address_string(),
+            printable(str(getattr(self, "command", None) or "?"), 16),
+            request_path(str(getattr(self, "path", "") or "")),
+            code,
+        )
+
     # -- helpers --------------------------------------------------------------------------
     def _reply(self, status: int, body: dict[str, Any]) -> None:
         data = dumps(body).encode()
@@ -86,6 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = HTTPStatus(code)
         except ValueError:
             status = HTTPStatus.BAD_REQUEST
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # a status line even to a client that sent no version
         self._refuse(status, f"malformed request ({status.phrase})")
 
     def _authorized(self) -> bool:
