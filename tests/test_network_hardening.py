@@ -478,6 +478,9 @@ def _controller_args(tmp_path: Path, token: str, *extra: str) -> Any:
 
     token_file = tmp_path / "weak-token"
     token_file.write_text(token)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a controller that (wrongly) took the token would exit at once: its parent is gone
+    extra = (*extra, "--parent-pid", str(gone.pid), "--metrics-port", "0")
     return build_parser().parse_args(
         [
             "controller",
