@@ -64,8 +64,7 @@ def shape(incarnation: str = "first", pid: int | None = None, run_id: str = "run
         device="cpu",
         device_total_bytes=4096 * MiB,
         sync_every=1,
-        incarnation=incarnation,
-    ).to_json()
+    ).to_json() | {"incarnation": incarnation}  # which start of the job this is
 
 
 def record(step: int, peak_mib: float = 300.0, **override: Any) -> dict[str, Any]:
@@ -334,9 +333,9 @@ policies:
 def test_a_forged_hello_cannot_switch_a_policy_off_for_the_run(tmp_path: Path) -> None:
     ctl = Controller(tmp_path / "run", "r", load_policy_text(DATA_POLICY))
     real = KnobSpec(KNOB_DOMAIN_WEIGHTS, {"code": 0.5, "text": 0.5})
-    job = JobShape("r", "plain", 1, 10, 16, 32, (real,), (1,), "cpu", 2**30, 1, incarnation="job")
+    job = JobShape.from_json(JobShape("r", "plain", 1, 10, 16, 32, (real,), (1,), "cpu", 2**30, 1).to_json())
     other = KnobSpec(KNOB_DOMAIN_WEIGHTS, {"evil": 1.0})
-    forged = JobShape("r", "plain", 1, 10, 16, 32, (other,), (1,), "cpu", 2**30, 1, incarnation="job")
+    forged = JobShape("r", "plain", 1, 10, 16, 32, (other,), (1,), "cpu", 2**30, 1)
     ctl.hello(job)
     assert [p.name for p in ctl.policies] == ["data"]
     ctl.hello(forged)  # a token holder's hello naming other domains: the data policy cannot fit it
@@ -355,8 +354,9 @@ class Clock:
 
 
 def test_forged_rejected_outcomes_disable_a_kind_for_a_bounded_time(tmp_path: Path) -> None:
-    from trainwarden.controller.loop import DISABLED_FOR_S
+    from trainwarden.controller import loop
 
+    disabled_for_s = getattr(loop, "DISABLED_FOR_S", 1800.0)
     clock = Clock()
     ctl = Controller(tmp_path / "run", "r", load_policy_text(POLICY), clock=clock)
     ctl.hello(JobShape.from_json(shape()))
@@ -379,6 +379,6 @@ def test_forged_rejected_outcomes_disable_a_kind_for_a_bounded_time(tmp_path: Pa
     assert rejected == MAX_FAILURES
     clock.t += 10.0
     assert hot() == []  # off for now
-    clock.t += DISABLED_FOR_S
+    clock.t += disabled_for_s
     assert [a.kind for a in hot()] == [KNOB_MICRO_BATCH], "the kind never came back"
     ctl.close()
