@@ -20,13 +20,13 @@ MIN_TOKEN_BITS = 64.0
 #: Words that mark a token as a placeholder someone meant to replace.
 PLACEHOLDER_WORDS = (
     "replace",
-    "change",
+    "changeme",
+    "change-me",
     "example",
     "placeholder",
     "your-token",
     "yourtoken",
-    "secret",
-    "password",
+    "todo",
 )
 HOW_TO_MAKE_ONE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 

@@ -296,17 +296,7 @@ class Controller:
     def _new_incarnation(self, old: JobShape) -> None:
         """A new start of the job said hello: its steps are its own (state.new_incarnation); the
         previous start's unanswered actions end, and kinds disabled by its failures may be tried."""
-        for decision in list(self._pending.values()):
-            self._log_decision(
-                decision.action,
-                decision.decided_step,
-                decision.decided_at,
-                "unanswered",
-                self.state.step,
-                0.0,
-                "the job started again before applying it",
-            )
-        self._pending.clear()
+        self._end_pending("the job started again before applying it")
         self._failures.clear()
         self._retry_after.clear()
         self._disabled.clear()
@@ -317,6 +307,20 @@ class Controller:
         )
         self.state.new_incarnation()
         self._last_decide = float("-inf")
+
+    def _end_pending(self, why: str) -> None:
+        """Each pending action becomes an `unanswered` line of the decision log, saying `why`."""
+        for decision in list(self._pending.values()):
+            self._log_decision(
+                decision.action,
+                decision.decided_step,
+                decision.decided_at,
+                "unanswered",
+                self.state.step,
+                0.0,
+                why,
+            )
+        self._pending.clear()
 
     def _refuse_jump(self, step: int) -> None:
         self._jumps_refused += 1
@@ -569,17 +573,7 @@ class Controller:
         """Record unanswered actions, write summary.json, close the logs; returns the summary."""
         with self._lock:
             now = self.clock()
-            for decision in list(self._pending.values()):
-                self._log_decision(
-                    decision.action,
-                    decision.decided_step,
-                    decision.decided_at,
-                    "unanswered",
-                    self.state.step,
-                    0.0,
-                    "the job ended before applying it",
-                )
-            self._pending.clear()
+            self._end_pending("the job ended before applying it")
             summary = self.status()
             summary["wall_time_s"] = now - self.started_at
             summary["job_lost"] = self.job_lost
