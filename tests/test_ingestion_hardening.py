@@ -274,6 +274,11 @@ def test_nan_and_infinity_are_written_as_strict_json_everywhere(served: ChannelS
     again = Controller(run_dir, "run-ingest", load_policy_text(POLICY))
     assert again.state.nonfinite_losses == 1 and again.state.loss_ema == 3.0
     again.close()
+    # And `trainwarden report` reads them as numbers (its first step's loss is the NaN).
+    from trainwarden.controller.report import write_report
+
+    rep = write_report(run_dir, run_dir.parent / "report")
+    assert rep.html.exists()
 
 
 # --- finding 11: label cardinality capped -----------------------------------------------------------
