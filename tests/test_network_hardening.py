@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import REPO
 
 from trainwarden.adapters.channel import ChannelDown, HttpChannel
 from trainwarden.controller.loop import Controller
@@ -42,7 +43,7 @@ from trainwarden.controller.protocol import (
 from trainwarden.controller.server import ChannelServer
 
 TOKEN = "network-hardening-token-Zq8Xv2"
-REPO = Path(__file__).resolve().parent.parent
+
 LOGGER = "trainwarden.controller.server"
 
 
