@@ -1,8 +1,16 @@
-"""The agent's side of the channel: HTTP to a sidecar, or a direct call to an embedded controller."""
+"""The agent's side of the channel: HTTP to a sidecar, or a direct call to an embedded controller.
+
+The bearer token goes only to the controller: never through a proxy from the environment
+(`http_proxy` applies even to 127.0.0.1 in urllib) unless TRAINWARDEN_USE_PROXY=1 says so. An
+https endpoint is verified against the system's CAs, or TRAINWARDEN_CA_FILE's (a self-signed
+controller certificate).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any, Protocol
@@ -16,9 +24,35 @@ from trainwarden.controller.protocol import (
     ProtocolError,
     StepRecord,
     check_version,
+    dumps,
     exchange_message,
     hello_message,
 )
+
+#: `1`: the channel may go through the proxy the environment names (http_proxy, https_proxy).
+ENV_USE_PROXY = "TRAINWARDEN_USE_PROXY"
+#: A PEM file of the CA (or the self-signed certificate) that signed the controller's certificate.
+ENV_CA_FILE = "TRAINWARDEN_CA_FILE"
+
+
+def channel_opener(endpoint: str, environ: Any = None) -> urllib.request.OpenerDirector:
+    """The urllib opener for the channel (and anything else that carries the token): no proxy
+    unless TRAINWARDEN_USE_PROXY=1, TLS verified against TRAINWARDEN_CA_FILE when given."""
+    env = os.environ if environ is None else environ
+    handlers: list[Any] = []
+    if env.get(ENV_USE_PROXY, "") != "1":
+        handlers.append(urllib.request.ProxyHandler({}))  # an empty map: no proxy at all
+    if endpoint.startswith("https:"):
+        ca_file = env.get(ENV_CA_FILE) or None
+        try:
+            context = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"{ENV_CA_FILE}={ca_file} cannot be read as PEM certificates ({exc}); point it at the "
+                "certificate the controller was given with --tls-cert (or its CA)"
+            ) from exc
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
 
 
 class ChannelDown(ConnectionError):
@@ -44,9 +78,10 @@ class HttpChannel:
         self.endpoint = endpoint.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
+        self._opener = channel_opener(self.endpoint)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        data = json.dumps(body, separators=(",", ":")).encode()
+        data = dumps(body).encode()  # strict JSON: a NaN loss goes as "NaN"
         req = urllib.request.Request(
             self.endpoint + path,
             data=data,
@@ -54,7 +89,7 @@ class HttpChannel:
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with self._opener.open(req, timeout=self.timeout_s) as resp:
                 return check_version(json.loads(resp.read()))
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:300].decode(errors="replace")

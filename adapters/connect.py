@@ -62,7 +62,10 @@ def sidecar_channel() -> Channel | None:
             f"{ENV_ENDPOINT} is set but no token: set {ENV_TOKEN} or {ENV_TOKEN_FILE} "
             "to the controller's bearer token"
         )
-    return HttpChannel(endpoint, token)
+    try:
+        return HttpChannel(endpoint, token)
+    except ValueError as exc:  # an unreadable TRAINWARDEN_CA_FILE: the message says which and why
+        raise AttachError(str(exc)) from exc
 
 
 def connect(

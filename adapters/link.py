@@ -9,6 +9,7 @@ Each adapter supplies only what it knows: its knobs, batch and parameter count.
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,8 @@ def start_agent(link: Link, probe: MemoryProbe, **shape: Any) -> Agent:
         device=probe.device,
         device_total_bytes=probe.total_bytes,
         sync_every=link.sync_every,
+        # This start of the job: a reconnect says hello with it again, a restart has a new one.
+        incarnation=secrets.token_hex(8),
         **shape,
     )
     check_budget_at_start(link.controller, job)

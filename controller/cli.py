@@ -81,18 +81,19 @@ def cmd_controller(args: argparse.Namespace) -> int:
             f"--token-file {token_file} cannot be read ({exc}); write the bearer token there "
             "(e.g. from a Kubernetes Secret) and pass the same token to the job"
         ) from exc
-    if len(token) < 16:
-        raise UsageError(
-            f"the token in {token_file} is too short ({len(token)} characters): use at least 16 "
-            "random characters, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-        )
+    from trainwarden.controller.channel_security import token_problem
+
+    problem = token_problem(token)
+    if problem:
+        raise UsageError(f"{token_file}: {problem}")
+    ssl_context = _tls_context(args, host)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _log_to(run_dir / "controller.log")
     run_id = args.run_id or run_dir.name
     controller = Controller(run_dir, run_id, policy_file=pf, sources=default_sources())
     try:
-        server = ChannelServer((host, port), controller, token)
+        server = ChannelServer((host, port), controller, token, ssl_context=ssl_context)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port} ({exc}); pick another --listen port") from exc
     try:
@@ -104,7 +105,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
             "--metrics-port (0 picks a free one)"
         ) from exc
     server.start()
-    endpoint = f"http://{host}:{server.port}"
+    endpoint = f"{'https' if ssl_context else 'http'}://{host}:{server.port}"
     ready = {
         "endpoint": endpoint,
         "metrics": f"http://{args.metrics_host}:{metrics_port}/metrics",
@@ -124,22 +125,72 @@ def cmd_controller(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     next_check = 0.0
-    while not stop.is_set():
-        if args.exit_when_finished and server.job_finished.is_set():
-            break
-        if time.monotonic() >= next_check:
-            next_check = time.monotonic() + 1.0
-            if not controller.check_job() and args.exit_when_finished:
-                break
-        if args.parent_pid and not _alive(args.parent_pid):
-            log.warning("parent process %d is gone; stopping so no orphan is left", args.parent_pid)
-            break
-        stop.wait(0.2)
-    server.stop()
-    metrics_server.shutdown()
+    errors = 0
+    try:
+        while not stop.is_set():
+            try:
+                if args.exit_when_finished and server.job_finished.is_set():
+                    break
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 1.0
+                    if not controller.check_job() and args.exit_when_finished:
+                        break
+                if args.parent_pid and not _alive(args.parent_pid):
+                    log.warning("parent process %d is gone; stopping so no orphan is left", args.parent_pid)
+                    break
+            except Exception as exc:  # out of descriptors (EMFILE), a /proc read: the loop goes on
+                errors += 1
+                if errors == 1 or errors % 100 == 0:
+                    log.error("controller loop: %s (%d time(s)); going on", exc, errors)
+            stop.wait(0.2)
+    finally:
+        # Whatever happened above, the servers stop and the summary is written.
+        for close in (server.stop, metrics_server.stop):
+            try:
+                close()
+            except Exception as exc:
+                log.error("stopping a server: %s", exc)
     summary = controller.close()
     log.info("controller stopped at step %s", summary.get("step"))
     return 0
+
+
+def _tls_context(args: argparse.Namespace, host: str) -> Any:
+    """The channel's TLS context from --tls-cert/--tls-key (None without them); a loud warning when
+    the channel or /metrics listens beyond loopback without it."""
+    from trainwarden.controller.channel_security import is_loopback, server_tls_context
+
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if bool(cert) != bool(key):
+        raise UsageError("give both --tls-cert and --tls-key (PEM files), or neither")
+    context = None
+    if cert:
+        try:
+            context = server_tls_context(cert, key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise UsageError(
+                f"cannot use --tls-cert {cert} --tls-key {key} ({exc}); give a PEM certificate and its "
+                "private key, e.g. from `openssl req -x509 -newkey rsa:2048 -nodes -keyout key.pem "
+                '-out cert.pem -days 365 -subj /CN=trainwarden -addext "subjectAltName=DNS:HOST"`'
+            ) from exc
+    if not is_loopback(host):
+        log.warning(
+            "the channel listens on %s, beyond this machine: %s",
+            host,
+            "TLS is on (--tls-cert)"
+            if context
+            else "the bearer token and the job's telemetry cross the network in clear text; give "
+            "--tls-cert/--tls-key (the job sets TRAINWARDEN_CA_FILE and an https endpoint), or listen on "
+            "127.0.0.1 with the job in the same network namespace (a Kubernetes pod)",
+        )
+    if not is_loopback(args.metrics_host):
+        log.warning(
+            "/metrics listens on %s, beyond this machine, without authentication: anyone who reaches it "
+            "reads the run's metrics; limit who can (a NetworkPolicy, a firewall), or give "
+            "--metrics-host 127.0.0.1",
+            args.metrics_host,
+        )
+    return context
 
 
 def _alive(pid: int) -> bool:
@@ -169,16 +220,21 @@ class _QuietFileHandler(logging.FileHandler):
 
 
 def _log_to(path: Path) -> None:
+    from trainwarden.controller.logsafe import OneLineFormatter
+
     handler = _QuietFileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 
 
 # ---- run -----------------------------------------------------------------------------------------
 def _get_json(url: str, token: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    from trainwarden.adapters.channel import channel_opener
+
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        # Never through an http_proxy from the environment: the token is for the controller only.
+        with channel_opener(url).open(req, timeout=timeout) as resp:
             return json.loads(resp.read())
     except (OSError, ValueError):
         return None
@@ -474,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--token-file", required=True, help="file holding the bearer token the job must present")
     c.add_argument("--run-id", help="name of the run (default: the run directory's name)")
     c.add_argument("--exit-when-finished", action="store_true", help="exit when the job says it has finished")
+    c.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve the channel over TLS with this certificate (with --tls-key); for a channel that "
+        "leaves the host. The job verifies it with TRAINWARDEN_CA_FILE and an https:// endpoint",
+    )
+    c.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     c.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by `run`: exit when it dies
     c.set_defaults(fn=cmd_controller)
 
@@ -505,11 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainwarden.controller.logsafe import OneLineFormatter
+
     logging.basicConfig(
         level=os.environ.get("TRAINWARDEN_LOG", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:  # what a job sends cannot forge log lines
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))

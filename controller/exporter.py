@@ -4,21 +4,34 @@ Nothing is updated on the hot path; each scrape takes one consistent view under 
 controller's lock. Metrics live in the controller's own registry (no process or platform
 collectors of the sidecar mixed in). The run is the label `run`: Prometheus owns `job`.
 See docs/metrics.md for every name.
+
+What a job sent is cleaned when it arrives (protocol.py: text made UTF-8-safe, integers in 64
+bits, domains, ranks and keys capped); the collector cleans label values and numbers once more,
+and the port is served by httpserve's bounded server (workers, a deadline per request), so no
+job and no client can make a scrape fail or hang.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from trainwarden.controller.forecast import DEFAULT_GAIN_WINDOW, current_gain
+from trainwarden.controller.httpserve import BoundedHTTPServer, printable, request_path
 from trainwarden.controller.loop import Controller
-from trainwarden.controller.protocol import CONFIG_PRUNED_FRACTION, KNOB_CURRICULUM_LEVEL, KNOB_DOMAIN_WEIGHTS
+from trainwarden.controller.protocol import (
+    CONFIG_PRUNED_FRACTION,
+    KNOB_CURRICULUM_LEVEL,
+    KNOB_DOMAIN_WEIGHTS,
+    clean_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +50,7 @@ class ControllerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         v = self.controller.view()
         snap = v.snapshot
-        run = [v.run_id]
+        run = [clean_text(v.run_id)]
 
         def gauge(name: str, doc: str, value: float | None, unit: str = "") -> Iterator[Metric]:
             g = GaugeMetricFamily(name, doc, labels=["run"], unit=unit)
@@ -105,7 +118,7 @@ class ControllerCollector(Collector):
             labels=["run", "rank", "device"],
         )
         for m in snap.memory:
-            labels = [v.run_id, str(m.rank), m.device]
+            labels = [run[0], str(m.rank), clean_text(m.device)]
             used.add_metric(labels, float(m.used_bytes))
             peak.add_metric(labels, float(m.peak_bytes))
             total.add_metric(labels, float(m.total_bytes))
@@ -121,21 +134,21 @@ class ControllerCollector(Collector):
         for knob, value in sorted(snap.config.items()):
             num = _number(value)
             if num is not None:
-                cfg.add_metric([v.run_id, knob], num)
+                cfg.add_metric([run[0], clean_text(str(knob))], num)
         yield cfg
 
         actions = CounterMetricFamily(
             "trainwarden_actions", "Actions decided, by kind and outcome.", labels=["run", "kind", "outcome"]
         )
         for (kind, outcome), n in sorted(v.actions_total.items()):
-            actions.add_metric([v.run_id, kind, outcome], float(n))
+            actions.add_metric([run[0], clean_text(kind), clean_text(outcome)], float(n))
         yield actions
 
         spent = GaugeMetricFamily(
             "trainwarden_budget_spent_ratio", "Fraction of each budget spent.", labels=["run", "budget"]
         )
         for b in snap.budgets:
-            spent.add_metric([v.run_id, b.name], b.fraction)
+            spent.add_metric([run[0], b.name], b.fraction)
         yield spent
         binding = snap.binding_budget
         yield from gauge(
@@ -157,8 +170,8 @@ class ControllerCollector(Collector):
         for b in snap.budgets:
             t = snap.forecast_end_time(b)
             if t is not None:
-                end.add_metric([v.run_id, b.name], t)
-            binds.add_metric([v.run_id, b.name], float(binding is not None and b.name == binding.name))
+                end.add_metric([run[0], b.name], t)
+            binds.add_metric([run[0], b.name], float(binding is not None and b.name == binding.name))
         yield end
         yield binds
         yield from gauge(
@@ -174,9 +187,9 @@ class ControllerCollector(Collector):
             "trainwarden_domain_loss", "Training loss per data domain.", labels=["run", "domain"]
         )
         for domain, loss in sorted(v.domain_loss.items()):
-            dl.add_metric([v.run_id, domain], loss)
+            dl.add_metric([run[0], clean_text(domain)], loss)
         yield dl
-        yield from _data_metrics(v.run_id, snap.config)
+        yield from _data_metrics(run[0], snap.config)
 
 
 def _data_metrics(run_id: str, config: Any) -> Iterator[Metric]:
@@ -188,7 +201,7 @@ def _data_metrics(run_id: str, config: Any) -> Iterator[Metric]:
     if isinstance(weights, dict):
         for domain, w in sorted(weights.items()):
             if _number(w) is not None:
-                dw.add_metric([run_id, str(domain)], float(w))
+                dw.add_metric([run_id, clean_text(str(domain))], float(w))
     yield dw
     for name, key, doc in (
         ("trainwarden_data_pruned_ratio", CONFIG_PRUNED_FRACTION, "Fraction of the examples left out now."),
@@ -202,16 +215,80 @@ def _data_metrics(run_id: str, config: Any) -> Iterator[Metric]:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, (bool, int, float)):
+        try:
+            return float(value)
+        except OverflowError:  # an integer past 1.8e308 (ingestion refuses them; kept as a guard)
+            return None
     return None
 
 
-def serve_metrics(controller: Controller, host: str, port: int) -> tuple[Any, int]:
+class _MetricsHandler(BaseHTTPRequestHandler):
+    server: MetricsServer
+    protocol_version = "HTTP/1.1"
+
+    def handle(self) -> None:
+        self.close_connection = True  # one request per connection: the deadline is per request
+        self.handle_one_request()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), printable(format % args))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        log.debug("%s %s %s", self.address_string(), request_path(str(getattr(self, "path", ""))), code)
+
+    def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self.server.refusals.warning(
+            "metrics port refused a request from %s: %d %s", self.client_address[0], code, phrase
+        )
+        self._send(code, f"{code} {phrase}\n".encode())
+
+    def do_GET(self) -> None:
+        if self.path.partition("?")[0] not in ("/metrics", "/"):
+            self.server.refusals.warning(
+                "metrics port: no such path %s from %s", request_path(self.path), self.client_address[0]
+            )
+            self._send(404, b"only /metrics here\n")
+            return
+        try:
+            body = generate_latest(self.server.registry)
+        except Exception:  # a bug, never what a job sent (that is cleaned on ingestion)
+            log.exception("a scrape failed")
+            self._send(500, b"scrape failed; see the controller log\n")
+            return
+        self._send(200, body, CONTENT_TYPE_LATEST)
+
+    do_HEAD = do_GET
+
+    def _read_only(self) -> None:
+        self._send(405, b"the metrics port is read-only\n")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _read_only
+
+
+class MetricsServer(BoundedHTTPServer):
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
+        super().__init__(address, _MetricsHandler, name="metrics")
+        self.registry = registry
+
+
+def serve_metrics(controller: Controller, host: str, port: int) -> tuple[MetricsServer, int]:
     """Serve /metrics for this controller on host:port (0 picks a free port). Returns (server, port)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ControllerCollector(controller))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server, int(server.server_address[1])
+    server = MetricsServer((host, port), registry)
+    server.start()
+    return server, server.port

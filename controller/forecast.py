@@ -77,6 +77,11 @@ class ThroughputForecast:
         self._points.append((step, time, tokens))
         self._detect_shift()
 
+    def restart(self, step: int) -> None:
+        """A new start of the job (its own step sequence) begins at `step`: a new segment."""
+        if self._points:
+            self._new_segment(step)
+
     def _new_segment(self, step: int, keep: int = 0) -> None:
         rate = self._own_rate()
         if rate is not None:
@@ -91,7 +96,7 @@ class ThroughputForecast:
         pts = self._points
         if len(pts) < SHIFT_STEPS + MIN_STEPS + 1:
             return
-        head = list(pts)[: -SHIFT_STEPS]
+        head = list(pts)[:-SHIFT_STEPS]
         base = _rate(head)
         if base is None:
             return

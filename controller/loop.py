@@ -30,6 +30,7 @@ from trainwarden.controller.protocol import (
     ProtocolError,
     StepRecord,
     domain_weights_problem,
+    dumps,
 )
 from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlWriter, read_jsonl
 from trainwarden.controller.snapshot import Snapshot
@@ -39,6 +40,7 @@ from trainwarden.policies.base import PolicyKind
 from trainwarden.policies.schema import Budget, ControllerSettings, PolicyFile
 
 log = logging.getLogger(__name__)
+
 
 class BudgetSpentError(ProtocolError):
     """A job starts with a budget already spent: the message names the budget and the fix. (A
@@ -50,6 +52,12 @@ class BudgetSpentError(ProtocolError):
 MAX_FAILURES = 3
 BACKOFF_BASE_S = 5.0
 BACKOFF_MAX_S = 300.0
+#: How long a disabled kind stays off (or until the job starts again): bounded, so that outcomes a
+#: token holder forges cannot switch a policy's actions off for a whole run.
+DISABLED_FOR_S = 1800.0
+#: Most steps a record may run ahead of the last one of the same job start: a record far beyond
+#: (a corrupt counter) would make every real step after it look like a resend.
+MAX_STEP_JUMP = 10**6
 #: The `policy` of a decision line the adapter took by itself (an adapter event, e.g. an OOM retry).
 ADAPTER_POLICY = "adapter"
 
@@ -111,7 +119,11 @@ class Controller:
         self._rejected: set[tuple[str, str]] = set()
         self._failures: dict[str, int] = {}
         self._retry_after: dict[str, float] = {}
-        self._disabled: set[str] = set()
+        self._disabled: dict[str, float] = {}
+        """Kinds disabled after MAX_FAILURES in a row, with the time they may be tried again."""
+        self._all_policies = list(self.policies)
+        """Every policy of the file; `policies` is those that fit the job that said hello last."""
+        self._jumps_refused = 0
         #: Ids of adapter events already logged (the agent resends until an exchange succeeds).
         self._events_seen: set[str] = set()
         self.actions_total: Counter[tuple[str, str]] = Counter()
@@ -134,7 +146,10 @@ class Controller:
             for rec in read_jsonl(tpath):
                 try:
                     if rec.get("event") == "hello":
-                        self.state.shape = JobShape.from_json(rec.get("shape"))
+                        shape = JobShape.from_json(rec.get("shape"))
+                        if self.state.shape is not None and not same_job(self.state.shape, shape):
+                            self.state.new_incarnation()
+                        self.state.shape = shape
                     elif rec.get("event") == "step":
                         self.state.ingest(StepRecord.from_json(rec))
                         steps += 1
@@ -194,8 +209,8 @@ class Controller:
                 "spent it), or raise the budget in the policy file"
             )
             old = self.state.shape
-            same_job = not new_job and old is not None and set(old.pids) == set(shape.pids)
-            if self.state.step >= 0 and not same_job:
+            same = not new_job and old is not None and same_job(old, shape)
+            if self.state.step >= 0 and not same:
                 for b in self.state.budgets(self.budget):
                     if b.fraction >= 1.0:
                         raise BudgetSpentError(
@@ -225,7 +240,10 @@ class Controller:
             except BudgetSpentError as exc:
                 log.error("refusing job %s: %s", shape.run_id, exc)
                 raise
-            reconnect = self.state.shape is not None
+            old = self.state.shape
+            reconnect = old is not None and same_job(old, shape)
+            if old is not None and not reconnect:
+                self._new_incarnation(old)
             self.state.shape = shape
             self.last_seen = self.clock()
             self.telemetry.write({"event": "hello", "time": self.last_seen, "shape": shape.to_json()})
@@ -235,7 +253,7 @@ class Controller:
             log.info(
                 "job %s %s: adapter %s, %d rank(s), %.1fM params, knobs %s",
                 shape.run_id,
-                "reconnected" if reconnect else "connected",
+                "reconnected" if reconnect else ("started again" if old is not None else "connected"),
                 shape.adapter,
                 shape.world_size,
                 shape.param_count / 1e6,
@@ -258,6 +276,9 @@ class Controller:
             now = self.clock()
             self.last_seen = now
             for rec in records:
+                if self.state.step >= 0 and rec.step > self.state.step + MAX_STEP_JUMP:
+                    self._refuse_jump(rec.step)
+                    continue
                 if rec.step > self.state.step:
                     self.telemetry.write({"event": "step", **rec.to_json()})
                 self.state.ingest(rec)
@@ -271,6 +292,47 @@ class Controller:
                 self._last_decide = now
                 self._decide(now)
             return [d.action for d in self._pending.values()]
+
+    def _new_incarnation(self, old: JobShape) -> None:
+        """A new start of the job said hello: its steps are its own (state.new_incarnation); the
+        previous start's unanswered actions end, and kinds disabled by its failures may be tried."""
+        self._end_pending("the job started again before applying it")
+        self._failures.clear()
+        self._retry_after.clear()
+        self._disabled.clear()
+        log.info(
+            "a new start of the job (previous: %s, at step %d): its steps count from its own first record",
+            old.incarnation or "pids " + ",".join(map(str, old.pids)),
+            self.state.step,
+        )
+        self.state.new_incarnation()
+        self._last_decide = float("-inf")
+
+    def _end_pending(self, why: str) -> None:
+        """Each pending action becomes an `unanswered` line of the decision log, saying `why`."""
+        for decision in list(self._pending.values()):
+            self._log_decision(
+                decision.action,
+                decision.decided_step,
+                decision.decided_at,
+                "unanswered",
+                self.state.step,
+                0.0,
+                why,
+            )
+        self._pending.clear()
+
+    def _refuse_jump(self, step: int) -> None:
+        self._jumps_refused += 1
+        if self._jumps_refused == 1 or self._jumps_refused % 1000 == 0:
+            log.warning(
+                "left out a record of step %d: more than %d steps past the job's last step %d (a corrupt "
+                "step counter?); %d such record(s) so far. A job that restarts says hello again",
+                step,
+                MAX_STEP_JUMP,
+                self.state.step,
+                self._jumps_refused,
+            )
 
     # ---- observe -> decide -> act -------------------------------------------------------
     def observe(self) -> Snapshot:
@@ -319,7 +381,9 @@ class Controller:
         )
         if action.kind in snap.pending:
             return  # level-based: the pending action already asks for this knob
-        if action.kind in self._disabled or now < self._retry_after.get(action.kind, 0.0):
+        if now < self._disabled.get(action.kind, float("-inf")) or now < self._retry_after.get(
+            action.kind, 0.0
+        ):
             return  # backing off after failures: no retry storm
         problem = self._cannot_carry(action, snap)
         if problem:
@@ -336,7 +400,7 @@ class Controller:
         """A policy that does not fit the job that connected (a data policy naming domains the job
         lacks) is said once, with the file, line and fix, and left out for this run."""
         keep = []
-        for policy in self.policies:
+        for policy in self._all_policies:
             check = getattr(policy, "check_job", None)
             problems = list(check(shape)) if callable(check) else []
             if not problems:
@@ -410,13 +474,15 @@ class Controller:
             return
         n = self._failures[kind] = self._failures.get(kind, 0) + 1
         if n >= MAX_FAILURES:
-            self._disabled.add(kind)
+            self._disabled[kind] = now + DISABLED_FOR_S
+            self._failures.pop(kind, None)
             log.error(
-                "%s failed %d times in a row; no more %s actions this run (the job keeps its "
-                "configuration). Check the decision log for the errors.",
+                "%s failed %d times in a row; no more %s actions this run for %.0f min, or until the job "
+                "starts again (the job keeps its configuration). Check the decision log for the errors.",
                 kind,
                 n,
                 kind,
+                DISABLED_FOR_S / 60,
             )
             return
         delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (n - 1))
@@ -505,21 +571,9 @@ class Controller:
 
     def close(self) -> dict[str, Any]:
         """Record unanswered actions, write summary.json, close the logs; returns the summary."""
-        import json
-
         with self._lock:
             now = self.clock()
-            for decision in list(self._pending.values()):
-                self._log_decision(
-                    decision.action,
-                    decision.decided_step,
-                    decision.decided_at,
-                    "unanswered",
-                    self.state.step,
-                    0.0,
-                    "the job ended before applying it",
-                )
-            self._pending.clear()
+            self._end_pending("the job ended before applying it")
             summary = self.status()
             summary["wall_time_s"] = now - self.started_at
             summary["job_lost"] = self.job_lost
@@ -535,7 +589,7 @@ class Controller:
             summary["exit_code"] = self.exit_code
             summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
             try:
-                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+                (self.run_dir / "summary.json").write_text(dumps(summary, indent=2, default=str))
             except OSError as exc:
                 log.error("cannot write summary.json: %s", exc)
             self.decisions.close()
@@ -543,6 +597,14 @@ class Controller:
             for src in self.sources:
                 src.close()
             return summary
+
+
+def same_job(old: JobShape, new: JobShape) -> bool:
+    """Whether a hello is the same start of the job saying hello again (a reconnect): the same
+    incarnation, or (an agent that sends none) the same pids."""
+    if old.incarnation and new.incarnation:
+        return old.incarnation == new.incarnation
+    return set(old.pids) == set(new.pids)
 
 
 def budget_report(snap: Snapshot) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ answers it with a 4xx instead of crashing.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -59,8 +60,24 @@ CONFIG_PRUNED_FRACTION = "pruned_fraction"
 #: Counts changes of which examples each domain draws from (curriculum level, pruned set): a
 #: domain's loss before and after such a change is of other examples, so no learnability signal.
 CONFIG_DATA_VERSION = "data_version"
-#: Most domains a mixture may have (a message stays far below the body limit).
+#: Most domains a mixture may have (a message stays far below the body limit). Also the most
+#: domains a run tracks: each is a Prometheus series, and a job naming a new domain per step
+#: would otherwise grow the controller and every scrape without bound.
 MAX_DOMAINS = 256
+#: Most ranks a record may report memory for, and the largest rank number: each is a series.
+MAX_RANKS = 4096
+#: Most keys a reported configuration and most knobs a job shape may have (each key a series).
+MAX_CONFIG_KEYS = 128
+MAX_KNOBS = 64
+#: Largest optimizer step a message may carry: a million steps a day for 2700 years. A record
+#: past it (2**63-1) would make every real step after it look like a resend.
+MAX_STEP = 10**12
+#: Longest run id, and nesting a reported configuration may have.
+MAX_RUN_ID_CHARS = 128
+MAX_CONFIG_DEPTH = 8
+#: How a float that is not finite is written, so that what trainwarden writes is strict JSON
+#: (RFC 8259 has no NaN); readers take these strings, and the bare literals older agents send.
+NONFINITE_TEXT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def domain_weights_problem(value: Any, names: Any = None) -> str | None:
@@ -88,6 +105,7 @@ def domain_weights_problem(value: Any, names: Any = None) -> str | None:
 #: Integers on the wire are 64-bit: Python's json reads any number of digits exactly, and
 #: float() of an integer past 1.8e308 raises OverflowError.
 _INT_LIMIT = 2**63
+_MISSING_REAL = object()
 
 
 def _is_number(v: Any) -> bool:
@@ -99,6 +117,102 @@ def _is_number(v: Any) -> bool:
 
 class ProtocolError(ValueError):
     """A message on the channel is malformed; the message says which field and why."""
+
+
+def strict(obj: Any) -> Any:
+    """`obj` with every non-finite float as its NONFINITE_TEXT string (a copy where needed)."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return "NaN" if obj != obj else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """JSON as RFC 8259 has it (no bare NaN or Infinity): what the channel and the run logs write."""
+    kw.setdefault("separators", (",", ":"))
+    return json.dumps(strict(obj), allow_nan=False, **kw)
+
+
+def clean_text(text: str) -> str:
+    """`text` encodable as UTF-8: a lone surrogate (valid in a JSON string, not in UTF-8, and fatal to
+    a Prometheus scrape) becomes its escape, \\udXXX."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def clean_value(value: Any, where: str, depth: int = 0) -> Any:
+    """A JSON value from a job, made safe to keep, log and export: text encodable, integers in 64
+    bits (ProtocolError naming `where` otherwise), nesting bounded."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        if not -_INT_LIMIT <= value < _INT_LIMIT:
+            raise ProtocolError(f"{where} is out of range: a 64-bit integer")
+        return value
+    if depth >= MAX_CONFIG_DEPTH:
+        raise ProtocolError(f"{where} is nested deeper than {MAX_CONFIG_DEPTH} levels")
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_value(v, f"{where}[{k!r}]", depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_value(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    raise ProtocolError(f"{where} is not a JSON value")
+
+
+def _config(d: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    """A reported configuration: at most MAX_CONFIG_KEYS keys, cleaned, domain weights bounded."""
+    config = _get(d, key, dict, what)
+    if len(config) > MAX_CONFIG_KEYS:
+        raise ProtocolError(
+            f"{what}.{key} has {len(config)} keys; a configuration may have at most {MAX_CONFIG_KEYS}"
+        )
+    weights = config.get(KNOB_DOMAIN_WEIGHTS)
+    if isinstance(weights, dict) and len(weights) > MAX_DOMAINS:
+        raise ProtocolError(
+            f"{what}.{key}.{KNOB_DOMAIN_WEIGHTS} has {len(weights)} domains; "
+            f"a mixture may have at most {MAX_DOMAINS}"
+        )
+    return clean_value(config, f"{what}.{key}")
+
+
+def _step(d: dict[str, Any], key: str, what: str, lowest: int = 0) -> int:
+    step = _get(d, key, int, what)
+    if not lowest <= step <= MAX_STEP:
+        raise ProtocolError(
+            f"{what}.{key} must be >= {lowest} and at most {MAX_STEP:.0e}, got {step}: not an optimizer "
+            "step (report the job's own step counter)"
+        )
+    return step
+
+
+def _real(d: dict[str, Any], key: str, what: str, default: Any = _MISSING_REAL, name: str = "") -> Any:
+    """A float field: a JSON number, or one of NONFINITE_TEXT's strings (strict JSON's NaN)."""
+    name = name or f"{what}.{key}"
+    if key not in d:
+        if default is _MISSING_REAL:
+            raise ProtocolError(f"{name} is missing")
+        return default
+    v = d[key]
+    if v is None and default is None:
+        return None
+    if isinstance(v, str) and v in NONFINITE_TEXT:
+        return NONFINITE_TEXT[v]
+    if isinstance(v, bool) and default is not None:
+        raise ProtocolError(f"{name} must be a number, got a boolean")
+    if not _is_number(v):
+        if default is None:
+            raise ProtocolError(f"{name} must be a number or null")
+        raise ProtocolError(f"{name} must be int/float, got {type(v).__name__}")
+    return float(v)
 
 
 _ids = itertools.count(1)
@@ -141,7 +255,7 @@ class Action:
             kind=_get(d, "kind", str, "action"),
             params=_get(d, "params", dict, "action"),
             reason=_get(d, "reason", str, "action"),
-            step=_get(d, "step", int, "action"),
+            step=_step(d, "step", "action"),
             policy=_get(d, "policy", str, "action", default=""),
         )
 
@@ -178,8 +292,8 @@ class Outcome:
         return Outcome(
             action_id=_get(d, "action_id", str, "outcome"),
             outcome=outcome,
-            step=_get(d, "step", int, "outcome"),
-            duration_s=float(_get(d, "duration_s", (int, float), "outcome")),
+            step=_step(d, "step", "outcome", lowest=-1),
+            duration_s=_real(d, "duration_s", "outcome"),
             detail=_get(d, "detail", str, "outcome", default=""),
         )
 
@@ -238,10 +352,8 @@ class AdapterEvent:
         kind = _get(d, "kind", str, "event")
         if kind not in EVENT_KINDS:
             raise ProtocolError(f"event.kind must be one of {', '.join(EVENT_KINDS)}, got {kind!r}")
-        step = _get(d, "step", int, "event")
-        if step < 0:
-            raise ProtocolError(f"event.step must be >= 0, got {step}")
-        duration = float(_get(d, "duration_s", (int, float), "event"))
+        step = _step(d, "step", "event")
+        duration = _real(d, "duration_s", "event")
         if not math.isfinite(duration) or duration < 0:
             raise ProtocolError(f"event.duration_s must be a finite number >= 0, got {duration!r}")
         reason = _get(d, "reason", str, "event")
@@ -260,7 +372,7 @@ class AdapterEvent:
                     raise ProtocolError(
                         f"event.changes[{i}].{key} must be a JSON scalar (text, number, boolean or null)"
                     )
-            changes.append((knob, old, new))
+            changes.append((knob, clean_value(old, "event.changes"), clean_value(new, "event.changes")))
         event_id = _get(d, "id", str, "event")
         if not 0 < len(event_id) <= MAX_EVENT_ID_CHARS:
             raise ProtocolError(f"event.id must be 1 to {MAX_EVENT_ID_CHARS} characters")
@@ -269,7 +381,7 @@ class AdapterEvent:
             kind=kind,
             step=step,
             changes=tuple(changes),
-            config=_get(d, "config", dict, "event"),
+            config=_config(d, "config", "event"),
             reason=reason,
             duration_s=duration,
         )
@@ -306,8 +418,11 @@ class RankMemory:
     @staticmethod
     def from_json(obj: Any) -> RankMemory:
         d = _require_dict(obj, "memory")
+        rank = _get(d, "rank", int, "memory")
+        if not 0 <= rank < MAX_RANKS:
+            raise ProtocolError(f"memory.rank = {rank} is not a rank (0 to {MAX_RANKS - 1})")
         return RankMemory(
-            rank=_get(d, "rank", int, "memory"),
+            rank=rank,
             used_bytes=_get(d, "used_bytes", int, "memory"),
             peak_bytes=_get(d, "peak_bytes", int, "memory"),
             total_bytes=_get(d, "total_bytes", int, "memory"),
@@ -352,32 +467,31 @@ class StepRecord:
     @staticmethod
     def from_json(obj: Any) -> StepRecord:
         d = _require_dict(obj, "record")
-        loss = d.get("loss")
-        if loss is not None and not _is_number(loss):
-            raise ProtocolError("record.loss must be a number or null")
-        lr = d.get("lr")
-        if lr is not None and not _is_number(lr):
-            raise ProtocolError("record.lr must be a number or null")
-        eval_loss = d.get("eval_loss")
-        if eval_loss is not None and not _is_number(eval_loss):
-            raise ProtocolError("record.eval_loss must be a number or null")
         memory = _get(d, "memory", list, "record")
+        if len(memory) > MAX_RANKS:
+            raise ProtocolError(
+                f"record.memory has {len(memory)} entries; a job has at most {MAX_RANKS} ranks"
+            )
         domain_loss = _get(d, "domain_loss", dict, "record", default={})
-        for k, v in domain_loss.items():
-            if not _is_number(v):
-                raise ProtocolError(f"record.domain_loss[{k!r}] must be a number")
+        if len(domain_loss) > MAX_DOMAINS:
+            raise ProtocolError(
+                f"record.domain_loss has {len(domain_loss)} domains; a run tracks at most {MAX_DOMAINS}"
+            )
         return StepRecord(
-            step=_get(d, "step", int, "record"),
-            time=float(_get(d, "time", (int, float), "record")),
-            loss=None if loss is None else float(loss),
+            step=_step(d, "step", "record"),
+            time=_real(d, "time", "record"),
+            loss=_real(d, "loss", "record", default=None),
             samples=_get(d, "samples", int, "record"),
             tokens=_get(d, "tokens", int, "record"),
-            step_time_s=float(_get(d, "step_time_s", (int, float), "record")),
-            lr=None if lr is None else float(lr),
-            config=_get(d, "config", dict, "record"),
+            step_time_s=_real(d, "step_time_s", "record"),
+            lr=_real(d, "lr", "record", default=None),
+            config=_config(d, "config", "record"),
             memory=tuple(RankMemory.from_json(m) for m in memory),
-            domain_loss={str(k): float(v) for k, v in domain_loss.items()},
-            eval_loss=None if eval_loss is None else float(eval_loss),
+            domain_loss={
+                clean_text(k): _real(domain_loss, k, "", name=f"record.domain_loss[{k!r}]")
+                for k in domain_loss
+            },
+            eval_loss=_real(d, "eval_loss", "record", default=None),
         )
 
 
@@ -405,8 +519,8 @@ class KnobSpec:
         d = _require_dict(obj, "knob")
         return KnobSpec(
             name=_get(d, "name", str, "knob"),
-            value=d.get("value"),
-            choices=tuple(_get(d, "choices", list, "knob", default=[])),
+            value=clean_value(d.get("value"), "knob.value"),
+            choices=tuple(clean_value(_get(d, "choices", list, "knob", default=[]), "knob.choices")),
             minimum=_optional_number(d, "minimum", "knob"),
             maximum=_optional_number(d, "maximum", "knob"),
         )
@@ -440,6 +554,10 @@ class JobShape:
     device: str
     device_total_bytes: int
     sync_every: int
+    incarnation: str = ""
+    """Which start of the job this is: the agent makes a new one at each attach (a reconnect says
+    hello with the same one). A new incarnation on a used run directory starts its own step
+    sequence. Optional on the wire (none, from an older agent: a new set of pids is a new start)."""
 
     def knob(self, name: str) -> KnobSpec | None:
         for k in self.knobs:
@@ -460,23 +578,37 @@ class JobShape:
             "device": self.device,
             "device_total_bytes": self.device_total_bytes,
             "sync_every": self.sync_every,
+            "incarnation": self.incarnation,
         }
 
     @staticmethod
     def from_json(obj: Any) -> JobShape:
         d = _require_dict(obj, "shape")
+        run_id = _get(d, "run_id", str, "shape")
+        if not 0 < len(run_id) <= MAX_RUN_ID_CHARS or not run_id.isprintable():
+            raise ProtocolError(
+                f"shape.run_id must be 1 to {MAX_RUN_ID_CHARS} printable characters (no newline or "
+                f"control character), got {run_id[:40]!r}"
+            )
+        knobs = _get(d, "knobs", list, "shape")
+        if len(knobs) > MAX_KNOBS:
+            raise ProtocolError(f"shape.knobs has {len(knobs)} knobs; a job may offer at most {MAX_KNOBS}")
+        incarnation = _get(d, "incarnation", str, "shape", default="")
+        if len(incarnation) > MAX_EVENT_ID_CHARS:
+            raise ProtocolError(f"shape.incarnation is longer than {MAX_EVENT_ID_CHARS} characters")
         return JobShape(
-            run_id=_get(d, "run_id", str, "shape"),
+            run_id=run_id,
             adapter=_get(d, "adapter", str, "shape"),
             world_size=_get(d, "world_size", int, "shape"),
             param_count=_get(d, "param_count", int, "shape"),
             global_batch_size=_get(d, "global_batch_size", int, "shape"),
             tokens_per_sample=_get(d, "tokens_per_sample", int, "shape"),
-            knobs=tuple(KnobSpec.from_json(k) for k in _get(d, "knobs", list, "shape")),
+            knobs=tuple(KnobSpec.from_json(k) for k in knobs),
             pids=_int_list(d, "pids", "shape"),
             device=_get(d, "device", str, "shape"),
             device_total_bytes=_get(d, "device_total_bytes", int, "shape"),
             sync_every=_get(d, "sync_every", int, "shape"),
+            incarnation=incarnation,
         )
 
 
@@ -533,6 +665,8 @@ def _optional_number(d: dict[str, Any], key: str, what: str) -> float | None:
 
 def _int_list(d: dict[str, Any], key: str, what: str) -> tuple[int, ...]:
     items = _get(d, key, list, what)
+    if len(items) > MAX_RANKS:
+        raise ProtocolError(f"{what}.{key} has {len(items)} entries; a job has at most {MAX_RANKS} ranks")
     for i, v in enumerate(items):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ProtocolError(f"{what}.{key}[{i}] must be int, got {type(v).__name__}")
@@ -562,4 +696,6 @@ def _get(d: dict[str, Any], key: str, typ: Any, what: str, default: Any = _MISSI
         raise ProtocolError(f"{what}.{key} must be {name}, got {type(value).__name__}")
     if isinstance(value, int) and not isinstance(value, bool) and not -_INT_LIMIT <= value < _INT_LIMIT:
         raise ProtocolError(f"{what}.{key} is out of range: a 64-bit integer")
+    if isinstance(value, str):
+        return clean_text(value)
     return value

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainwarden.controller.protocol import NONFINITE_TEXT
 from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, read_jsonl
 from trainwarden.policies.units import format_bytes, format_duration
 
@@ -153,7 +154,7 @@ def load_run(run_dir: Path) -> Run:
         if rec.get("event") == "hello" and isinstance(rec.get("shape"), dict):
             shape = shape or rec["shape"]
         elif rec.get("event") == "step" and isinstance(rec.get("step"), int) and "time" in rec:
-            steps.setdefault(rec["step"], rec)
+            steps.setdefault(rec["step"], _finite_text_to_float(rec))
     if not steps:
         raise ReportError(f"{telemetry} has no step yet: nothing to plot (run the report again later)")
     ordered = [steps[s] for s in sorted(steps)]
@@ -245,6 +246,25 @@ def describe_group(g: Group) -> str:
         f"#{g.label}  {where}: {g.kind} {_value(d0)} -> {_value(d1)} in {len(g.decisions)} decisions "
         f"({g.outcome}); first: {d0.get('reason', '')}; last: {d1.get('reason', '')}"
     )
+
+
+def _finite_text_to_float(rec: dict[str, Any]) -> dict[str, Any]:
+    """A step line as the plots take it: a non-finite loss (written "NaN"/"Infinity" in the logs,
+    strict JSON; or a bare NaN by an older controller) is no point on a curve, like a missing one."""
+    for key in ("loss", "eval_loss"):
+        v = rec.get(key)
+        if isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
+            rec[key] = None
+    for key in ("lr", "time", "step_time_s"):
+        v = rec.get(key)
+        if isinstance(v, str) and v in NONFINITE_TEXT:
+            rec[key] = NONFINITE_TEXT[v]
+    losses = rec.get("domain_loss")
+    if isinstance(losses, dict):
+        rec["domain_loss"] = {
+            k: v for k, v in losses.items() if isinstance(v, (int, float)) and math.isfinite(v)
+        }
+    return rec
 
 
 def headline(run: Run) -> list[str]:

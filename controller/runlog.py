@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from trainwarden.controller.protocol import dumps
+
 LOG_VERSION = 1
 DECISIONS_FILE = "decisions.jsonl"
 TELEMETRY_FILE = "telemetry.jsonl"
@@ -35,7 +37,8 @@ class JsonlWriter:
         self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (held open for the run)
 
     def write(self, record: dict[str, Any]) -> bool:
-        line = json.dumps({"v": LOG_VERSION, **record}, separators=(",", ":"), default=str)
+        # Strict JSON: a NaN loss is written "NaN" (what the channel's readers take back).
+        line = dumps({"v": LOG_VERSION, **record}, default=str)
         with self._lock:
             try:
                 self._fh.write(line + "\n")

@@ -6,19 +6,29 @@ ask for a change, and the next records say whether it happened.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from trainwarden.controller.forecast import ThroughputForecast
-from trainwarden.controller.protocol import KNOB_MICRO_BATCH, JobShape, KnobSpec, RankMemory, StepRecord
+from trainwarden.controller.protocol import (
+    KNOB_MICRO_BATCH,
+    MAX_DOMAINS,
+    JobShape,
+    KnobSpec,
+    RankMemory,
+    StepRecord,
+)
 from trainwarden.controller.snapshot import BudgetUse, Snapshot
 from trainwarden.policies.memory import config_key
 from trainwarden.policies.schema import Budget
 
 if TYPE_CHECKING:
     from trainwarden.controller.protocol import AdapterEvent
+
+log = logging.getLogger(__name__)
 
 #: Smoothing of the reported loss (EMA weight of the newest step).
 LOSS_EMA = 0.1
@@ -73,6 +83,20 @@ class JobState:
     eval_loss: float | None = None
     action_lags: deque[int] = field(default_factory=lambda: deque(maxlen=LAG_HISTORY))
     """Steps between a decision and the step its action applied at, latest last."""
+    domains_dropped: int = 0
+    """Losses of domains past the MAX_DOMAINS a run tracks, left out (said once in the log)."""
+    _new_incarnation: bool = False
+
+    def new_incarnation(self) -> None:
+        """A new start of the job (a new hello) on this run: its steps are its own sequence, even
+        below the last one's (a restart from an earlier checkpoint). Spend so far stays; the time
+        between the two jobs is not charged (their first record continues the time line)."""
+        self.step = -1
+        self.last_action_step.clear()
+        self._window.clear()
+        self.recent_peaks.clear()
+        self.finished = False
+        self._new_incarnation = True
 
     def ingest(self, rec: StepRecord) -> None:
         if rec.step <= self.step:
@@ -87,14 +111,17 @@ class JobState:
             # offset, so the records after it are read on the same time line.
             typical = self.step_time_s or step_time or 1.0
             most = CLOCK_JUMP_SLACK_S + 10 * typical * max(1, rec.step - self.step)
-            if t < self.last_time or t - self.last_time > most:
-                self.clock_jumps += 1
+            if self._new_incarnation or t < self.last_time or t - self.last_time > most:
+                self.clock_jumps += 0 if self._new_incarnation else 1
                 held = self.last_time + (step_time if t > self.last_time else 0.0)
                 self._clock_offset += t - held
                 t = held
         if self.first_time is None:
             # The first step's start, not its end: wall time includes the first step.
             self.first_time = t - step_time
+        if self._new_incarnation:
+            self.forecast.restart(rec.step)
+            self._new_incarnation = False
         self.step = rec.step
         self.last_time = t
         if rec.loss is not None:
@@ -113,8 +140,9 @@ class JobState:
         self.samples = max(0, rec.samples)
         self.lr = rec.lr
         self.config = dict(rec.config)
-        self.domain_loss.update({k: v for k, v in rec.domain_loss.items() if math.isfinite(v)})
-        for k, v in rec.domain_loss.items():
+        domain_loss = self._tracked_domains(rec)
+        self.domain_loss.update({k: v for k, v in domain_loss.items() if math.isfinite(v)})
+        for k, v in domain_loss.items():
             if math.isfinite(v):
                 prev = self.domain_loss_ema.get(k)
                 self.domain_loss_ema[k] = v if prev is None else (1 - LOSS_EMA) * prev + LOSS_EMA * v
@@ -134,6 +162,26 @@ class JobState:
             if key:
                 self.peak_by_config[key] = max(peak, self.peak_by_config.get(key, 0))
             self.recent_peaks.append((rec.step, peak))
+
+    def _tracked_domains(self, rec: StepRecord) -> dict[str, float]:
+        """The record's domain losses, but no domain past the first MAX_DOMAINS of the run: each is a
+        series on every scrape (a job naming a new domain per step would grow both without bound)."""
+        known = self.domain_loss.keys() | self.domain_loss_ema.keys()
+        new = [k for k in rec.domain_loss if k not in known]
+        room = MAX_DOMAINS - len(known)
+        if len(new) <= room:
+            return dict(rec.domain_loss)
+        dropped = set(new[max(0, room) :])
+        if not self.domains_dropped:
+            log.warning(
+                "the job reports losses of more than %d data domains; the run tracks the first %d and "
+                "leaves out the rest (first left out: %r). Group domains, or report fewer",
+                MAX_DOMAINS,
+                MAX_DOMAINS,
+                next(iter(dropped))[:80],
+            )
+        self.domains_dropped += len(dropped)
+        return {k: v for k, v in rec.domain_loss.items() if k not in dropped}
 
     def _extend_curves(self, rec: StepRecord) -> None:
         if self.budget is None:
