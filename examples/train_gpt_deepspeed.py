@@ -13,16 +13,19 @@ never notices.
 Each rank draws its own micro-batches (seed + rank), as a DistributedSampler would. Gloo on the
 CPU; one torch thread per rank (two ranks on a two-core machine).
 
-What it costs on the CPU, measured (2 ranks on a shared 2-core machine, 28.6M parameters, fp32,
-64 tokens per rank and step, glibc's mmap threshold at 64 KiB): 0.9-1.6 s per optimizer step; a
-ZeRO 0 -> 1 switch moves 327 MiB of state and takes 4-5 s, during which a rank's RSS peaks at the
-step-boundary RSS plus that host copy (~1000 MiB here, above a step's 913 MiB). The model is this
-size on purpose: below ~12M parameters a ZeRO 1/2 engine holds *more* resident memory than ZeRO 0
-on a CPU (DeepSpeed's fixed ~47 MiB of buffers outweigh the ~4 bytes per parameter partitioning
-saves), so no stage switch could bring a smaller model under a cap (the measurements are in
-policies/memory.py). Without the mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`, which `trainwarden
-demo --deepspeed` sets), glibc keeps freed tensors resident and a switched-into engine measured
-100-200 MiB above a fresh one: more than the switch saves.
+What it costs on the CPU, measured (2 ranks on a shared 2-core machine, 28.6M parameters, fp32, 64
+tokens per rank and step, glibc's mmap threshold at 64 KiB): 0.9-1.6 s per optimizer step; a ZeRO 0
+-> 1 switch moves 327 MiB of state and takes 4-5 s, during which a rank's RSS peaks at the step-
+boundary RSS plus that host copy (~1000 MiB here, above a step's 914 MiB). The model is this size on
+purpose: below ~12M parameters a ZeRO 1/2 engine holds *more* resident memory than ZeRO 0 on a CPU
+(DeepSpeed's fixed ~47 MiB of buffers outweigh the ~4 bytes per parameter partitioning saves), so no
+stage switch could bring a smaller model under a cap (the measurements are in policies/memory.py).
+Without the mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`, which `trainwarden demo --deepspeed`
+sets, and this script with mallopt where the environment does not), glibc keeps freed tensors
+resident and a switched-into engine measured 100-200 MiB above a fresh one: more than the switch
+saves. The optimizer is torch's AdamW on its fused CPU kernel (`"fused": true`): the default,
+unfused one updates ZeRO's flat fp32 partition through partition-sized temporaries, and ZeRO 1 then
+peaked at 849 MiB instead of 811 (ZeRO 0 914 either way), too close to any cap between the two.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
     """The user's DeepSpeed config: AdamW (torch's, so a switched run follows the unswitched one
-    exactly), warmup then a flat LR, and the initial ZeRO stage, precision and offload."""
+    exactly; its fused CPU kernel, which makes no partition-sized temporaries per step), warmup
+    then a flat LR, and the initial ZeRO stage, precision and offload."""
     bucket = int(args.bucket_size)
     zero: dict[str, Any] = {
         "stage": args.zero_stage,
@@ -95,7 +99,13 @@ def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[str, Any
         "train_batch_size": args.micro_batch * args.grad_accum * world_size,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1, "torch_adam": True},
+            "params": {
+                "lr": args.lr,
+                "betas": [0.9, 0.95],
+                "weight_decay": 0.1,
+                "torch_adam": True,
+                "fused": True,
+            },
         },
         "scheduler": {
             "type": "WarmupLR",
@@ -119,8 +129,32 @@ def evaluate(engine: Any, batches: dict[str, list]) -> dict[str, float]:
     return out
 
 
+#: glibc's mallopt parameter for the mmap threshold (malloc.h's M_MMAP_THRESHOLD).
+_M_MMAP_THRESHOLD = -3
+
+
+def fix_mmap_threshold(nbytes: int = 65536) -> bool:
+    """Hold glibc's mmap threshold at `nbytes`, as `MALLOC_MMAP_THRESHOLD_` does, unless the
+    environment already sets it (the user's setting wins); whether it is now fixed.
+
+    Launched without it (plain torchrun or `trainwarden run`, not `trainwarden demo`), the job
+    would otherwise run with glibc's sliding threshold, and freed tensors stay resident: measured
+    on the demo with unfused Adam, ZeRO 1 peaked at 919-964 MiB fresh and 995-1069 MiB switched
+    into instead of 849-851, ZeRO 0 at 931-936 instead of 914. With this call and no variable the
+    demo measured what it does with the variable (ZeRO 0 914, ZeRO 1 803-810 switched into)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return True
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False  # not glibc: its allocator has no such threshold
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    fix_mmap_threshold()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would guess it, with a warning
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")

@@ -97,6 +97,18 @@ Rung = tuple[tuple[str, Any], ...]
 #   28.6M   the demo, fresh 913.3(0.9)  847.9(1.0)
 #   42.8M   mb 2x64, gas 1  1166.9      1048.2      1048.5
 #
+# Measured on an Intel Xeon with AVX512-FP16, and again on an AMD EPYC (Zen 4: AVX512 without
+# AVX512-FP16; kernel 6.18, glibc 2.36), where the rows it repeated agree to within 2 MiB, so the
+# table and the constants below hold on both (no per-CPU term): plain DeepSpeed, 28.6M, mb 1x64,
+# gas 1: ZeRO 0 896.3, ZeRO 1 830.6; the demo: ZeRO 0 914.3, ZeRO 1 849-851 fresh and 849.4-849.8
+# switched into. What does move ZeRO 1 (measured on the EPYC): DeepSpeed's default 5e8 buckets
+# (+56 MiB over 2e6, plain); no mmap threshold (the demo: ZeRO 1 fresh 919-964, switched into
+# 995-1069, ZeRO 0 931-936);
+# torch's fused CPU AdamW (`"fused": true`), which drops the two partition-sized temporaries the
+# unfused update makes over ZeRO's flat partition: ZeRO 1 791.3 plain and 803-811 in the demo,
+# ZeRO 0 unchanged (895.7, 914.0). The constants are for the unfused default, so with a fused Adam
+# they under-forecast the saving (never its sign).
+#
 # So on a CPU: ZeRO 1 and 2 sit at the same RSS (2 is only slower), ZeRO 3 is above them and 2-3x
 # slower, and every offload is *above* ZeRO 0 (offloading "to the CPU" from the CPU saves nothing
 # and adds pinned buffers). ZeRO 1 against ZeRO 0 is a fixed ~47 MiB (DeepSpeed's buffers) minus
