@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import Any
 
-from trainwarden.adapters.channel import Channel, ChannelDown
+from trainwarden.adapters.channel import Channel, ChannelDown, ChannelRefused
 from trainwarden.adapters.probes import MemoryProbe
 from trainwarden.controller.protocol import (
     MAX_EVENTS_PER_EXCHANGE,
@@ -81,6 +81,8 @@ class Agent:
         self._thread: threading.Thread | None = None
         self.connected = False
         self.cpu_time_s = 0.0  # CPU time the exchange thread used (the benchmark reads it)
+        self.dropped_records = 0  # step records the controller refused (400/413) and were dropped
+        self.refused_batches = 0
         self._down_logged = False
         if self.channel is not None:
             self._thread = threading.Thread(target=self._run, name="trainwarden-agent", daemon=True)
@@ -245,6 +247,22 @@ class Agent:
                 actions = self.channel.exchange(records, outcomes, done, events=events)
             else:  # a channel written before events (the protocol's optional field) works as it did
                 actions = self.channel.exchange(records, outcomes, done)
+        except ChannelRefused as exc:
+            # The controller refused what the batch says (a cap, a malformed field): the same batch
+            # can never pass, and retrying it would stall all telemetry behind it. Drop it, say so.
+            self.dropped_records += len(records)
+            self.refused_batches += 1
+            say = log.warning if self.refused_batches == 1 else log.debug  # once, not per exchange
+            say(
+                "trainwarden: the controller refused a batch (%d step record(s), %d outcome(s), "
+                "%d event(s)) and it was dropped; %d batch(es) refused so far: %s",
+                len(records),
+                len(outcomes),
+                len(events),
+                self.refused_batches,
+                exc,
+            )
+            return
         except ChannelDown:
             with self._lock:  # put them back, oldest first; the controller dedups by step and id
                 self._records.extendleft(reversed(records))

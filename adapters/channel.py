@@ -59,6 +59,11 @@ class ChannelDown(ConnectionError):
     """The controller cannot be reached or refused the request; training goes on regardless."""
 
 
+class ChannelRefused(ChannelDown):
+    """The controller read the request and refused its content (400 or 413): sending the same
+    batch again can never succeed, so the agent drops it instead of retrying it forever."""
+
+
 class Channel(Protocol):
     def hello(self, shape: JobShape) -> dict[str, Any]: ...
 
@@ -94,7 +99,8 @@ class HttpChannel:
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:300].decode(errors="replace")
             hint = " (the token does not match the controller's)" if exc.code == 401 else ""
-            raise ChannelDown(f"controller answered {exc.code}{hint}: {detail}") from exc
+            error = ChannelRefused if exc.code in (400, 413) else ChannelDown
+            raise error(f"controller answered {exc.code}{hint}: {detail}") from exc
         except (OSError, json.JSONDecodeError, ProtocolError) as exc:
             raise ChannelDown(f"controller at {self.endpoint} unreachable: {exc}") from exc
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -387,3 +388,34 @@ def test_forged_rejected_outcomes_disable_a_kind_for_a_bounded_time(tmp_path: Pa
     clock.t += disabled_for_s
     assert [a.kind for a in hot()] == [KNOB_MICRO_BATCH], "the kind never came back"
     ctl.close()
+
+
+def test_an_agent_drops_a_refused_batch_and_its_telemetry_flows_on(
+    served: ChannelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch the controller refuses (400: here a record naming more domains than the cap) can
+    never pass: the real agent drops it, says so once, and the steps after it reach the controller
+    (on main it was put back and retried forever, and all telemetry after it stalled)."""
+    from trainwarden.adapters.agent import Agent
+    from trainwarden.adapters.channel import HttpChannel
+    from trainwarden.adapters.probes import CpuProbe
+
+    caplog.set_level(logging.WARNING)
+    job = JobShape.from_json(shape())
+    agent = Agent(job, HttpChannel(f"http://127.0.0.1:{served.port}", TOKEN), CpuProbe())
+    try:
+        too_many = {f"x{i}": 1.0 for i in range(MAX_DOMAINS + 1)}
+        agent.on_step(1, 3.0, 64, 1024, 0.1, 1e-3, {KNOB_MICRO_BATCH: 8}, domain_loss=too_many)
+        deadline = time.monotonic() + 20
+        while agent.refused_batches == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.refused_batches == 1 and agent.dropped_records == 1
+        for step in (2, 3):
+            agent.on_step(step, 3.0, 64, 1024, 0.1, 1e-3, {KNOB_MICRO_BATCH: 8})
+        while served.controller.state.step < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert served.controller.state.step == 3
+        said = [r.getMessage() for r in caplog.records if "refused a batch" in r.getMessage()]
+        assert len(said) == 1 and f"at most {MAX_DOMAINS}" in said[0], said
+    finally:
+        agent.close()
