@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainwarden.controller.identity import pid_namespace
+
 PROTOCOL_VERSION = 1
 #: Largest request body the controller reads; a telemetry batch is a few KiB.
 MAX_BODY_BYTES = 1 << 20
@@ -440,6 +442,9 @@ class JobShape:
     device: str
     device_total_bytes: int
     sync_every: int
+    #: The pid namespace the pids are in (identity.pid_namespace(), taken where the shape is made:
+    #: in the job); "" when unknown. The controller reads pids only in its own namespace.
+    pid_namespace: str = field(default_factory=pid_namespace)
 
     def knob(self, name: str) -> KnobSpec | None:
         for k in self.knobs:
@@ -460,6 +465,7 @@ class JobShape:
             "device": self.device,
             "device_total_bytes": self.device_total_bytes,
             "sync_every": self.sync_every,
+            "pid_namespace": self.pid_namespace,
         }
 
     @staticmethod
@@ -477,6 +483,7 @@ class JobShape:
             device=_get(d, "device", str, "shape"),
             device_total_bytes=_get(d, "device_total_bytes", int, "shape"),
             sync_every=_get(d, "sync_every", int, "shape"),
+            pid_namespace=_get(d, "pid_namespace", str, "shape", default="")[:256],
         )
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from trainwarden.controller.rundir import open_private
+
 LOG_VERSION = 1
 DECISIONS_FILE = "decisions.jsonl"
 TELEMETRY_FILE = "telemetry.jsonl"
@@ -32,7 +34,8 @@ class JsonlWriter:
         self.path = path
         self._lock = threading.Lock()
         self._failed = False
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (held open for the run)
+        # Never through a symlink planted in the run directory; created 0600 (rundir.py).
+        self._fh = open_private(path, "a")
 
     def write(self, record: dict[str, Any]) -> bool:
         line = json.dumps({"v": LOG_VERSION, **record}, separators=(",", ":"), default=str)
