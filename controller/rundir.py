@@ -82,7 +82,8 @@ def _flags_for(mode: str) -> int:
 
 def open_private(path: Path, mode: str = "a", encoding: str | None = "utf-8") -> IO[Any]:
     """`open(path, mode)` that never follows a symlink, refuses anything but a regular file (or a
-    character device), and creates the file 0600 ('a', 'w', 'x'; 'b' in mode for bytes). Raises OSError (ELOOP for a link)."""
+    character device), and creates the file 0600 ('a', 'w', 'x'; 'b' in mode for bytes).
+    Raises OSError (ELOOP for a link)."""
     # O_NONBLOCK: a FIFO planted there fails the open instead of blocking it (cleared below).
     fd = os.open(path, _flags_for(mode) | os.O_NONBLOCK, 0o600)
     try:
