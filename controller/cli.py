@@ -35,6 +35,7 @@ from trainwarden.controller.rundir import (
     check_run_id,
     ensure_private_dir,
     private_opener,
+    refuse_links,
     write_private,
 )
 from trainwarden.policies.units import format_bytes, format_duration
@@ -101,6 +102,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
         )
     try:
         run_dir = ensure_private_dir(Path(args.run_dir))
+        refuse_links(run_dir)
         run_id = check_run_id(args.run_id or run_dir.name)
         _log_to(run_dir / "controller.log")
         controller = Controller(run_dir, run_id, policy_file=pf, sources=default_sources())
@@ -286,6 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         run_id = check_run_id(args.run_id or new_run_id())
         run_dir = ensure_private_dir(Path(args.run_dir or Path("runs") / run_id))
+        refuse_links(run_dir)
         token_file = run_dir / TOKEN_FILE
         # The token lives in this 0600 file only (not in the job's environment, which every child
         # inherits), and is removed at the end.

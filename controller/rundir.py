@@ -69,6 +69,35 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
+#: The files trainwarden writes in a run directory (controller.json is removed and renamed anew).
+RUN_FILES = (
+    TOKEN_FILE,
+    "controller.stderr",
+    "controller.log",
+    "decisions.jsonl",
+    "telemetry.jsonl",
+    "summary.json",
+)
+
+
+def refuse_links(run_dir: Path) -> None:
+    """RunDirError naming the first of RUN_FILES that is a link or not a regular file: refused with
+    the fix, before anything is written (open_private would refuse it too, less clearly)."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise RunDirError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); trainwarden follows no link in its run "
+                "directory: remove the link, or pick a new --run-dir"
+            )
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise RunDirError(f"{path} is not a regular file; remove it, or pick a new --run-dir")
+
+
 def _flags_for(mode: str) -> int:
     base = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     if mode.startswith("a"):
