@@ -330,7 +330,7 @@ def test_sigterm_to_run_reaches_a_bash_wrappers_children_and_leftovers_are_reape
         f"(sleep 1000 & echo $! > {c}; wait) & "  # a grandchild in a subshell
         f"{sys.executable} -c '{LOOP}' {b}; wait"
     )
-    run = start_run(tmp_path, "--stop-grace", "20", job=["bash", "-c", script])
+    run = start_run(tmp_path, job=["bash", "-c", script])
     pids: list[int] = []
     try:
         pids = _pids(a, b, c)
