@@ -380,6 +380,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rc = job.returncode
     if tty:
         print(file=sys.stderr)
+    job.check()  # says a signal it passed on, if the job ended before the loop could
     job.reap_leftovers()
     # The agent flushes its last telemetry at exit; give the controller a moment to take it in.
     time.sleep(0.3)

@@ -57,6 +57,7 @@ class Job:
         self.proc = subprocess.Popen(list(command), env=dict(env), start_new_session=True)
         self.pgid = self.proc.pid
         self.signalled_at: float | None = None
+        self._unsaid = 0
         self.killed = False
 
     def poll(self) -> int | None:
@@ -70,17 +71,22 @@ class Job:
 
     # ---- signals ----------------------------------------------------------------------------
     def forward(self, sig: int) -> None:
-        """Pass `sig` to the job's whole group (from run's signal handler)."""
+        """Pass `sig` to the job's whole group (from run's signal handler: no printing here, a
+        handler that prints while the loop prints raises; `check` says it)."""
         _killpg(self.pgid, sig)
         if self.signalled_at is None:
             self.signalled_at = time.monotonic()
-            self.say(
-                f"{signal.Signals(sig).name} passed on to the job's process group; SIGKILL in "
-                f"{self.grace_s:g} s if it has not ended"
-            )
+            self._unsaid = sig
 
     def check(self) -> None:
-        """In run's loop: the grace period after a forwarded signal is over: SIGKILL everything."""
+        """In run's loop: say what was forwarded; the grace period after a forwarded signal is
+        over: SIGKILL everything."""
+        if self._unsaid:
+            name, self._unsaid = signal.Signals(self._unsaid).name, 0
+            self.say(
+                f"{name} passed on to the job's process group; SIGKILL in {self.grace_s:g} s "
+                "if it has not ended"
+            )
         if self.signalled_at is None or self.killed:
             return
         if time.monotonic() - self.signalled_at >= self.grace_s:

@@ -331,6 +331,7 @@ def test_kill_int_to_run_reaches_the_job(tmp_path: Path) -> None:
     finally:
         cleanup(run)
     assert "interrupted" in out and run.returncode == 3, err[-2000:]
+    assert "SIGINT passed on to the job's process group" in err and "Traceback" not in err
     assert gone(job_pid)
 
 
