@@ -61,6 +61,7 @@ class Supervisor:
         self.restarts = 0  # in a row
         self.restarts_total = 0
         self.given_up = False
+        self._stopped = False
         self._started_at = 0.0
         self._retry_at: float | None = None
 
@@ -112,7 +113,7 @@ class Supervisor:
     def check(self) -> None:
         """Called by `run` every half second while the job runs: notice a dead controller and
         restart it (after the back-off), or give up loudly."""
-        if self.given_up or self.proc is None:
+        if self.given_up or self._stopped or self.proc is None:
             return
         now = time.monotonic()
         if self._retry_at is None:
@@ -157,8 +158,9 @@ class Supervisor:
         self.say(f"{what}; restarting it in {delay:.1f} s (the job trains on meanwhile)")
 
     def stop(self) -> None:
+        """The job has ended: stop the controller (SIGTERM: it writes summary.json); no restarts."""
         self._retry_at = None
-        self.given_up = True
+        self._stopped = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
