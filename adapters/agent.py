@@ -8,13 +8,16 @@ its memory, rank 0 also the actions now due, so every rank learns the same actio
 same step and applies them there. No collective runs on other steps, and every rank takes
 the same branch at every step, so none can wait on a collective another rank skips.
 If the controller goes away, the thread retries with back-off and training goes on with the
-configuration it has.
+configuration it has, but not past the budget's end: while it has no controller, rank 0 stops
+the job itself at the first step boundary past the end it was given (controller/budget_end.py),
+with the same stop action the controller's compute policy sends.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -22,7 +25,9 @@ from typing import Any
 
 from trainwarden.adapters.channel import Channel, ChannelDown, ChannelRefused
 from trainwarden.adapters.probes import MemoryProbe
+from trainwarden.controller.budget_end import ENV_BUDGET_END, BudgetEnd
 from trainwarden.controller.protocol import (
+    KNOB_STOP,
     MAX_EVENTS_PER_EXCHANGE,
     Action,
     AdapterEvent,
@@ -84,6 +89,10 @@ class Agent:
         self.dropped_records = 0  # step records the controller refused (400/413) and were dropped
         self.refused_batches = 0
         self._down_logged = False
+        # The budget's end the job keeps by itself while it has no controller (rank 0 decides).
+        self.budget_end = BudgetEnd.from_json(os.environ.get(ENV_BUDGET_END)) if self.channel else None
+        self._first_time: float | None = None
+        self.stopped_by_agent = False
         if self.channel is not None:
             self._thread = threading.Thread(target=self._run, name="trainwarden-agent", daemon=True)
             self._thread.start()
@@ -104,6 +113,8 @@ class Agent:
         # On a single rank too: the memory sample (~40 us, more under load) is paid only here.
         if step_time_s > 0:
             self._step_times.append(step_time_s)
+        if self.channel is not None:
+            self._keep_budget_end(step, tokens, step_time_s)
         is_sync = step % self.sync_every == 0
         due: list[Action] = []
         memory: tuple[RankMemory, ...] = ()
@@ -148,6 +159,32 @@ class Agent:
                 self._records.append(rec)
             # No wake-up: records go out with the next periodic exchange, batched.
         return due
+
+    def _keep_budget_end(self, step: int, tokens: int, step_time_s: float) -> None:
+        """Rank 0, no controller, the budget's end passed: queue the stop the controller would have
+        sent; it reaches every rank at the next sync step like any action."""
+        now = time.time()
+        if self._first_time is None:
+            self._first_time = now - max(0.0, step_time_s)
+        end = self.budget_end
+        if end is None or self.connected or self.stopped_by_agent:
+            return
+        why = end.spent(now - self._first_time, tokens, self.shape.param_count, self.world_size)
+        if why is None:
+            return
+        self.stopped_by_agent = True
+        log.error(
+            "trainwarden: no controller, and %s: the agent stops the job itself at step %d", why, step + 1
+        )
+        stop = Action(
+            kind=KNOB_STOP,
+            params={"cause": "budget", "by": "agent"},
+            reason=f"{why}, with no controller: the agent kept the budget's end",
+            step=step + 1,
+            policy="agent",
+        )
+        with self._lock:
+            self._inbox[stop.id] = stop
 
     def report_eval(self, loss: float) -> None:
         """A validation loss the job measured: sent with the next step's record (rank 0)."""
@@ -217,7 +254,15 @@ class Agent:
             except ChannelDown as exc:
                 self.connected = False
                 if not self._down_logged:
-                    log.warning("trainwarden: %s; training goes on with the current configuration", exc)
+                    end = self.budget_end
+                    log.warning(
+                        "trainwarden: %s; training goes on with the current configuration, %s",
+                        exc,
+                        "WITHOUT a controller: no memory protection; the job stops itself at the budget's "
+                        f"end ({', '.join(f'{k} {v:g}' for k, v in end.to_json().items())})"
+                        if end
+                        else "WITHOUT a controller and with no budget end known to the job",
+                    )
                     self._down_logged = True
                 self._stop.wait(backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
@@ -230,7 +275,10 @@ class Agent:
 
     def _hello(self) -> None:
         assert self.channel is not None
-        self.channel.hello(self.shape)
+        ack = self.channel.hello(self.shape)
+        end = BudgetEnd.from_json(ack.get("budget_end")) if isinstance(ack, dict) else None
+        if end is not None:
+            self.budget_end = end
         self.connected = True
 
     def _exchange_once(self, finished: bool) -> None:

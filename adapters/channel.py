@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Protocol
 
+from trainwarden.controller.identity import CHALLENGE_HEADER, PROOF_HEADER, new_challenge, proof_ok
 from trainwarden.controller.protocol import (
     PROTOCOL_VERSION,
     Action,
@@ -79,32 +80,70 @@ class Channel(Protocol):
 
 
 class HttpChannel:
+    """HTTP to a sidecar. The controller must prove it holds the token (controller/identity.py)
+    before it is sent the token, and on every answer; nothing from a server without the proof
+    is used: a stale endpoint, or another process on a dead controller's port, cannot steer the job."""
+
     def __init__(self, endpoint: str, token: str, timeout_s: float = 5.0) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
         self._opener = channel_opener(self.endpoint)
 
+    def _check_proof(self, challenge: str, proof: str | None) -> None:
+        if not proof_ok(self.token, challenge, proof):
+            raise ChannelDown(
+                f"the server at {self.endpoint} did not prove it holds this job's token: either the job's "
+                "token is not the controller's (check TRAINWARDEN_TOKEN_FILE), or it is not the controller "
+                "this run started (a stale endpoint, or another process on its port); nothing it sent is "
+                "used and it is not sent the token"
+            )
+
+    def _prove(self) -> None:
+        """Ask the server to prove it holds the token, sending no token: before a hello."""
+        challenge = new_challenge()
+        req = urllib.request.Request(self.endpoint + "/healthz", headers={CHALLENGE_HEADER: challenge})
+        try:
+            with self._opener.open(req, timeout=self.timeout_s) as resp:
+                resp.read(4096)
+                self._check_proof(challenge, resp.headers.get(PROOF_HEADER))
+        except urllib.error.HTTPError as exc:
+            self._check_proof(challenge, exc.headers.get(PROOF_HEADER) if exc.headers else None)
+            raise ChannelDown(f"controller answered {exc.code} to /healthz") from exc
+        except ChannelDown:
+            raise
+        except OSError as exc:
+            raise ChannelDown(f"controller at {self.endpoint} unreachable: {exc}") from exc
+
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         data = dumps(body).encode()  # strict JSON: a NaN loss goes as "NaN"
+        challenge = new_challenge()
         req = urllib.request.Request(
             self.endpoint + path,
             data=data,
             method="POST",
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {self.token}",
+                CHALLENGE_HEADER: challenge,
+            },
         )
         try:
             with self._opener.open(req, timeout=self.timeout_s) as resp:
+                self._check_proof(challenge, resp.headers.get(PROOF_HEADER))
                 return check_version(json.loads(resp.read()))
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:300].decode(errors="replace")
             hint = " (the token does not match the controller's)" if exc.code == 401 else ""
             error = ChannelRefused if exc.code in (400, 413) else ChannelDown
             raise error(f"controller answered {exc.code}{hint}: {detail}") from exc
+        except ChannelDown:
+            raise
         except (OSError, json.JSONDecodeError, ProtocolError) as exc:
             raise ChannelDown(f"controller at {self.endpoint} unreachable: {exc}") from exc
 
     def hello(self, shape: JobShape) -> dict[str, Any]:
+        self._prove()
         return self._post("/v1/hello", hello_message(shape))
 
     def exchange(

@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,14 +20,29 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from trainwarden.controller.protocol import ENV_ENDPOINT, ENV_RUN_DIR, ENV_RUN_ID, ENV_SYNC_EVERY, ENV_TOKEN
+from trainwarden.controller.protocol import (
+    ENV_ENDPOINT,
+    ENV_RUN_DIR,
+    ENV_RUN_ID,
+    ENV_SYNC_EVERY,
+    ENV_TOKEN,
+    ENV_TOKEN_FILE,
+)
+from trainwarden.controller.rundir import (
+    READY_FILE,
+    TOKEN_FILE,
+    RunDirError,
+    check_run_id,
+    ensure_private_dir,
+    private_opener,
+    refuse_links,
+    write_private,
+)
 from trainwarden.policies.units import format_bytes, format_duration
 
 log = logging.getLogger("trainwarden")
 
 EXIT_USAGE = 2
-#: File the controller writes once it listens: {"endpoint", "metrics", "pid"}.
-READY_FILE = "controller.json"
 
 
 class UsageError(Exception):
@@ -87,11 +101,24 @@ def cmd_controller(args: argparse.Namespace) -> int:
     if problem:
         raise UsageError(f"{token_file}: {problem}")
     ssl_context = _tls_context(args, host)
-    run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _log_to(run_dir / "controller.log")
-    run_id = args.run_id or run_dir.name
-    controller = Controller(run_dir, run_id, policy_file=pf, sources=default_sources())
+    if len(token) < 16:
+        raise UsageError(
+            f"the token in {token_file} is too short ({len(token)} characters): use at least 16 "
+            "random characters, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    try:
+        run_dir = ensure_private_dir(Path(args.run_dir))
+        refuse_links(run_dir)
+        run_id = check_run_id(args.run_id or run_dir.name)
+        _log_to(run_dir / "controller.log")
+        controller = Controller(run_dir, run_id, policy_file=pf, sources=default_sources())
+    except RunDirError as exc:
+        raise UsageError(str(exc)) from exc
+    except OSError as exc:  # e.g. ELOOP: a symlink planted where a log goes
+        raise UsageError(
+            f"cannot open the run's files in {args.run_dir} ({exc}); trainwarden follows no link there: "
+            "remove what is in the way, or pick a new --run-dir"
+        ) from exc
     try:
         server = ChannelServer((host, port), controller, token, ssl_context=ssl_context)
     except OSError as exc:
@@ -111,8 +138,9 @@ def cmd_controller(args: argparse.Namespace) -> int:
         "metrics": f"http://{args.metrics_host}:{metrics_port}/metrics",
         "pid": os.getpid(),
         "run_id": run_id,
+        "nonce": args.ready_nonce,  # `run` reads only the file of the controller it started
     }
-    (run_dir / READY_FILE).write_text(json.dumps(ready))
+    write_private(run_dir / READY_FILE, json.dumps(ready))
     log.info(
         "controller for run %s: channel %s, metrics %s, run directory %s",
         run_id,
@@ -205,9 +233,15 @@ def _alive(pid: int) -> bool:
 
 class _QuietFileHandler(logging.FileHandler):
     """A log file that, when it cannot be written (disk full), says so once on stderr instead
-    of printing a traceback per record; the controller goes on either way."""
+    of printing a traceback per record; the controller goes on either way. Opened 0600, never
+    through a symlink."""
 
     _failed = False
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        return open(
+            self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=private_opener
+        )
 
     def handleError(self, record: logging.LogRecord) -> None:
         if not self._failed:
@@ -308,77 +342,86 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("no command to run: trainwarden run --policy P.yaml -- python train.py ...")
     pf = _load_policy(args.policy)  # fail here, before anything starts, on a bad file
     from trainwarden.adapters.connect import new_run_id
+    from trainwarden.controller.budget_end import ENV_BUDGET_END, BudgetEnd
+    from trainwarden.controller.launch import DEFAULT_GRACE_S, Job
+    from trainwarden.controller.supervise import ControllerStartError, Supervisor, say_on_stderr
 
-    run_id = args.run_id or new_run_id()
-    run_dir = Path(args.run_dir or Path("runs") / run_id).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    token_file = run_dir / "token"
-    token_file.touch(mode=0o600)
-    token_file.write_text(token)
+    try:
+        run_id = check_run_id(args.run_id or new_run_id())
+        run_dir = ensure_private_dir(Path(args.run_dir or Path("runs") / run_id))
+        refuse_links(run_dir)
+        token_file = run_dir / TOKEN_FILE
+        # The token lives in this 0600 file only (not in the job's environment, which every child
+        # inherits), and is removed at the end.
+        token = secrets.token_urlsafe(32)
+        write_private(token_file, token)
+    except RunDirError as exc:
+        raise UsageError(str(exc)) from exc
+    except OSError as exc:
+        raise UsageError(f"cannot write the run directory ({exc}); pick another --run-dir") from exc
     ctl_cmd = [
-        sys.executable,
-        "-m",
-        "trainwarden.controller.cli",
-        "controller",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-port",
-        str(args.metrics_port),
-        "--run-dir",
-        str(run_dir),
-        "--token-file",
-        str(token_file),
-        "--run-id",
-        run_id,
-        "--parent-pid",
-        str(os.getpid()),
+        *(sys.executable, "-m", "trainwarden.controller.cli", "controller"),
+        *("--run-dir", str(run_dir), "--token-file", str(token_file), "--run-id", run_id),
+        *("--parent-pid", str(os.getpid())),
     ]
     if args.policy:
         ctl_cmd += ["--policy", args.policy]
-    ctl_log = open(run_dir / "controller.stderr", "w")  # noqa: SIM115  (held by the child)
-    ctl = subprocess.Popen(ctl_cmd, stdout=ctl_log, stderr=subprocess.STDOUT, start_new_session=True)
-    ready_path = run_dir / READY_FILE
-    deadline = time.monotonic() + 30
-    while not ready_path.exists():
-        if ctl.poll() is not None or time.monotonic() > deadline:
-            ctl.kill()
-            tail = (run_dir / "controller.stderr").read_text()[-2000:]
-            raise UsageError(f"the controller did not start:\n{tail}")
-        time.sleep(0.05)
-    ready = json.loads(ready_path.read_text())
+    sup = Supervisor(run_dir, ctl_cmd, say_on_stderr)
+    try:
+        ready = sup.start(args.metrics_port)
+    except ControllerStartError as exc:
+        token_file.unlink(missing_ok=True)
+        raise UsageError(f"the controller did not start:\n{exc}") from exc
+    except (RunDirError, OSError) as exc:
+        sup.stop()
+        token_file.unlink(missing_ok=True)
+        raise UsageError(str(exc)) from exc
+    assert sup.proc is not None
     print(
         f"trainwarden: run {run_id}\n  run directory {run_dir}\n  metrics {ready['metrics']}\n"
-        f"  controller {ready['endpoint']} (pid {ctl.pid}, log {run_dir / 'controller.log'})",
+        f"  controller {ready['endpoint']} (pid {sup.proc.pid}, log {run_dir / 'controller.log'})",
         file=sys.stderr,
         flush=True,
     )
 
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != ENV_TOKEN}
     env.update(
-        {ENV_ENDPOINT: ready["endpoint"], ENV_TOKEN: token, ENV_RUN_ID: run_id, ENV_RUN_DIR: str(run_dir)}
+        {
+            ENV_ENDPOINT: ready["endpoint"],
+            ENV_TOKEN_FILE: str(token_file),
+            ENV_RUN_ID: run_id,
+            ENV_RUN_DIR: str(run_dir),
+        }
     )
     if pf is not None:
         env[ENV_SYNC_EVERY] = str(pf.controller.sync_every)
+    end = BudgetEnd.of_policy(pf)
+    if end is not None:  # the job keeps the budget's end by itself if no controller can be had
+        env[ENV_BUDGET_END] = json.dumps(end.to_json())
     if getattr(args, "attach", False):
         from trainwarden.adapters.attach_hook import job_env
 
         env.update(job_env(run_dir, env))
+    grace = getattr(args, "stop_grace", DEFAULT_GRACE_S)
     try:
-        job = subprocess.Popen(command, env=env)
+        job = Job(command, env, say_on_stderr, grace, spare=lambda: {sup.proc.pid} if sup.proc else set())
     except OSError as exc:
-        _stop_controller(ctl)
+        sup.stop()
+        token_file.unlink(missing_ok=True)
         raise UsageError(f"cannot start {command[0]!r}: {exc}") from exc
 
-    # Ctrl-C reaches the job through the terminal; we wait for it to finish its own way.
-    signal.signal(signal.SIGINT, lambda *_: None)
-    signal.signal(signal.SIGTERM, lambda *_: job.send_signal(signal.SIGTERM))
+    # The job has a session of its own: Ctrl-C, SIGINT and SIGTERM reach `run`, which passes them
+    # on to the job's whole process group, and SIGKILLs it after the grace period (launch.py).
+    signal.signal(signal.SIGINT, lambda sig, _f: job.forward(sig))
+    signal.signal(signal.SIGTERM, lambda sig, _f: job.forward(sig))
     tty = sys.stderr.isatty() and not args.quiet
     last_print = 0.0
     status_url = ready["endpoint"] + "/v1/status"
     while job.poll() is None:
         time.sleep(0.5)
-        if args.quiet:
+        job.check()
+        sup.check()
+        if args.quiet or not sup.alive:
             continue
         now = time.monotonic()
         if tty or now - last_print >= args.status_every:
@@ -398,9 +441,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     rc = job.returncode
     if tty:
         print(file=sys.stderr)
+    job.check()  # says a signal it passed on, if the job ended before the loop could
+    job.reap_leftovers()
     # The agent flushes its last telemetry at exit; give the controller a moment to take it in.
     time.sleep(0.3)
-    _stop_controller(ctl)
+    sup.stop()
+    token_file.unlink(missing_ok=True)
+    if sup.restarts_total:
+        print(
+            f"trainwarden: the controller was restarted {sup.restarts_total} time(s) during the run"
+            + ("; it could not be kept up in the end" if sup.given_up and not sup.alive else ""),
+            file=sys.stderr,
+        )
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -412,16 +464,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return rc if rc >= 0 else 128 - rc
-
-
-def _stop_controller(ctl: subprocess.Popen[bytes]) -> None:
-    if ctl.poll() is None:
-        ctl.terminate()
-        try:
-            ctl.wait(10)
-        except subprocess.TimeoutExpired:
-            ctl.kill()
-            ctl.wait()
 
 
 # ---- demo ----------------------------------------------------------------------------------------
@@ -516,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds between status lines when stderr is not a terminal",
     )
+    r.add_argument(
+        "--stop-grace",
+        type=float,
+        default=30.0,
+        help="seconds the job has to end after SIGINT/SIGTERM (passed on to its whole process group) "
+        "before it gets SIGKILL (default %(default)s)",
+    )
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- then the usual launch command")
     r.set_defaults(fn=cmd_run)
 
@@ -538,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     c.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by `run`: exit when it dies
+    c.add_argument(
+        "--ready-nonce", help=argparse.SUPPRESS
+    )  # set by `run`: names this start in controller.json
     c.set_defaults(fn=cmd_controller)
 
     d = sub.add_parser("demo", help="train a small GPT on this machine under a budget policy, live")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainwarden.controller.budget_end import BudgetEnd
+from trainwarden.controller.identity import pid_namespace
 from trainwarden.controller.protocol import (
     KNOB_DOMAIN_WEIGHTS,
     KNOB_MICRO_BATCH,
@@ -32,6 +34,7 @@ from trainwarden.controller.protocol import (
     domain_weights_problem,
     dumps,
 )
+from trainwarden.controller.rundir import ensure_private_dir, write_private
 from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlWriter, read_jsonl
 from trainwarden.controller.snapshot import Snapshot
 from trainwarden.controller.sources import MemorySource
@@ -47,6 +50,11 @@ class BudgetSpentError(ProtocolError):
     ProtocolError, so a sidecar refuses the job's hello with it instead of failing inside.)"""
 
 
+#: A job whose pids this controller can see is lost once they are all gone and it has been silent
+#: this long; one whose pids it cannot see (another pid namespace: a pod, a container) once its
+#: heartbeat (an exchange every 0.5 s, retried at most every 5 s) has been silent this long.
+PIDS_GONE_SILENCE_S = 1.0
+HEARTBEAT_LOST_S = 30.0
 #: A kind of action that fails (rolled back or rejected by the job) this many times in a row
 #: is disabled for the run; between failures the controller waits BACKOFF_BASE_S, doubling.
 MAX_FAILURES = 3
@@ -98,8 +106,7 @@ class Controller:
     ) -> None:
         from trainwarden.policies.loader import build_policies
 
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = ensure_private_dir(Path(run_dir))
         self.run_id = run_id
         self.policy_file = policy_file
         self.budget = policy_file.budget if policy_file else Budget()
@@ -178,23 +185,35 @@ class Controller:
                 decisions,
             )
 
+    def pids_visible(self) -> bool:
+        """Whether the job's pids name its processes here: the same pid namespace on the same boot.
+        (A pod without a shared process namespace sees other processes under the same numbers.)"""
+        shape = self.state.shape
+        return shape is not None and bool(shape.pid_namespace) and shape.pid_namespace == pid_namespace()
+
     def check_job(self) -> bool:
-        """False once every process of the job is gone without saying it finished (killed, or
-        crashed); said once in the log. Only pids on this host can be checked."""
+        """False once the job is gone without saying it finished (killed, or crashed); said once in
+        the log. Where its pids are visible (same pid namespace), once they are all gone and it has
+        been silent for a moment; elsewhere, once its heartbeat (the agent's exchanges, every half
+        second) has been silent for HEARTBEAT_LOST_S. A live job is never declared lost for being
+        in another pid namespace."""
         import psutil
 
         shape = self.state.shape
         with self._lock:
             if shape is None or self.state.finished or self.job_lost:
                 return not self.job_lost
-            if any(psutil.pid_exists(pid) for pid in shape.pids):
-                return True
+            silent = self.clock() - (self.last_seen if self.last_seen is not None else self.started_at)
+            if self.pids_visible():
+                if silent < PIDS_GONE_SILENCE_S or any(psutil.pid_exists(pid) for pid in shape.pids):
+                    return True
+                why = f"the job's processes ({', '.join(map(str, shape.pids))}) are gone"
+            else:
+                if silent < HEARTBEAT_LOST_S:
+                    return True
+                why = f"the job has sent nothing for {silent:.0f} s (its pids are in another pid namespace)"
             self.job_lost = True
-        log.error(
-            "the job's processes (%s) are gone and it never said it finished: killed or crashed at step %d",
-            ", ".join(map(str, shape.pids)),
-            self.state.step,
-        )
+        log.error("%s and it never said it finished: killed or crashed at step %d", why, self.state.step)
         return False
 
     # ---- the channel's two calls -------------------------------------------------------
@@ -247,8 +266,9 @@ class Controller:
             self.state.shape = shape
             self.last_seen = self.clock()
             self.telemetry.write({"event": "hello", "time": self.last_seen, "shape": shape.to_json()})
-            for src in self.sources:
-                src.watch(shape.pids)
+            if self.pids_visible():  # elsewhere the numbers are other processes'
+                for src in self.sources:
+                    src.watch(shape.pids)
             self._check_policies(shape)
             log.info(
                 "job %s %s: adapter %s, %d rank(s), %.1fM params, knobs %s",
@@ -259,11 +279,15 @@ class Controller:
                 shape.param_count / 1e6,
                 ", ".join(k.name for k in shape.knobs),
             )
-            return {
+            ack: dict[str, Any] = {
                 "run_id": self.run_id,
                 "policies": [p.name for p in self.policies],
                 "sync_every": self.settings.sync_every,
             }
+            end = BudgetEnd.of_policy(self.policy_file)
+            if end is not None:  # the job keeps it by itself if this controller goes away
+                ack["budget_end"] = end.to_json()
+            return ack
 
     def exchange(
         self,
@@ -344,7 +368,7 @@ class Controller:
 
     def _poll_sources(self) -> None:
         shape = self.state.shape
-        if not shape:
+        if not shape or not self.pids_visible():
             return
         observed: dict[int, int] = {}
         device = shape.device.split(":")[0]
@@ -589,7 +613,7 @@ class Controller:
             summary["exit_code"] = self.exit_code
             summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
             try:
-                (self.run_dir / "summary.json").write_text(dumps(summary, indent=2, default=str))
+                write_private(self.run_dir / "summary.json", dumps(summary, indent=2, default=str))
             except OSError as exc:
                 log.error("cannot write summary.json: %s", exc)
             self.decisions.close()

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainwarden.controller.identity import pid_namespace
+
 PROTOCOL_VERSION = 1
 #: Largest request body the controller reads; a telemetry batch is a few KiB.
 MAX_BODY_BYTES = 1 << 20
@@ -558,6 +560,9 @@ class JobShape:
     """Which start of the job this is: the agent makes a new one at each attach (a reconnect says
     hello with the same one). A new incarnation on a used run directory starts its own step
     sequence. Optional on the wire (none, from an older agent: a new set of pids is a new start)."""
+    #: The pid namespace the pids are in (identity.pid_namespace(), taken where the shape is made:
+    #: in the job); "" when unknown. The controller reads pids only in its own namespace.
+    pid_namespace: str = field(default_factory=pid_namespace)
 
     def knob(self, name: str) -> KnobSpec | None:
         for k in self.knobs:
@@ -579,6 +584,7 @@ class JobShape:
             "device_total_bytes": self.device_total_bytes,
             "sync_every": self.sync_every,
             "incarnation": self.incarnation,
+            "pid_namespace": self.pid_namespace,
         }
 
     @staticmethod
@@ -609,6 +615,7 @@ class JobShape:
             device_total_bytes=_get(d, "device_total_bytes", int, "shape"),
             sync_every=_get(d, "sync_every", int, "shape"),
             incarnation=incarnation,
+            pid_namespace=_get(d, "pid_namespace", str, "shape", default="")[:256],
         )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainwarden.controller.protocol import dumps
+from trainwarden.controller.rundir import open_private
 
 LOG_VERSION = 1
 DECISIONS_FILE = "decisions.jsonl"
@@ -34,7 +35,8 @@ class JsonlWriter:
         self.path = path
         self._lock = threading.Lock()
         self._failed = False
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (held open for the run)
+        # Never through a symlink planted in the run directory; created 0600 (rundir.py).
+        self._fh = open_private(path, "a")
 
     def write(self, record: dict[str, Any]) -> bool:
         # Strict JSON: a NaN loss is written "NaN" (what the channel's readers take back).

@@ -26,6 +26,7 @@ from trainwarden.controller.httpserve import (
     printable,
     request_path,
 )
+from trainwarden.controller.identity import CHALLENGE_HEADER, MAX_CHALLENGE_CHARS, PROOF_HEADER, token_proof
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import (
     MAX_BODY_BYTES,
@@ -74,6 +75,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
+        challenge = self.headers.get(CHALLENGE_HEADER) if self.headers else None
+        if challenge and len(challenge) <= MAX_CHALLENGE_CHARS and challenge.isascii():
+            # The controller proves it holds the token (identity.py): the job trusts no other server.
+            self.send_header(PROOF_HEADER, token_proof(self.server.token, challenge))
         self.end_headers()
         self.wfile.write(data)
 

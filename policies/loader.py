@@ -23,6 +23,7 @@ import difflib
 import math
 import os
 import re
+import stat
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -992,9 +993,12 @@ def load_policy_file(path: str | os.PathLike[str]) -> PolicyFile:
         return PolicyFileError([Problem(name, 0, "", message)])
 
     try:
-        size = os.stat(name).st_size
+        st = os.stat(name)
+        size = st.st_size
         if os.path.isdir(name):
             raise refuse("is a directory, not a policy file")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would be waited on, or read for ever
+            raise refuse("is not a regular file (a FIFO, socket or device): save the policy as a file")
         if size > MAX_FILE_BYTES:
             raise refuse(f"file is {units.format_bytes(size)}, over the 1 MiB a policy file may have")
         with open(name, "rb") as f:

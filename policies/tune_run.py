@@ -141,7 +141,7 @@ def run_evaluator(
         write_atomic(policy, policy_text(pf, dict(trial.params), header))
         run_dir = tdir / "run"
         cmd = [sys.executable, "-m", "trainwarden.controller.cli", "run", "--policy", str(policy)]
-        cmd += ["--run-dir", str(run_dir), "--quiet", "--", *command]
+        cmd += ["--run-dir", str(run_dir), "--quiet", "--stop-grace", str(STOP_GRACE_S / 2), "--", *command]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINWARDEN_")}
         trial.set_user_attr("run_dir", str(run_dir))
         say(f"trial {trial.number}: running in {tdir}")

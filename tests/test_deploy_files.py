@@ -213,3 +213,74 @@ def test_the_commented_kubernetes_example_is_valid_once_uncommented(tmp_path: Pa
     if out.returncode != 0 and "kubernetes_sd_configs not found" in out.stdout + out.stderr:
         pytest.skip("this promtool is built without Kubernetes service discovery (Debian's is)")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- issue 15: the manifests as a cluster takes them, under Pod Security "restricted" ------------
+#: Volume types Pod Security "restricted" allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "projected", "secret"} | {
+    "persistentVolumeClaim"
+}
+
+
+def test_every_manifest_passes_the_kubernetes_schema() -> None:
+    """Each object against the Kubernetes API's own OpenAPI schema (kubernetes-validate), strict:
+    an unknown or misspelt field fails. The ServiceMonitor is a CRD of the Prometheus operator,
+    whose schema is not Kubernetes': its fields are checked above."""
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.skip("kubernetes-validate is not installed (pip install -e '.[test]' brings it)")
+    version = kubernetes_validate.latest_version()
+    checked = []
+    for kind, obj in k8s_objects().items():
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{kind} {obj['metadata']['name']} is not valid Kubernetes {version}: {exc.message}")
+        checked.append(kind)
+    assert {"Job", "Secret", "ConfigMap", "Service", "NetworkPolicy"} <= set(checked)
+
+
+def test_the_pod_passes_pod_security_restricted() -> None:
+    """The fields Pod Security "restricted" checks (kubernetes.io/docs/concepts/security/
+    pod-security-standards), for every container: non-root, no privilege escalation, every
+    capability dropped, seccomp RuntimeDefault; and no ServiceAccount token, a bounded emptyDir."""
+    _, spec = pod_spec(k8s_objects())
+    pod_sc = spec.get("securityContext", {})
+    assert spec.get("automountServiceAccountToken") is False, "no container talks to the API server"
+    assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    for v in spec["volumes"]:
+        kinds = set(v) - {"name"}
+        assert kinds <= RESTRICTED_VOLUMES, f"volume {v['name']} is of a kind restricted forbids: {kinds}"
+        if "emptyDir" in v:
+            assert v["emptyDir"].get("sizeLimit"), f"emptyDir {v['name']} is unbounded"
+    for name, c in containers(spec).items():
+        sc = c.get("securityContext", {})
+        assert sc.get("allowPrivilegeEscalation") is False, name
+        assert not sc.get("privileged"), name
+        assert "ALL" in sc.get("capabilities", {}).get("drop", []), f"{name} must drop every capability"
+        assert set(sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, name
+        assert (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))) is True, f"{name} may run as root"
+        assert sc.get("runAsUser", pod_sc.get("runAsUser", 1)) != 0, name
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+        assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), f"{name} has no seccomp profile"
+        assert not c.get("ports") or all("hostPort" not in p for p in c["ports"]), name
+
+
+def test_a_network_policy_admits_only_metrics_and_nothing_to_the_channel() -> None:
+    objects = k8s_objects()
+    meta, spec = pod_spec(objects)
+    sidecar = containers(spec)["trainwarden"]
+    args = build_parser().parse_args(sidecar["args"])
+    channel_port = int(args.listen.rsplit(":", 1)[1])
+    np_ = objects["NetworkPolicy"]["spec"]
+    # It selects the training pods, and governs their ingress.
+    assert np_["podSelector"]["matchLabels"].items() <= meta["labels"].items()
+    assert "Ingress" in np_["policyTypes"]
+    ports = [p["port"] for rule in np_["ingress"] for p in rule.get("ports", [])]
+    assert ports == [args.metrics_port], "only the metrics port is admitted"
+    assert channel_port not in ports and all(rule.get("from") for rule in np_["ingress"]), (
+        "no rule may admit every source, or the channel"
+    )
