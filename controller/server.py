@@ -75,7 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
-        challenge = self.headers.get(CHALLENGE_HEADER) if self.headers else None
+        headers = getattr(self, "headers", None)  # absent when the request line itself was refused
+        challenge = headers.get(CHALLENGE_HEADER) if headers else None
         if challenge and len(challenge) <= MAX_CHALLENGE_CHARS and challenge.isascii():
             # The controller proves it holds the token (identity.py): the job trusts no other server.
             self.send_header(PROOF_HEADER, token_proof(self.server.token, challenge))
