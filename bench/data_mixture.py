@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import functools
 import json
 import random
 import re
@@ -60,6 +61,7 @@ POLICY: dict[str, Any] = {"every_steps": 20, "warmup_steps": 20, "floor": 0.05, 
 RELATIVE_MIN_SCALE = 0.002
 
 
+@functools.lru_cache(maxsize=1)
 def boilerplate_pool(max_snippets: int = 24) -> list[str]:
     """Boilerplate of the stdlib: the distinct licence headers (a file's leading comment block
     that names a copyright or licence), the shortest `__all__` lists, and the docstrings written
@@ -92,6 +94,7 @@ def boilerplate_pool(max_snippets: int = 24) -> list[str]:
     return sorted(headers, key=len)[:pick] + sorted(alls, key=len)[:pick] + repeated[:pick]
 
 
+@functools.lru_cache(maxsize=1)
 def separator_rules() -> collections.Counter[str]:
     """The stdlib's comment and heading rules (`# ------`, `######`, `=====`), with their counts."""
     rules: collections.Counter[str] = collections.Counter()
@@ -132,7 +135,7 @@ def boilerplate_domain(max_bytes: int, seed: int, rule_share: float = 0.7) -> by
     return "\n".join(out).encode("utf-8")[:max_bytes]
 
 
-def natural_weights(max_bytes: int) -> dict[str, float]:
+def natural_weights() -> dict[str, float]:
     """Each domain's share of the stdlib (code capped at 4 MB, as the corpus caps it); the easy
     domain at the pool's share, before it is repeated."""
     sizes = {d: len(v) for d, v in stdlib_domains(4_000_000).train.items()}
@@ -160,14 +163,14 @@ def policy_file(path: Path, reward: str, params: dict[str, Any], curriculum: boo
     return str(path)
 
 
-def arms(natural: dict[str, float], tmp: Path, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def arms(chosen: list[str], tmp: Path, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     # The relative arm is the policy as it was before issue 20: its reward and its least scale.
     relative = {**params, "min_reward_scale": RELATIVE_MIN_SCALE}
     return {
         "uniform": {},
         "online-relative": {"policy": policy_file(tmp / "relative.yaml", "relative", relative)},
         "online-gain": {"policy": policy_file(tmp / "gain.yaml", "gain", params)},
-        "natural": {"weights": natural},
+        "natural": {"weights": natural_weights() if "natural" in chosen else None},
         "online-gain+curriculum+pruning": {
             "policy": policy_file(tmp / "curriculum.yaml", "gain", params, curriculum=True),
             "curriculum": True,
@@ -274,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        all_arms = arms(natural_weights(max_bytes), Path(tmp), params)
         chosen = ["uniform", *(a for a in args.arms if a != "uniform")]
+        all_arms = arms(chosen, Path(tmp), params)
         unknown = [a for a in chosen if a not in all_arms]
         if unknown:
             ap.error(f"unknown arm(s) {unknown}; the arms are {', '.join(all_arms)}")
