@@ -89,9 +89,10 @@ def boilerplate_pool(max_snippets: int = 24) -> list[str]:
                 doc = ast.get_docstring(node, clean=False)
                 if doc and len(doc) < 200:
                     docs[f'    """{doc}"""\n'] += 1
-    repeated = [d for d, n in docs.most_common() if n >= 3]
+    repeated = [d for d, n in sorted(docs.items(), key=lambda dn: (-dn[1], dn[0])) if n >= 3]
     pick = max_snippets // 3
-    return sorted(headers, key=len)[:pick] + sorted(alls, key=len)[:pick] + repeated[:pick]
+    by_size = functools.partial(sorted, key=lambda s: (len(s), s))  # not set order: hash-seeded
+    return by_size(headers)[:pick] + by_size(alls)[:pick] + repeated[:pick]
 
 
 @functools.lru_cache(maxsize=1)
