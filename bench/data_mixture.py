@@ -165,7 +165,7 @@ def policy_file(path: Path, reward: str, params: dict[str, Any], curriculum: boo
 
 
 def arms(chosen: list[str], tmp: Path, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    # The relative arm is the policy as it was before issue 20: its reward and its least scale.
+    # The arms differ only in the reward: the relative one with its own least scale from before issue 20.
     relative = {**params, "min_reward_scale": RELATIVE_MIN_SCALE}
     return {
         "uniform": {},
