@@ -54,6 +54,8 @@ class Options:
     eval_batches: int = 8
     threads: int = 1
     domains: tuple[str, ...] = DOMAINS
+    #: More domains beside the stdlib's, by name: (training bytes, validation bytes).
+    extra_domains: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,6 +64,8 @@ def build_data(o: Options) -> tuple[MixtureDataset, MixtureSampler, dict[str, Wi
     train = {d: Windows(split.train[d], o.block_size) for d in o.domains}
     # Validation of every domain, degraded one included; CLEAN_DOMAINS says which are clean.
     val = {d: Windows(split.val[d], o.block_size) for d in o.domains}
+    for name, (train_bytes, val_bytes) in o.extra_domains.items():
+        train[name], val[name] = Windows(train_bytes, o.block_size), Windows(val_bytes, o.block_size)
     data = MixtureDataset(train)
     diff = {d: difficulty(w) for d, w in train.items()} if o.curriculum else None
     mix = MixtureSampler(

@@ -1,12 +1,16 @@
 """Data policy: what to train on. Online mixing, a loss-aware curriculum, pruning.
 
-- Online mixing: a bandit over the domains. Each domain's reward is its learnability: the
-  relative decrease of its smoothed loss over the last interval, per unit of sampling (divided by
-  its weight relative to uniform, so a domain is not rewarded only for being sampled more). Not
-  the raw loss, as ODM uses: that would reward noise that cannot be learned. Rewards are smoothed
-  (EMA), turned into target weights by a softmax with a temperature (scale-free: rewards are divided
-  by their mean magnitude), mixed with a floor so no domain starves, and the weights move part of
-  the way (`step_size`) towards the target at each decision.
+- Online mixing: a bandit over the domains. Each domain's reward (`reward: gain`, the default) is
+  what a sample of it buys: the absolute decrease of its smoothed training loss over the last
+  interval, per unit of sampling (divided by its weight relative to uniform, so a domain is not
+  rewarded only for being sampled more). A domain near its loss floor (learnt boilerplate) and one
+  that cannot be learned (noise) both earn about nothing and end near the floor weight. Not the
+  raw loss, as ODM uses (that rewards noise that cannot be learned), and not the relative decrease
+  (`reward: relative`, kept for comparison): a ratio stays large as a loss approaches zero, so the
+  mixture chased domains that were already learnt (issue 20). Rewards are smoothed (EMA), turned
+  into target weights by a softmax with a temperature (scale-free: rewards are divided by their
+  mean magnitude), mixed with a floor so no domain starves, and the weights move part of the way
+  (`step_size`) towards the target at each decision.
 - Curriculum: the level (the easiest fraction of each domain the sampler draws from) advances by
   `level_step` when the smoothed training loss fell less than `plateau_threshold` (relative) over
   the last `plateau_steps` steps: on a plateau, not on a fixed schedule.
@@ -40,6 +44,8 @@ from trainwarden.policies.base import PolicyKind, Range, param, register
 from trainwarden.policies.schema import Budget
 
 _INF = float("inf")
+#: The rewards a domain can earn (DataParams.reward).
+REWARDS = ("gain", "relative")
 
 
 @dataclass(frozen=True)
@@ -74,13 +80,21 @@ class DataParams:
         tune=Range(0.05, 0.9),
         doc="EMA weight of the newest reward in each domain's smoothed reward.",
     )
+    reward: str = param(
+        "gain",
+        choices=REWARDS,
+        doc="What a domain's reward measures: `gain`, the absolute decrease of its loss per interval "
+        "per unit of sampling (what a sample buys: a learnt domain and noise both earn ~0); "
+        "`relative`, that decrease divided by the loss (the reward before issue 20: it grows as a "
+        "loss nears zero, so a learnt domain keeps winning; kept for comparison).",
+    )
     min_reward_scale: float = param(
-        0.002,
+        0.0005,
         valid=Range(0.0, 1.0),
-        tune=Range(0.0005, 0.02, log=True),
-        doc="Least scale the rewards are divided by before the softmax (relative loss decrease per "
-        "interval): when every domain has stopped learning, noise in tiny rewards must not swing the "
-        "weights.",
+        tune=Range(0.0001, 0.02, log=True),
+        doc="Least scale the rewards are divided by before the softmax, as a fraction of the loss per "
+        "interval (for `gain`, of the domains' mean loss): when every domain has stopped learning, "
+        "noise in tiny rewards must not swing the weights.",
     )
     step_size: float = param(
         0.5,
@@ -209,13 +223,18 @@ def mix_step(
             # Per unit of sampling (exposure relative to uniform), but at most doubled: a domain at
             # the floor has the noisiest loss, and dividing by its small share would amplify that.
             share = max(float(weights[k]) * n, 0.5)
-            r = (before - now) / before * per_interval / share
+            fell = before - now if p.reward == "gain" else (before - now) / before
+            r = fell * per_interval / share
             rewards[k] = r
             scores[k] = r if k not in scores else (1 - p.smoothing) * scores[k] + p.smoothing * r
     new = dict(weights)
     if rewards:
         scored = {k: scores.get(k, 0.0) for k in names}
-        target = with_floor(softmax_target(scored, p.temperature, p.min_reward_scale), p.floor)
+        least = p.min_reward_scale
+        if p.reward == "gain":  # rewards in loss units: the least scale is a fraction of the loss
+            known = [float(v) for k, v in losses.items() if k in weights and math.isfinite(v)]
+            least *= sum(known) / len(known) if known else 0.0
+        target = with_floor(softmax_target(scored, p.temperature, least), p.floor)
         new = {k: (1 - p.step_size) * float(weights[k]) + p.step_size * target[k] for k in names}
     new = with_floor(new, p.floor)
     state_out: dict[str, Any] = {
@@ -309,13 +328,30 @@ class DataPolicy(PolicyKind):
                 step=snap.step + 1,
                 reason="data mixing starts: " + _show(start) + "; per-domain loss " + _show(losses),
             )
-        if snap.step < p.warmup_steps or not self._ready(
-            snap, KNOB_DOMAIN_WEIGHTS, p.every_steps, bandit.get("step")
-        ):
-            return None
         losses = {k: v for k, v in snap.domain_loss.items() if k in weights}
         version = snap.config.get(CONFIG_DATA_VERSION)
         version = version if isinstance(version, int) and not isinstance(version, bool) else None
+        if snap.step < p.warmup_steps:
+            # The first reward is read over the warm-up's last interval, not from the start: a loss's
+            # first fall (fastest on the easiest domain) is not what a sample of it buys later.
+            base, last = bandit.get("step"), p.warmup_steps - p.every_steps
+            if (
+                not (isinstance(base, int) and base < last <= snap.step)
+                or KNOB_DOMAIN_WEIGHTS in snap.pending
+            ):
+                return None
+            baseline: dict[str, Any] = {"step": snap.step, "loss": losses, "score": {}}
+            if version is not None:
+                baseline["version"] = version
+            return Action(
+                kind=KNOB_DOMAIN_WEIGHTS,
+                params={"value": dict(weights), "state": baseline},
+                step=snap.step + 1,
+                reason=f"warm-up ends at step {p.warmup_steps}: learnability is measured from here; "
+                "per-domain loss " + _show(losses),
+            )
+        if not self._ready(snap, KNOB_DOMAIN_WEIGHTS, p.every_steps, bandit.get("step")):
+            return None
         new, new_state, rewards = mix_step(weights, losses, bandit, snap.step, p, version)
         if not rewards and version is not None and bandit.get("version", version) != version:
             return Action(
@@ -330,7 +366,7 @@ class DataPolicy(PolicyKind):
             params={"value": new, "state": new_state},
             step=snap.step + 1,
             reason=(
-                f"learnability (relative loss decrease per {p.every_steps} steps, per unit of sampling) "
+                f"learnability ({_REWARD_WORDS[p.reward]} per {p.every_steps} steps, per unit of sampling) "
                 + _show(rewards, signed=True)
                 + "; smoothed "
                 + _show(new_state["score"], signed=True)
@@ -407,6 +443,9 @@ class DataPolicy(PolicyKind):
                 f"out, up to {new:.0%} (bound {most:.0%})"
             ),
         )
+
+
+_REWARD_WORDS = {"gain": "loss decrease", "relative": "relative loss decrease"}
 
 
 def _show(values: Mapping[str, float], signed: bool = False) -> str:

@@ -193,6 +193,7 @@ policies:
         ("    initial_weights: {code: lots}", 6, "expected a number"),
         ("    floor: 0.3", 6, "lower floor to at most 0.25"),
         ("    floor: 0.7", 6, "outside the valid range"),
+        ("    reward: ratio", 6, "is not one of the choices: 'gain', 'relative'"),
     ],
 )
 def test_bad_weights_and_unknown_domains_in_a_file_are_clear_errors(
@@ -237,3 +238,60 @@ def test_no_learnability_is_read_across_a_change_of_the_examples_drawn() -> None
     assert a.params["state"] == {"step": 30, "loss": losses, "score": {}, "version": 4}
     (b,) = p.decide(snap(30, losses=losses, state=state, version=3), Budget())
     assert b.params["value"]["noise"] > 0.25  # the same losses, same examples: a real signal
+
+
+def _closed_loop(
+    reward: str, steps: int = 600, batch: int = 16, **kw: Any
+) -> list[tuple[int, dict[str, float]]]:
+    """The real policy, through its real decide, on a job whose per-domain loss follows how many
+    samples of that domain it drew: `easy` (boilerplate: learnt in the first ~100 steps, its loss
+    then still halving now and then towards zero), `prose` (still learning, ever more slowly, all
+    run long) and `noise` (flat at its entropy, with a jitter). Returns the weights after each
+    mixing decision."""
+    curves = {
+        "easy": lambda n: 3.5 * (1 + n / 40) ** -2,
+        "prose": lambda n: 1.2 + 2.3 * (1 + n / 300) ** -0.5,
+        "noise": lambda n: 5.5 + 0.003 * math.sin(n),
+    }
+    # The defaults but the warm-up: the easy domain's first 100 steps do buy loss (3.5 -> 0.02).
+    p = policy(reward=reward, warmup_steps=100, **kw)
+    weights = dict.fromkeys(curves, 1 / 3)
+    drawn = dict.fromkeys(curves, 0.0)
+    state: dict[str, Any] = {}
+    last: dict[str, int] = {}
+    history = []
+    for step in range(1, steps + 1):
+        for k in drawn:
+            drawn[k] += batch * weights[k]
+        losses = {k: curve(drawn[k]) for k, curve in curves.items()}
+        s = snap(step, weights=weights, losses=losses, state=state, last=last)
+        for a in p.decide(s, Budget()):
+            weights = dict(a.params["value"])
+            state = {**state, KNOB_DOMAIN_WEIGHTS: dict(a.params["state"])}
+            last[KNOB_DOMAIN_WEIGHTS] = a.step
+            history.append((step, weights))
+    return history
+
+
+def test_a_learnt_domain_and_noise_end_near_the_floor_the_learnable_one_gets_the_weight() -> None:
+    """Issue 20: what a sample buys (the absolute loss decrease, `reward: gain`) sends a domain
+    near its loss floor and one that cannot be learnt to the floor (0.05), the learnable one up."""
+    history = _closed_loop("gain")
+    after_warmup = [(step, w) for step, w in history if step > 100]
+    assert len(after_warmup) >= 20
+    for step, w in after_warmup:
+        assert max(w, key=w.get) == "prose", (step, w)
+        if step >= 200:
+            assert w["easy"] < 0.125 and w["noise"] < 0.125, (step, w)
+    final = history[-1][1]
+    assert final["prose"] > 0.8 and final["easy"] < 0.1 and final["noise"] < 0.1, final
+
+
+def test_the_reward_before_issue_20_chases_the_learnt_domain() -> None:
+    """The relative decrease of the loss (the reward and least scale before issue 20, still
+    selectable as `reward: relative`) stays large as a loss nears zero: the same job ends with the
+    learnt domain holding the most weight."""
+    history = _closed_loop("relative", min_reward_scale=0.002)
+    final = history[-1][1]
+    assert final["easy"] > 0.5 > final["prose"], final
+    assert all(max(w, key=w.get) == "easy" for step, w in history if step > 200), history
