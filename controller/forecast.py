@@ -91,7 +91,7 @@ class ThroughputForecast:
         pts = self._points
         if len(pts) < SHIFT_STEPS + MIN_STEPS + 1:
             return
-        head = list(pts)[: -SHIFT_STEPS]
+        head = list(pts)[:-SHIFT_STEPS]
         base = _rate(head)
         if base is None:
             return
