@@ -192,8 +192,9 @@ def _fmt_duration(s: float | None) -> str:
     return "?" if s is None else format_duration(s)
 
 
-#: Seconds after the job started before the status line says why nothing connected.
-NO_CONNECT_AFTER_S = 20.0
+#: Seconds after the job started before the status line says why nothing connected
+#: (TRAINWARDEN_NO_CONNECT_AFTER_S overrides it).
+NO_CONNECT_AFTER_S = float(os.environ.get("TRAINWARDEN_NO_CONNECT_AFTER_S", "20"))
 
 
 def no_connect_line(elapsed_s: float, run_dir: Path, attach: bool) -> str:

@@ -125,6 +125,8 @@ class Controller:
         #: What the user must know about this run once (a policy that can do nothing for the job):
         #: shown on the status line and in summary.json.
         self.notices: list[str] = []
+        #: This job answered a stop (applied or ignored): no second one.
+        self._stop_answered = False
         self._recover()
         self.decisions = JsonlWriter(self.run_dir / DECISIONS_FILE)
         self.telemetry = JsonlWriter(self.run_dir / TELEMETRY_FILE)
@@ -239,6 +241,7 @@ class Controller:
             self._check_policies(shape)
             if not reconnect:
                 self._check_knobs(shape)
+                self._stop_answered = False
             log.info(
                 "job %s %s: adapter %s, %d rank(s), %.1fM params, knobs %s",
                 shape.run_id,
@@ -324,6 +327,8 @@ class Controller:
             policy=policy,
             id=action.id,
         )
+        if action.kind == KNOB_STOP and self._stop_answered:
+            return  # stopped, or the stop was ignored: once is the answer (telemetry may lag it)
         if action.kind == KNOB_STOP:
             # What the stop does to a job that does not read should_stop (adapters/stop.py): in the
             # action, so every rank reads the same rule.
@@ -385,7 +390,7 @@ class Controller:
             log.warning("%s", reason)
             self.notices.append(reason)
             act = Action(
-                kind=sorted(wants)[0],
+                kind=KNOB_MICRO_BATCH if KNOB_MICRO_BATCH in wants else sorted(wants)[0],
                 params={},
                 reason=reason,
                 step=max(0, self.state.step),
@@ -422,6 +427,7 @@ class Controller:
                 "outcome": out.outcome,
                 "detail": out.detail,
             }
+            self._stop_answered = True
             if out.outcome == "ignored":
                 log.error("the job ignored the stop at step %d and trains on outside its budget", out.step)
         if out.outcome == "applied":

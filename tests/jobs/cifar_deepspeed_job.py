@@ -35,7 +35,9 @@ class Net(torch.nn.Module):
 
 def synthetic(n: int, seed: int) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return torch.utils.data.TensorDataset(
+        torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
 
 
 def main() -> int:
@@ -57,7 +59,7 @@ def main() -> int:
         "zero_optimization": {"stage": args.stage},
         "steps_per_print": 10**9,
     }
-    model_engine, optimizer, trainloader, _ = deepspeed.initialize(
+    model_engine, _, trainloader, _ = deepspeed.initialize(
         args=args, model=net, model_parameters=net.parameters(), training_data=trainset, config=config
     )
     rank = model_engine.global_rank
