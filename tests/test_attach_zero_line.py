@@ -8,6 +8,7 @@ attaches: the status line says why, summary.json says "no job connected"."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,10 +62,9 @@ def _stop(run_dir: Path) -> dict:
 
 def _last_steps(out: str) -> dict[int, int]:
     last: dict[int, int] = {}
-    for line in out.splitlines():
-        if line.startswith('{"step"'):
-            row = json.loads(line)
-            last[row["rank"]] = max(last.get(row["rank"], 0), row["step"])
+    # Two ranks write to one pipe: their lines may interleave, so read the rows, not the lines.
+    for step, rank in re.findall(r'\{"step": (\d+), "rank": (\d+)\}', out):
+        last[int(rank)] = max(last.get(int(rank), 0), int(step))
     return last
 
 
