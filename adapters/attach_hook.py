@@ -295,3 +295,7 @@ __all__ = [
     "uninstall",
     "write_site_dir",
 ]
+
+
+if __name__ == "__main__":  # python -m trainwarden.adapters.attach_hook DIR: for other launchers
+    print(write_site_dir(sys.argv[1] if len(sys.argv) > 1 else "trainwarden-attach").resolve())

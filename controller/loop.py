@@ -270,6 +270,8 @@ class Controller:
             for rec in records:
                 if rec.step > self.state.step:
                     self.telemetry.write({"event": "step", **rec.to_json()})
+                    if rec.step == 1:
+                        self._check_first_step(rec)
                 self.state.ingest(rec)
             for out in outcomes:
                 self._record_outcome(out, now)
@@ -366,6 +368,18 @@ class Controller:
             for problem in problems:
                 log.error("%spolicy %r %s; the policy is off for this run", where, policy.name, problem)
         self.policies = keep
+
+    def _check_first_step(self, rec: StepRecord) -> None:
+        """Tokens counted from the batch (a zero-line attach) are known only after the first step:
+        a token budget smaller than that step is refused then, said as at attach (the compute policy
+        stops the job, its budget being spent)."""
+        if self.budget.tokens is not None and rec.tokens > self.budget.tokens:
+            reason = (
+                f"the tokens budget ({self.budget.tokens:,}) is smaller than one optimizer step of this job "
+                f"({rec.tokens:,} tokens counted in its first step): raise the budget in the policy file"
+            )
+            log.error("refusing the run: %s", reason)
+            self.notices.append(reason)
 
     def _check_knobs(self, shape: JobShape) -> None:
         """A policy none of whose knobs the job can carry (the memory policy under the HF Trainer,
