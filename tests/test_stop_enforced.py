@@ -192,3 +192,38 @@ def test_the_policy_file_says_what_a_stop_does_and_refuses_a_bad_word() -> None:
         load_policy_text("version: 1\nbudget: {}\ncontroller: {stop: end-job}\npolicies: []\n")
     with pytest.raises(PolicyFileError, match="stop_grace_steps"):
         load_policy_text("version: 1\nbudget: {}\ncontroller: {stop_grace_steps: -1}\npolicies: []\n")
+
+
+def test_a_token_budget_under_the_first_counted_step_is_said(tmp_path: Path) -> None:
+    pf = load_policy_text("version: 1\nbudget: {tokens: 100}\npolicies:\n  - kind: compute\n")
+    c = Controller(tmp_path, "r", policy_file=pf)
+    c.hello(
+        JobShape(
+            run_id="r",
+            world_size=1,
+            pids=(1,),
+            adapter="accelerate",
+            param_count=10,
+            global_batch_size=8,
+            tokens_per_sample=1,  # counted from the batch: unknown at attach
+            device="cpu",
+            device_total_bytes=2**34,
+            sync_every=1,
+            knobs=(KnobSpec(KNOB_STOP, False, choices=(True,)),),
+        )
+    )
+    rec = StepRecord(
+        step=1,
+        time=time.time(),
+        loss=1.0,
+        samples=8,
+        tokens=500,
+        step_time_s=0.1,
+        lr=0.1,
+        config={},
+        memory=(),
+    )
+    c.exchange([rec], [])
+    [note] = c.status()["notices"]
+    assert "smaller than one optimizer step" in note and "500 tokens counted" in note
+    c.close()
