@@ -227,3 +227,22 @@ def test_a_token_budget_under_the_first_counted_step_is_said(tmp_path: Path) -> 
     [note] = c.status()["notices"]
     assert "smaller than one optimizer step" in note and "500 tokens counted" in note
     c.close()
+
+
+def test_the_status_line_and_attach_help_say_it_plainly() -> None:
+    from trainwarden.controller.cli import build_parser, status_line
+
+    st = {
+        "connected": True,
+        "step": 7,
+        "loss": 1.0,
+        "last_decision": {"kind": "stop", "params": {"cause": "budget"}, "outcome": "applied", "step": 7},
+    }
+    assert "stop=" not in status_line(st) and "last: stop applied at step 7" in status_line(st)
+    run = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run")
+    )
+    text = " ".join(run.format_help().split())
+    assert all(
+        name in text for name in ("deepspeed.initialize", "accelerate.Accelerator", "transformers.Trainer")
+    )
