@@ -134,27 +134,32 @@ def test_tokens_are_counted_from_the_batch_without_padding() -> None:
     assert counted_tokens({"pixel_values": torch.zeros(2, 3)}) is None
 
 
-def test_a_policy_whose_knobs_the_job_cannot_carry_is_said_once_at_connect(tmp_path: Path) -> None:
-    pf = load_policy_text(
-        "version: 1\nbudget: {device_memory: 1GiB}\npolicies:\n  - kind: memory\n  - kind: compute\n"
-    )
-    c = Controller(tmp_path, "r", policy_file=pf)
-    shape = JobShape(
+def _shape(adapter: str, knobs: tuple[KnobSpec, ...]) -> JobShape:
+    return JobShape(
         run_id="r",
         world_size=1,
         pids=(1,),
-        adapter="hf-trainer",
+        adapter=adapter,
         param_count=10,
         global_batch_size=8,
         tokens_per_sample=1,
         device="cpu",
         device_total_bytes=2**34,
         sync_every=1,
-        knobs=(
-            KnobSpec(KNOB_LR_MULTIPLIER, 1.0, minimum=0.0, maximum=10.0),
-            KnobSpec(KNOB_STOP, False, choices=(True,)),
-        ),
+        knobs=knobs,
     )
+
+
+def test_a_policy_whose_knobs_the_job_cannot_carry_is_said_once_at_connect(tmp_path: Path) -> None:
+    pf = load_policy_text(
+        "version: 1\nbudget: {device_memory: 1GiB}\npolicies:\n  - kind: memory\n  - kind: compute\n"
+    )
+    c = Controller(tmp_path, "r", policy_file=pf)
+    knobs = (
+        KnobSpec(KNOB_LR_MULTIPLIER, 1.0, minimum=0.0, maximum=10.0),
+        KnobSpec(KNOB_STOP, False, choices=(True,)),
+    )
+    shape = _shape("hf-trainer", knobs)
     c.hello(shape)
     c.hello(shape)  # a reconnect says nothing again
     c.exchange(
@@ -197,21 +202,7 @@ def test_the_policy_file_says_what_a_stop_does_and_refuses_a_bad_word() -> None:
 def test_a_token_budget_under_the_first_counted_step_is_said(tmp_path: Path) -> None:
     pf = load_policy_text("version: 1\nbudget: {tokens: 100}\npolicies:\n  - kind: compute\n")
     c = Controller(tmp_path, "r", policy_file=pf)
-    c.hello(
-        JobShape(
-            run_id="r",
-            world_size=1,
-            pids=(1,),
-            adapter="accelerate",
-            param_count=10,
-            global_batch_size=8,
-            tokens_per_sample=1,  # counted from the batch: unknown at attach
-            device="cpu",
-            device_total_bytes=2**34,
-            sync_every=1,
-            knobs=(KnobSpec(KNOB_STOP, False, choices=(True,)),),
-        )
-    )
+    c.hello(_shape("accelerate", (KnobSpec(KNOB_STOP, False, choices=(True,)),)))  # tokens counted: unknown
     rec = StepRecord(
         step=1,
         time=time.time(),
