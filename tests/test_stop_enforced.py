@@ -150,6 +150,20 @@ def _shape(adapter: str, knobs: tuple[KnobSpec, ...]) -> JobShape:
     )
 
 
+def _first_step(tokens: int) -> StepRecord:
+    return StepRecord(
+        step=1,
+        time=time.time(),
+        loss=1.0,
+        samples=8,
+        tokens=tokens,
+        step_time_s=0.1,
+        lr=0.1,
+        config={},
+        memory=(),
+    )
+
+
 def test_a_policy_whose_knobs_the_job_cannot_carry_is_said_once_at_connect(tmp_path: Path) -> None:
     pf = load_policy_text(
         "version: 1\nbudget: {device_memory: 1GiB}\npolicies:\n  - kind: memory\n  - kind: compute\n"
@@ -162,22 +176,7 @@ def test_a_policy_whose_knobs_the_job_cannot_carry_is_said_once_at_connect(tmp_p
     shape = _shape("hf-trainer", knobs)
     c.hello(shape)
     c.hello(shape)  # a reconnect says nothing again
-    c.exchange(
-        [
-            StepRecord(
-                step=1,
-                time=time.time(),
-                loss=1.0,
-                samples=8,
-                tokens=8,
-                step_time_s=0.1,
-                lr=0.1,
-                config={},
-                memory=(),
-            )
-        ],
-        [],
-    )
+    c.exchange([_first_step(tokens=8)], [])
     lines = [d for d in read_jsonl(tmp_path / "decisions.jsonl") if d["outcome"] == "unsupported"]
     assert len(lines) == 1 and lines[0]["policy"] == "memory" and "HF Trainer" in lines[0]["reason"]
     assert c.status()["notices"] == [lines[0]["reason"]]
@@ -203,18 +202,7 @@ def test_a_token_budget_under_the_first_counted_step_is_said(tmp_path: Path) -> 
     pf = load_policy_text("version: 1\nbudget: {tokens: 100}\npolicies:\n  - kind: compute\n")
     c = Controller(tmp_path, "r", policy_file=pf)
     c.hello(_shape("accelerate", (KnobSpec(KNOB_STOP, False, choices=(True,)),)))  # tokens counted: unknown
-    rec = StepRecord(
-        step=1,
-        time=time.time(),
-        loss=1.0,
-        samples=8,
-        tokens=500,
-        step_time_s=0.1,
-        lr=0.1,
-        config={},
-        memory=(),
-    )
-    c.exchange([rec], [])
+    c.exchange([_first_step(tokens=500)], [])
     [note] = c.status()["notices"]
     assert "smaller than one optimizer step" in note and "500 tokens counted" in note
     c.close()
