@@ -160,10 +160,11 @@ def end_job(handle: Any, armed: _Armed, step: int) -> None:
     t = time.perf_counter()
     last = step - 1
     saved = ""
-    if armed.rule.checkpoint:
+    save = getattr(handle, "_tw_checkpoint", None)  # the Trainer saves its own (control.should_save)
+    if armed.rule.checkpoint and save is not None:
         where = checkpoint_dir(handle, last)
         try:
-            saved = str(handle._tw_checkpoint(where))
+            saved = str(save(where))
         except Exception as exc:  # the job ends either way: it is past its budget
             log.exception("trainwarden: the checkpoint at the stop failed")
             saved = f"checkpoint failed: {type(exc).__name__}: {exc}"

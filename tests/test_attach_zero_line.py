@@ -161,3 +161,16 @@ def test_a_job_that_never_connects_is_said_with_what_it_imported(tmp_path: Path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] is None and summary["job"].startswith("no job connected")
     assert "no job connected" in proc.stderr.split("job exited with 0")[-1]  # in the closing summary
+
+
+def test_an_environment_variable_attaches_a_job_another_launcher_started(tmp_path: Path) -> None:
+    site = subprocess.run(
+        [sys.executable, "-m", "trainwarden.adapters.attach_hook", str(tmp_path / "site")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    probe = "from transformers import Trainer; print(hasattr(Trainer.__init__, '__trainwarden_original__'))"
+    env = fresh_job_env(PYTHONPATH=site, TRAINWARDEN_ATTACH="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
