@@ -173,7 +173,6 @@ def end_job(handle: Any, armed: _Armed, step: int) -> None:
         f"read should_stop)" + (f"; checkpoint {saved}" if saved else "")
     )
     _report(handle, armed, "applied", detail)
-    print(f"trainwarden: {detail}; exit 0", file=sys.stderr, flush=True)
     try:
         handle.close()
     except Exception:
@@ -185,7 +184,12 @@ def end_job(handle: Any, armed: _Armed, step: int) -> None:
         _end_process_group()
     except Exception:
         log.exception("trainwarden: tearing down at the stop failed")
-    log.info("trainwarden: job ended in %.2f s", time.perf_counter() - t)
+    print(
+        f"trainwarden: {detail}; exit 0 ({time.time() - armed.at:.2f} s after the stop applied, "
+        f"{time.perf_counter() - t:.2f} s to save and close)",
+        file=sys.stderr,
+        flush=True,
+    )
     raise SystemExit(0)
 
 
