@@ -96,6 +96,9 @@ def test_cooperative_lets_it_train_on_and_says_the_stop_was_ignored(tmp_path: Pa
 
     assert "IGNORED" in _summary_text(summary, 0, run_dir)
     assert "STOP IGNORED" in status_line({**summary, "connected": True})
+    from trainwarden.controller.report import headline, load_run
+
+    assert any("WAS IGNORED" in line for line in headline(load_run(run_dir)))
 
 
 def test_a_step_peak_is_the_training_steps_not_what_ran_between_steps(tmp_path: Path) -> None:
