@@ -191,8 +191,8 @@ def install() -> None:
     from trainwarden.adapters import accelerate_attach, hf_attach
 
     _watch_imports()
-    accelerate_attach.install()
     hf_attach.install()
+    accelerate_attach.install()
     if not any(isinstance(f, DeepSpeedFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, DeepSpeedFinder())
     module = sys.modules.get("deepspeed")
