@@ -1,7 +1,9 @@
 """The agent: lives in every rank of the job, between the user's loop and the controller.
 
 At each optimizer-step boundary the adapter calls `on_step`. It costs a memory sample and a
-few appends; it never touches the network. Rank 0 has a background thread that sends the
+few appends; it never touches the network. Adapters that mark where a training step begins
+(`step_begins`, through adapters/stop.py) pay one more peak read per step (a /proc read, a write
+to clear_refs on a CPU: tens of microseconds), so the peak covers the training step only. Rank 0 has a background thread that sends the
 queued telemetry and outcomes to the controller and keeps the actions it answers with.
 Every `sync_every` steps the ranks run one collective (all_gather_object): each contributes
 its memory, rank 0 also the actions now due, so every rank learns the same actions at the
