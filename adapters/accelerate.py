@@ -259,8 +259,10 @@ class Accelerator(accelerate.Accelerator):
 
     # ---- the loop -----------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        if self._tw_loss_n == 0:  # a loader not prepared here: the step is seen only now
-            training_step_begins(self, self.step_count + 1, peak=self._tw_loader is None)
+        if self._tw_loss_n == 0:
+            # Said already by the loader prepared here; a loop over its own loader is seen only
+            # now, after the first forward (whose transient memory is then not in the step's peak).
+            training_step_begins(self, self.step_count + 1)
         self._tw_start_clock()
         part = loss.detach().float()
         self._tw_loss_sum = part if self._tw_loss_sum is None else self._tw_loss_sum + part

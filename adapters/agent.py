@@ -3,8 +3,9 @@
 At each optimizer-step boundary the adapter calls `on_step`. It costs a memory sample and a
 few appends; it never touches the network. Adapters that mark where a training step begins
 (`step_begins`, through adapters/stop.py) pay one more peak read per step (a /proc read, a write
-to clear_refs on a CPU: tens of microseconds), so the peak covers the training step only. Rank 0 has a background thread that sends the
-queued telemetry and outcomes to the controller and keeps the actions it answers with.
+to clear_refs on a CPU: tens of microseconds), so the peak covers the training step only.
+Rank 0 has a background thread that sends the queued telemetry and outcomes to the controller
+and keeps the actions it answers with.
 Every `sync_every` steps the ranks run one collective (all_gather_object): each contributes
 its memory, rank 0 also the actions now due, so every rank learns the same actions at the
 same step and applies them there. No collective runs on other steps, and every rank takes

@@ -108,15 +108,14 @@ def _report(handle: Any, armed: _Armed, outcome: str, detail: str) -> None:
         agent.report(Outcome(armed.action_id, outcome, armed.step, time.time() - armed.at, detail))
 
 
-def training_step_begins(handle: Any, step: int, peak: bool = True) -> None:
+def training_step_begins(handle: Any, step: int) -> None:
     """The adapter is about to run training step `step` (1-based, the one after the last finished):
-    see the module docstring. Never raises, except the SystemExit that ends the job. `peak=False`:
-    said late (after the step's forward), so the step's memory window is not restarted."""
+    see the module docstring. Never raises, except the SystemExit that ends the job."""
     if handle.__dict__.get("_tw_begun") == step:
         return  # said twice for one step (its loader and its forward)
     object.__setattr__(handle, "_tw_begun", step)
     agent = getattr(handle, "agent", None)
-    if agent is not None and peak:
+    if agent is not None:
         agent.step_begins()
     armed: _Armed | None = handle.__dict__.get("_tw_stop")
     if armed is None or step <= armed.step or step in armed.started:
