@@ -132,7 +132,7 @@ def test_every_trainer_the_script_builds_gets_the_callback(tmp_path: Path) -> No
 
 
 def test_a_job_that_never_connects_is_said_with_what_it_imported(tmp_path: Path) -> None:
-    job = [sys.executable, "-c", "import torch, time; time.sleep(6)"]
+    job = [sys.executable, "-c", "import torch, time; time.sleep(4)"]
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nbudget: {wall_time: 1h}\npolicies: []\n")
     run_dir = tmp_path / "run"
