@@ -73,6 +73,7 @@ from trainwarden.adapters.knobs import (
 )
 from trainwarden.adapters.link import open_link, start_agent
 from trainwarden.adapters.probes import probe_for
+from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
@@ -258,6 +259,10 @@ class Accelerator(accelerate.Accelerator):
 
     # ---- the loop -----------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        if self._tw_loss_n == 0:
+            # Said already by the loader prepared here; a loop over its own loader is seen only
+            # now, after the first forward (whose transient memory is then not in the step's peak).
+            training_step_begins(self, self.step_count + 1)
         self._tw_start_clock()
         part = loss.detach().float()
         self._tw_loss_sum = part if self._tw_loss_sum is None else self._tw_loss_sum + part
@@ -303,6 +308,8 @@ class Accelerator(accelerate.Accelerator):
 
     # Called by the MicroBatchLoader for each micro-batch it gives.
     def _tw_micro_batch(self, samples: int, tokens: int, last: bool | None) -> None:
+        if self._tw_samples == 0 and self._tw_loss_n == 0:  # a step's first micro-batch, loaded
+            training_step_begins(self, self.step_count + 1)
         self._tw_start_clock()
         self._tw_samples += samples
         self._tw_tokens += tokens
@@ -575,9 +582,15 @@ class Accelerator(accelerate.Accelerator):
         if self._tw_closed:
             return
         self._tw_closed = True
+        stop_closes(self)
         if self.agent is not None:
             self.agent.close()
         atexit.unregister(self.close)
+
+    def _tw_checkpoint(self, directory: os.PathLike[str]) -> str:
+        """The state at the stop through Accelerate's own `save_state` (adapters/stop.py)."""
+        self.save_state(str(directory))
+        return str(directory)
 
     def end_training(self) -> None:
         self.close()

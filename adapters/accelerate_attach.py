@@ -89,6 +89,9 @@ def patch(module: ModuleType) -> None:
             caller = sys._getframe(1).f_globals.get("__name__", "") or ""
             if caller.split(".")[0] in LIBRARY_CALLERS:
                 return original(*args, **kwargs)
+            from trainwarden.adapters.attach_hook import announce
+
+            announce("accelerate.Accelerator", "the job's Accelerator is trainwarden's drop-in")
             return super().__new__(cls)
 
     original = cls
@@ -96,7 +99,6 @@ def patch(module: ModuleType) -> None:
     AttachedAccelerator.__name__ = AttachedAccelerator.__qualname__ = "Accelerator"
     AttachedAccelerator.__module__ = "accelerate"
     module.Accelerator = AttachedAccelerator
-    log.info("trainwarden --attach: accelerate.Accelerator is trainwarden's drop-in")
 
 
 __all__ = ["LIBRARY_CALLERS", "AccelerateFinder", "install", "patch", "uninstall"]

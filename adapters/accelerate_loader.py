@@ -19,10 +19,10 @@ size, `set_epoch`, `batch_size`, ...).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
-from trainwarden.adapters.batching import batch_size, micro_slices, regroup, slice_batch
+from trainwarden.adapters.batching import batch_size, counted_tokens, micro_slices, regroup, slice_batch
 
 
 class _Owner(Protocol):
@@ -32,13 +32,14 @@ class _Owner(Protocol):
 
 
 def tokens_in(batch: Any, samples: int, tokens_per_sample: int | None) -> int:
-    """Tokens in a micro-batch: samples x tokens_per_sample when given, else the element count
-    of `input_ids` (an HF batch) or of the batch's first tensor with two or more dims."""
+    """Tokens in a micro-batch: samples x tokens_per_sample when given, else counted from an HF
+    batch (batching.counted_tokens: its attention mask, non-padding labels or input_ids), else
+    the element count of the batch's first tensor with two or more dims."""
     if tokens_per_sample is not None:
         return samples * tokens_per_sample
-    ids = batch.get("input_ids") if isinstance(batch, dict) else None
-    if ids is not None and hasattr(ids, "numel"):
-        return int(ids.numel())
+    counted = counted_tokens(dict(batch)) if isinstance(batch, Mapping) else None
+    if counted is not None:
+        return counted
     from trainwarden.adapters.batching import _leaves
 
     for leaf in _leaves(batch):

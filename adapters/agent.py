@@ -1,8 +1,11 @@
 """The agent: lives in every rank of the job, between the user's loop and the controller.
 
 At each optimizer-step boundary the adapter calls `on_step`. It costs a memory sample and a
-few appends; it never touches the network. Rank 0 has a background thread that sends the
-queued telemetry and outcomes to the controller and keeps the actions it answers with.
+few appends; it never touches the network. Adapters that mark where a training step begins
+(`step_begins`, through adapters/stop.py) pay one more peak read per step (a /proc read, a write
+to clear_refs on a CPU: tens of microseconds), so the peak covers the training step only.
+Rank 0 has a background thread that sends the queued telemetry and outcomes to the controller
+and keeps the actions it answers with.
 Every `sync_every` steps the ranks run one collective (all_gather_object): each contributes
 its memory, rank 0 also the actions now due, so every rank learns the same actions at the
 same step and applies them there. No collective runs on other steps, and every rank takes
@@ -72,6 +75,13 @@ class Agent:
         # What the adapter did on its own (an OOM retry): few, kept until the controller has them.
         self._events: deque[AdapterEvent] = deque(maxlen=MAX_QUEUED_RECORDS)
         self._outcomes: list[Outcome] = []
+        # Actions whose outcome is not known when applied (a stop: adapters/stop.py reports it
+        # once the job stopped, was ended, or trained on).
+        self._held: set[str] = set()
+        # The training step's memory peak (adapters/stop.py's training_step_begins starts it):
+        # the largest peak of the steps since the last sync; None while no adapter marks steps.
+        self._step_peak: int | None = None
+        self._in_step = False
         self._inbox: dict[str, Action] = {}
         self._seen: set[str] = set()
         # Actions every rank received at a sync step whose step comes before the next sync
@@ -118,9 +128,16 @@ class Agent:
         is_sync = step % self.sync_every == 0
         due: list[Action] = []
         memory: tuple[RankMemory, ...] = ()
+        if self._in_step:
+            # The peak since this step began: the training step's alone.
+            self._in_step = False
+            self._step_peak = max(self._step_peak or 0, int(self.probe.peak()))  # type: ignore[attr-defined]
         if is_sync:
             # The probe's peak covers every step since its previous sample: no sampling between.
             used, peak = self.probe.sample()
+            if self._step_peak is not None:
+                # Steps are marked (training_step_begins): their peaks only, not what ran between.
+                peak, self._step_peak = max(self._step_peak, used), 0
             mine = RankMemory(
                 self.rank,
                 used,
@@ -191,9 +208,27 @@ class Agent:
         if self.rank == 0:
             self._eval_loss = float(loss)
 
+    def hold(self, action_id: str) -> None:
+        """Do not send the outcome `apply` gives for this action; `release` then `report` the real one."""
+        self._held.add(action_id)
+
+    def release(self, action_id: str) -> None:
+        self._held.discard(action_id)
+
+    def step_begins(self) -> None:
+        """A training step starts now (its data is loaded): what was allocated since the last
+        step (an evaluation pass, a checkpoint, data loading) is not its peak."""
+        reset = getattr(self.probe, "reset_peak", None)
+        if reset is None or not hasattr(self.probe, "peak"):
+            return
+        reset()
+        self._in_step = True
+        if self._step_peak is None:
+            self._step_peak = 0
+
     def report(self, outcome: Outcome) -> None:
         """An action's outcome (rank 0 reports; other ranks applied the same action too)."""
-        if self.rank != 0:
+        if self.rank != 0 or outcome.action_id in self._held:
             return
         with self._lock:
             self._outcomes.append(outcome)

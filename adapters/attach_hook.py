@@ -50,7 +50,7 @@ from types import ModuleType
 from typing import Any
 
 from trainwarden.adapters.import_patch import PatchingFinder
-from trainwarden.controller.protocol import ENV_ATTACH
+from trainwarden.controller.protocol import ENV_ATTACH, ENV_RUN_DIR
 
 log = logging.getLogger("trainwarden")
 
@@ -122,6 +122,58 @@ def job_env(run_dir: str | os.PathLike[str], env: Mapping[str, str]) -> dict[str
     }
 
 
+# ---- what the job imported, and what was attached ---------------------------------------------
+#: Frameworks whose import the hook notes (for `trainwarden run`'s "no job connected" line).
+WATCHED = ("torch", "deepspeed", "accelerate", "transformers", "lightning", "pytorch_lightning")
+IMPORTED_FILE = "imported.txt"
+_announced: set[str] = set()
+
+
+def announce(what: str, detail: str) -> None:
+    """Say once per process, on stderr, whatever the job's log level, that `what` is attached
+    (rank 0 only: a job of N ranks says it once)."""
+    if what in _announced or os.environ.get("RANK", "0") != "0":
+        return
+    _announced.add(what)
+    sys.stderr.write(f"trainwarden --attach: {what} attached: {detail}\n")
+    sys.stderr.flush()
+
+
+class _ImportWatcher:
+    """A meta-path finder that finds nothing: it notes the first import of each WATCHED name in
+    the run directory (TRAINWARDEN_RUN_DIR), once per process. A set lookup per import."""
+
+    def __init__(self, run_dir: str) -> None:
+        self._path = Path(run_dir) / SITE_DIR_NAME / IMPORTED_FILE
+        self._seen: set[str] = set()
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname in WATCHED and fullname not in self._seen:
+            self._seen.add(fullname)
+            try:
+                with open(self._path, "a") as fh:
+                    fh.write(f"{os.getpid()} {fullname}\n")
+            except OSError:
+                pass
+        return None
+
+
+def _watch_imports() -> None:
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    if run_dir and not any(isinstance(f, _ImportWatcher) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ImportWatcher(run_dir))
+
+
+def imported_frameworks(run_dir: str | os.PathLike[str]) -> list[str]:
+    """The WATCHED frameworks the job's processes imported so far, in WATCHED's order."""
+    try:
+        text = (Path(run_dir) / SITE_DIR_NAME / IMPORTED_FILE).read_text()
+    except OSError:
+        return []
+    names = {line.split()[-1] for line in text.splitlines() if line.strip()}
+    return [n for n in WATCHED if n in names]
+
+
 # ---- the import hook ----------------------------------------------------------------------------
 
 
@@ -136,8 +188,10 @@ def install() -> None:
     """Make `deepspeed.initialize` return trainwarden's handle in this process, now if DeepSpeed
     is already imported, else when it is; and `accelerate.Accelerator` trainwarden's drop-in
     (adapters/accelerate_attach.py, its finder placed after this one). Idempotent."""
-    from trainwarden.adapters import accelerate_attach
+    from trainwarden.adapters import accelerate_attach, hf_attach
 
+    _watch_imports()
+    hf_attach.install()
     accelerate_attach.install()
     if not any(isinstance(f, DeepSpeedFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, DeepSpeedFinder())
@@ -148,9 +202,11 @@ def install() -> None:
 
 def uninstall() -> None:
     """Remove the finders and give `deepspeed.initialize` (and `accelerate.Accelerator`) back."""
-    from trainwarden.adapters import accelerate_attach
+    from trainwarden.adapters import accelerate_attach, hf_attach
 
     accelerate_attach.uninstall()
+    hf_attach.uninstall()
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _ImportWatcher)]
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, DeepSpeedFinder)]
     module = sys.modules.get("deepspeed")
     if module is not None:
@@ -219,7 +275,7 @@ def make_dropin(original: Callable[..., Any]) -> Callable[..., Any]:
         out = twds.initialize(**arguments, attach_agent=report)
         if report:
             _reporting = weakref.ref(out[0])
-            log.info("trainwarden --attach: deepspeed.initialize returns trainwarden's live handle")
+            announce("deepspeed.initialize", "it returns trainwarden's live handle")
         return out
 
     setattr(initialize, ORIGINAL_ATTR, original)
@@ -239,3 +295,7 @@ __all__ = [
     "uninstall",
     "write_site_dir",
 ]
+
+
+if __name__ == "__main__":  # python -m trainwarden.adapters.attach_hook DIR: for other launchers
+    print(write_site_dir(sys.argv[1] if len(sys.argv) > 1 else "trainwarden-attach").resolve())

@@ -93,3 +93,25 @@ def regroup(batches: Iterable[Any], step_size: int) -> Iterator[Any]:
 def micro_slices(n: int, micro: int) -> list[tuple[int, int]]:
     """[start, stop) of each micro-batch of a step of n samples."""
     return [(s, min(s + micro, n)) for s in range(0, n, micro)]
+
+
+#: The label HF losses ignore (padding in `labels`).
+IGNORE_INDEX = -100
+
+
+def counted_tokens(batch: Any) -> int | None:
+    """Tokens a batch trains on, counted, not guessed: the attention mask's ones where the batch
+    has one (2-D), else the `labels` that are not -100, else every element of `input_ids`. None for
+    a batch with none of these (images, a bare tensor): the caller keeps its declared count."""
+    if not isinstance(batch, dict):
+        return None
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return int((mask != 0).sum())
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() >= 1 and not labels.is_floating_point():
+        return int((labels != IGNORE_INDEX).sum())
+    ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return int(ids.numel())
+    return None

@@ -117,6 +117,7 @@ from typing import Any
 import torch
 
 from trainwarden.adapters import attach_hook, ds_oom, ds_state
+from trainwarden.adapters.batching import counted_tokens
 from trainwarden.adapters.ds_config import (
     PRECISIONS,
     ConfigError,
@@ -139,6 +140,7 @@ from trainwarden.adapters.knobs import (
 )
 from trainwarden.adapters.link import open_link, start_agent
 from trainwarden.adapters.probes import probe_for
+from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_ACTIVATION_CHECKPOINTING,
     KNOB_LR_MULTIPLIER,
@@ -686,7 +688,7 @@ class DeepSpeedHandle:
         *,
         own_loader: bool,
         micro_batch_knob: bool,
-        tokens_per_sample: int,
+        tokens_per_sample: int | None,
         policy: str | os.PathLike[str] | None,
         run_dir: str | os.PathLike[str] | None,
         sync_every: int | None,
@@ -715,7 +717,10 @@ class DeepSpeedHandle:
         s(self, "last_loss", None)
         s(self, "last_lr", None)
         s(self, "last_reconfigure", None)
-        s(self, "tokens_per_sample", tokens_per_sample)
+        s(self, "tokens_per_sample", tokens_per_sample or 1)
+        #: tokens_per_sample not declared: count them from the batches the model sees.
+        s(self, "_count_tokens", tokens_per_sample is None)
+        s(self, "_tokens_counted", 0)
         s(self, "agent", None)
         s(self, "controller", None)
         #: Exceptions that mean "out of memory" (see the module docstring); `oom_retry=False`
@@ -792,6 +797,14 @@ class DeepSpeedHandle:
         """engine(...); an OOM in a training forward is retried (StepRetry, see the module
         docstring). One in eval mode or under no_grad (an evaluation) is raised as it is: the
         training configuration is not stepped down for it."""
+        if self._module.training and torch.is_grad_enabled():
+            if self._loss_count == 0:  # a step's first forward
+                training_step_begins(self, int(self._engine.global_steps) + 1)
+            if self._count_tokens:
+                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                n = counted_tokens(dict(kwargs) if first is None else {**kwargs, "input_ids": first})
+                if n is not None and (first is None or not first.is_floating_point()):
+                    object.__setattr__(self, "_tokens_counted", self._tokens_counted + n)
         err: BaseException | None = None
         try:
             return self._engine(*args, **kwargs)
@@ -1166,11 +1179,14 @@ class DeepSpeedHandle:
         if self.agent is None:
             return
         samples = int(engine.global_samples)
+        # Counted from the batches (attach mode, no tokens_per_sample declared): this rank's count
+        # times the data-parallel ranks; else the declared tokens per sample.
+        counted = self._tokens_counted * engine.dp_world_size
         due = self.agent.on_step(
             step=int(engine.global_steps),
             loss=loss,
             samples=samples,
-            tokens=samples * self.tokens_per_sample,
+            tokens=counted if counted else samples * self.tokens_per_sample,
             step_time_s=step_time,
             lr=applied_lr,
             config=self.config(),
@@ -1589,9 +1605,18 @@ class DeepSpeedHandle:
         if self._closed:
             return
         self._closed = True
+        stop_closes(self)
         if self.agent is not None:
             self.agent.close()
         atexit.unregister(self.close)
+
+    def _tw_checkpoint(self, directory: os.PathLike[str]) -> str:
+        """The state at the stop through DeepSpeed's own `save_checkpoint` (every rank; adapters/stop.py)."""
+        self._engine.save_checkpoint(str(directory))
+        return str(directory)
+
+    def _tw_teardown(self) -> None:
+        self.destroy()
 
     def destroy(self) -> None:
         """Close, then destroy the current engine (DeepSpeed's engine.destroy())."""
@@ -1647,7 +1672,7 @@ def initialize(
     mesh_param: Any = None,
     config_params: Any = None,
     *,
-    tokens_per_sample: int = 1,
+    tokens_per_sample: int | None = None,
     micro_batch_knob: bool = False,
     policy: str | os.PathLike[str] | None = None,
     run_dir: str | os.PathLike[str] | None = None,
@@ -1661,7 +1686,9 @@ def initialize(
     """`deepspeed.initialize`, returning (engine handle, optimizer, loader, scheduler) that stay
     valid across switches. Same arguments; trainwarden's own are keyword-only:
 
-    tokens_per_sample: for the token counts in telemetry. micro_batch_knob: offer the micro-batch
+    tokens_per_sample: for the token counts in telemetry (default: counted from the batches the
+    model is called with: attention mask, non-padding labels or input_ids; 1 per sample for a batch
+    with none of these). micro_batch_knob: offer the micro-batch
     knob although the job brings its own loader (which then must cut at
     `engine.train_micro_batch_size_per_gpu()`). policy, run_dir, sync_every: as for the other
     adapters' attach. attach_agent=False: no controller, no telemetry; `reconfigure` still works.

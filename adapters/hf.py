@@ -42,6 +42,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from trainwarden.adapters.agent import Agent
+from trainwarden.adapters.batching import counted_tokens
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
@@ -52,6 +53,7 @@ from trainwarden.adapters.knobs import (
 )
 from trainwarden.adapters.link import open_link, start_agent
 from trainwarden.adapters.probes import probe_for
+from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
     KNOB_STOP,
@@ -138,7 +140,8 @@ class TrainwardenCallback(TrainerCallback):
         if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
             samples = int(ids.shape[0])
             self._samples += samples
-            self._tokens += samples * self.tokens_per_sample if self.tokens_per_sample else int(ids.numel())
+            counted = counted_tokens({**kwargs, "input_ids": ids})
+            self._tokens += samples * self.tokens_per_sample if self.tokens_per_sample else (counted or 0)
 
     def log_loss(self, loss: Any) -> None:
         """The loss of a micro-batch, for a `compute_loss` that computes it outside the model
@@ -167,6 +170,12 @@ class TrainwardenCallback(TrainerCallback):
         self._step_started = time.perf_counter()
         if self.agent is None and not self._closed:
             self._attach(args, model)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # After the step's batches were loaded, before its first forward (adapters/stop.py).
+        training_step_begins(self, int(state.global_step) + 1)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -338,6 +347,7 @@ class TrainwardenCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        stop_closes(self)
         if self.agent is not None:
             self.agent.close()
 

@@ -119,6 +119,9 @@ def apply_shared_knob(handle: _Carrier, action: Action, step: int = -1) -> tuple
             problem = hooks.fire(StopInfo(step, action.reason, cause if isinstance(cause, str) else "budget"))
         handle.should_stop = True
         log.warning("trainwarden: stop requested: %s", action.reason)
+        from trainwarden.adapters.stop import arm
+
+        arm(handle, action, step, problem)  # what happens if the job trains on: adapters/stop.py
         return "applied", "should_stop is now true" + (f" ({problem})" if problem else "")
     return None
 

@@ -86,6 +86,19 @@ class CpuProbe:
             self._reset()
         return used, max(peak, used)
 
+    def reset_peak(self) -> None:
+        """Start a new peak window now (a training step begins), without sampling."""
+        if self._can_reset:
+            self._reset()
+
+    def peak(self) -> int:
+        """The peak since the last reset, without starting a new window."""
+        try:
+            st = _proc_status_kib(("VmRSS:", "VmHWM:"))
+        except OSError:
+            return 0
+        return st.get("VmHWM:", 0) if self._can_reset else st.get("VmRSS:", 0)
+
     def release(self) -> None:
         # glibc keeps freed heap pages resident; without this a process that stepped down
         # from a large micro-batch keeps its old RSS and the step down never shows.
@@ -108,6 +121,12 @@ class CudaProbe:
         peak = int(self._cuda.max_memory_reserved(self._device))
         self._cuda.reset_peak_memory_stats(self._device)
         return used, max(peak, used)
+
+    def reset_peak(self) -> None:
+        self._cuda.reset_peak_memory_stats(self._device)
+
+    def peak(self) -> int:
+        return int(self._cuda.max_memory_reserved(self._device))
 
     def release(self) -> None:
         self._cuda.empty_cache()

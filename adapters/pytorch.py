@@ -48,6 +48,7 @@ from trainwarden.adapters.knobs import (
 )
 from trainwarden.adapters.link import open_link, start_agent
 from trainwarden.adapters.probes import probe_for
+from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
@@ -77,6 +78,7 @@ class StepBatch:
 
     def __iter__(self) -> Iterator[Any]:
         h = self._handle
+        training_step_begins(h, h.step_count + 1)
         h._step_samples = self.size
         for start, stop in micro_slices(self.size, h.micro_batch_size):
             h._micro_samples = stop - start
@@ -279,8 +281,25 @@ class Handle:
         if self._closed:
             return
         self._closed = True
+        stop_closes(self)
         self.agent.close()
         atexit.unregister(self.close)
+
+    def _tw_checkpoint(self, directory: os.PathLike[str]) -> str:
+        """The state at the stop, for trainwarden's end of the job (adapters/stop.py): model,
+        optimizer and scheduler state dicts in `directory`/trainwarden.pt (rank 0 writes)."""
+        path = os.path.join(directory, "trainwarden.pt")
+        if self.rank == 0:
+            os.makedirs(directory, exist_ok=True)
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step_count,
+            }
+            if self.scheduler is not None:
+                state["scheduler"] = self.scheduler.state_dict()
+            torch.save(state, path)
+        return path
 
     def __enter__(self) -> Handle:
         return self

@@ -282,6 +282,32 @@ def _fmt_duration(s: float | None) -> str:
     return "?" if s is None else format_duration(s)
 
 
+#: Seconds after the job started before the status line says why nothing connected
+#: (TRAINWARDEN_NO_CONNECT_AFTER_S overrides it).
+NO_CONNECT_AFTER_S = float(os.environ.get("TRAINWARDEN_NO_CONNECT_AFTER_S", "20"))
+
+
+def no_connect_line(elapsed_s: float, run_dir: Path, attach: bool) -> str:
+    """Why no job has connected yet, and how to attach: which frameworks the job imported (known
+    in attach mode: the import hook writes them to the run directory)."""
+    from trainwarden.adapters.attach_hook import imported_frameworks
+
+    head = f"no job connected after {elapsed_s:.0f} s"
+    if not attach:
+        return (
+            f"{head}: the job has not attached trainwarden. A script that does not call trainwarden's "
+            "attach needs `trainwarden run --attach` (DeepSpeed, Accelerate, HF Trainer)"
+        )
+    seen = imported_frameworks(run_dir)
+    if not seen:
+        return f"{head}: the job has imported none of torch, deepspeed, accelerate, transformers yet"
+    return (
+        f"{head}: the job imported {', '.join(seen)}, and attaches at deepspeed.initialize, at "
+        "accelerate.Accelerator's prepare of model and optimizer, at transformers.Trainer.train, "
+        "or through trainwarden.adapters.pytorch.attach; none of these ran yet"
+    )
+
+
 def status_line(st: dict[str, Any]) -> str:
     """One line: step, loss, tokens/s, memory against the cap, budget left, last decision."""
     if not st.get("connected"):
@@ -298,8 +324,15 @@ def status_line(st: dict[str, Any]) -> str:
     if b:
         parts.append(f"{b['name']} {b['fraction']:.0%} spent, {_fmt_duration(b.get('remaining_s'))} left")
     d = st.get("last_decision")
-    if d:
-        parts.append(f"last: {d['kind']}={d['params'].get('value', '')} {d['outcome']} at step {d['step']}")
+    stop = st.get("stop")
+    if stop and stop.get("outcome") == "ignored":
+        parts.append(f"STOP IGNORED at step {stop['step']}: the job trains on outside its budget")
+    elif stop:
+        parts.append(f"stopped at step {stop['step']}")
+    elif d:
+        value = "" if d["kind"] == "stop" else f"={d['params'].get('value', '')}"
+        parts.append(f"last: {d['kind']}{value} {d['outcome']} at step {d['step']}")
+    parts += [f"NOTE: {n}" for n in st.get("notices") or ()]
     return " | ".join(parts)
 
 
@@ -331,6 +364,21 @@ def _summary_text(summary: dict[str, Any], job_rc: int, run_dir: Path) -> str:
         f"  configuration at the end: {json.dumps(summary.get('config') or {})}",
         f"  run directory {run_dir} (decisions.jsonl, telemetry.jsonl, summary.json)",
     ]
+    stop = summary.get("stop")
+    if stop:
+        what = (
+            "IGNORED: the job trained on outside its budget"
+            if stop.get("outcome") == "ignored"
+            else "applied"
+        )
+        lines.insert(
+            1,
+            f"  stop at step {stop.get('step')} {what}"
+            + (f" ({stop['detail']})" if stop.get("detail") else ""),
+        )
+    if summary.get("job"):
+        lines.insert(1, f"  {summary['job']}")
+    lines += [f"  note: {n}" for n in summary.get("notices") or ()]
     return "\n".join(lines)
 
 
@@ -416,6 +464,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda sig, _f: job.forward(sig))
     tty = sys.stderr.isatty() and not args.quiet
     last_print = 0.0
+    started = time.monotonic()
     status_url = ready["endpoint"] + "/v1/status"
     while job.poll() is None:
         time.sleep(0.5)
@@ -428,6 +477,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             st = _get_json(status_url, token)
             if st is not None:
                 line = status_line(st)
+                waited = now - started
+                if not st.get("connected") and waited >= NO_CONNECT_AFTER_S:
+                    line = no_connect_line(waited, run_dir, bool(getattr(args, "attach", False)))
                 if tty:
                     print(
                         "\r\033[K" + line[: os.get_terminal_size(sys.stderr.fileno()).columns - 1],
@@ -549,8 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--attach",
         action="store_true",
-        help="make deepspeed.initialize in the job return trainwarden's live handle, with no change "
-        "to the job's code (an import hook on the job's PYTHONPATH)",
+        help="attach trainwarden to a job whose code does not mention it (an import hook on the job's "
+        "PYTHONPATH): deepspeed.initialize returns trainwarden's live handle, accelerate.Accelerator "
+        "is trainwarden's drop-in, every transformers.Trainer gets the trainwarden callback; plain "
+        "PyTorch loops need trainwarden.adapters.pytorch.attach in the script",
     )
     r.add_argument(
         "--status-every",

@@ -10,6 +10,7 @@ ignores an action id it has already seen.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -139,6 +140,11 @@ class Controller:
         #: The stop decision that ended the run (its log line), for the summary.
         self.stop_decision: dict[str, Any] | None = None
         self.job_lost = False
+        #: What the user must know about this run once (a policy that can do nothing for the job):
+        #: shown on the status line and in summary.json.
+        self.notices: list[str] = []
+        #: This job answered a stop (applied or ignored): no second one.
+        self._stop_answered = False
         self._recover()
         self.decisions = JsonlWriter(self.run_dir / DECISIONS_FILE)
         self.telemetry = JsonlWriter(self.run_dir / TELEMETRY_FILE)
@@ -172,7 +178,7 @@ class Controller:
                     self._events_seen.add(d["id"])
                 if outcome == "applied" and isinstance(d.get("step"), int):
                     self.state.last_action_step[kind] = d["step"]
-                if kind == KNOB_STOP and outcome in ("applied", "noop"):
+                if kind == KNOB_STOP and outcome in ("applied", "noop", "ignored"):
                     self.stop_decision = d
                 self.last_decision = d
                 decisions += 1
@@ -270,6 +276,9 @@ class Controller:
                 for src in self.sources:
                     src.watch(shape.pids)
             self._check_policies(shape)
+            if not reconnect:
+                self._check_knobs(shape)
+                self._stop_answered = False
             log.info(
                 "job %s %s: adapter %s, %d rank(s), %.1fM params, knobs %s",
                 shape.run_id,
@@ -305,6 +314,8 @@ class Controller:
                     continue
                 if rec.step > self.state.step:
                     self.telemetry.write({"event": "step", **rec.to_json()})
+                    if rec.step == 1:
+                        self._check_first_step(rec)
                 self.state.ingest(rec)
             for out in outcomes:
                 self._record_outcome(out, now)
@@ -403,6 +414,14 @@ class Controller:
             policy=policy,
             id=action.id,
         )
+        if action.kind == KNOB_STOP and self._stop_answered:
+            return  # stopped, or the stop was ignored: once is the answer (telemetry may lag it)
+        if action.kind == KNOB_STOP:
+            # What the stop does to a job that does not read should_stop (adapters/stop.py): in the
+            # action, so every rank reads the same rule.
+            s = self.settings
+            rule = {"on_stop": s.stop, "grace_steps": s.stop_grace_steps, "checkpoint": s.checkpoint_on_stop}
+            action = dataclasses.replace(action, params={**rule, **action.params})
         if action.kind in snap.pending:
             return  # level-based: the pending action already asks for this knob
         if now < self._disabled.get(action.kind, float("-inf")) or now < self._retry_after.get(
@@ -437,6 +456,51 @@ class Controller:
                 log.error("%spolicy %r %s; the policy is off for this run", where, policy.name, problem)
         self.policies = keep
 
+    def _check_first_step(self, rec: StepRecord) -> None:
+        """Tokens counted from the batch (a zero-line attach) are known only after the first step:
+        a token budget smaller than that step is refused then, said as at attach (the compute policy
+        stops the job, its budget being spent)."""
+        if self.budget.tokens is not None and rec.tokens > self.budget.tokens:
+            reason = (
+                f"the tokens budget ({self.budget.tokens:,}) is smaller than one optimizer step of this job "
+                f"({rec.tokens:,} tokens counted in its first step): raise the budget in the policy file"
+            )
+            log.error("refusing the run: %s", reason)
+            self.notices.append(reason)
+
+    def _check_knobs(self, shape: JobShape) -> None:
+        """A policy none of whose knobs the job can carry (the memory policy under the HF Trainer,
+        which cannot change its micro-batch mid-run) would do nothing, silently: said once at
+        connect, in the log, on the status line (`notices`) and in decisions.jsonl (outcome
+        `unsupported`, with the reason)."""
+        have = {k.name for k in shape.knobs}
+        for policy in self.policies:
+            wants = set(getattr(policy, "knobs", ()) or ())
+            if not wants or wants & have:
+                continue
+            reason = (
+                f"policy {policy.name!r} can do nothing for this job: it acts through "
+                f"{', '.join(sorted(wants))}, and the {shape.adapter} adapter carries only "
+                f"{', '.join(sorted(have)) or 'no knob'}"
+                + (
+                    " (the HF Trainer cannot switch those mid-run: docs/hf.md)"
+                    if shape.adapter == "hf-trainer"
+                    else ""
+                )
+            )
+            log.warning("%s", reason)
+            self.notices.append(reason)
+            act = Action(
+                kind=KNOB_MICRO_BATCH if KNOB_MICRO_BATCH in wants else sorted(wants)[0],
+                params={},
+                reason=reason,
+                step=max(0, self.state.step),
+                policy=policy.name,
+            )
+            self._log_decision(
+                act, self.state.step, self.clock(), "unsupported", self.state.step, 0.0, reason
+            )
+
     def _cannot_carry(self, action: Action, snap: Snapshot) -> str | None:
         """Never send what the adapter cannot carry; say why instead."""
         spec = snap.knobs.get(action.kind)
@@ -456,8 +520,17 @@ class Controller:
         if decision is None:
             return  # already recorded (the agent re-sends until acknowledged)
         act = decision.action
-        if act.kind == KNOB_STOP and out.outcome in ("applied", "noop"):
-            self.stop_decision = {"step": out.step, "reason": act.reason, "params": dict(act.params)}
+        if act.kind == KNOB_STOP and out.outcome in ("applied", "noop", "ignored"):
+            self.stop_decision = {
+                "step": out.step,
+                "reason": act.reason,
+                "params": dict(act.params),
+                "outcome": out.outcome,
+                "detail": out.detail,
+            }
+            self._stop_answered = True
+            if out.outcome == "ignored":
+                log.error("the job ignored the stop at step %d and trains on outside its budget", out.step)
         if out.outcome == "applied":
             # How far ahead the compute policy must decide (an action scheduled for a later
             # step is held until then, and says nothing about the lag).
@@ -469,7 +542,8 @@ class Controller:
         self._log_decision(
             act, decision.decided_step, decision.decided_at, out.outcome, out.step, out.duration_s, out.detail
         )
-        self._back_off(act.kind, out.outcome, now)
+        if out.outcome != "ignored":  # not a failed switch: nothing to retry
+            self._back_off(act.kind, out.outcome, now)
 
     def _record_event(self, event: AdapterEvent, now: float) -> None:
         """What the adapter did by itself (an OOM retry): one decision line (policy `adapter`,
@@ -590,6 +664,10 @@ class Controller:
                 "elapsed_s": snap.elapsed_s,
                 "nonfinite_losses": snap.nonfinite_losses,
                 "last_decision": self.last_decision,
+                "stop": None
+                if self.stop_decision is None
+                else {k: self.stop_decision.get(k) for k in ("step", "outcome", "detail")},
+                "notices": list(self.notices),
                 "actions": {f"{k}:{o}": n for (k, o), n in self.actions_total.items()},
             }
 
@@ -612,6 +690,18 @@ class Controller:
             summary["nonfinite_losses"] = self.state.nonfinite_losses
             summary["exit_code"] = self.exit_code
             summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
+            summary["config"] = dict(self.state.ran_config)
+            if self.state.shape is None:
+                # Not "step -1": nothing ran. The configuration is none the job ran either.
+                summary["step"] = None
+                summary["config"] = {}
+                summary["job"] = (
+                    "no job connected: the command never attached trainwarden (add it to the script, "
+                    "or use `trainwarden run --attach`)"
+                )
+            elif self.state.step < 0:
+                summary["step"] = 0
+                summary["job"] = "the job connected but finished no training step"
             try:
                 write_private(self.run_dir / "summary.json", dumps(summary, indent=2, default=str))
             except OSError as exc:
@@ -657,7 +747,15 @@ def stop_report(snap: Snapshot, decision: dict[str, Any] | None) -> dict[str, An
         return None
     params = decision.get("params") or {}
     cause = params.get("cause", "budget")
-    out: dict[str, Any] = {"step": decision.get("step"), "cause": cause, "reason": decision.get("reason")}
+    out: dict[str, Any] = {
+        "step": decision.get("step"),
+        "cause": cause,
+        "reason": decision.get("reason"),
+        # `ignored`: the job trained on after the stop (controller.stop: cooperative); `applied`:
+        # it stopped, by itself or ended by trainwarden (the detail says which).
+        "outcome": decision.get("outcome", "applied"),
+        "detail": decision.get("detail", ""),
+    }
     binding = snap.binding_budget
     if binding is not None:
         left = binding.limit - binding.spent

@@ -262,8 +262,9 @@ class Action:
         )
 
 
-#: Outcome of an action, as reported back by the agent.
-OUTCOMES = ("applied", "noop", "rejected", "rolled_back")
+#: Outcome of an action, as reported back by the agent. `ignored`: a stop the job did not obey
+#: (it went on training past it and the policy file's `controller.stop` says `cooperative`).
+OUTCOMES = ("applied", "noop", "rejected", "rolled_back", "ignored")
 
 
 @dataclass(frozen=True)

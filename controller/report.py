@@ -302,6 +302,14 @@ def headline(run: Run) -> list[str]:
     stops = [d for d in applied if d["kind"] == "stop"]
     if stops:
         lines.append(f"Stopped at step {stops[0]['step']}: {stops[0].get('reason', '')}.")
+        if stops[0].get("detail"):
+            lines.append(f"{stops[0]['detail'][0].upper()}{stops[0]['detail'][1:]}.")
+    ignored = [d for d in run.decisions if d.get("kind") == "stop" and d.get("outcome") == "ignored"]
+    if ignored:
+        lines.append(
+            f"THE STOP AT STEP {ignored[0]['step']} WAS IGNORED: the job trained on outside its budget "
+            "(it does not read should_stop and the policy file says `controller.stop: cooperative`)."
+        )
     bad = [d for d in run.decisions if d.get("outcome") in BAD_OUTCOMES]
     if bad:
         lines.append(f"{len(bad)} decision(s) not carried out (rejected or rolled back): see the table.")

@@ -60,6 +60,9 @@ class JobState:
     samples: int = 0
     lr: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    #: The configuration the job's last step ran with (`config` also takes an action the job
+    #: applied before any step ran under it: what the summary must not report as having run).
+    ran_config: dict[str, Any] = field(default_factory=dict)
     memory: dict[int, RankMemory] = field(default_factory=dict)
     last_action_step: dict[str, int] = field(default_factory=dict)
     peak_by_micro_batch: dict[int, int] = field(default_factory=dict)
@@ -140,6 +143,7 @@ class JobState:
         self.samples = max(0, rec.samples)
         self.lr = rec.lr
         self.config = dict(rec.config)
+        self.ran_config = dict(rec.config)
         domain_loss = self._tracked_domains(rec)
         self.domain_loss.update({k: v for k, v in domain_loss.items() if math.isfinite(v)})
         for k, v in domain_loss.items():

@@ -36,6 +36,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from trainwarden.policies import units
 from trainwarden.policies.schema import (
+    STOP_MODES,
     Budget,
     ControllerSettings,
     Cost,
@@ -66,7 +67,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TOP_KEYS = ("version", "budget", "controller", "policies", "objective", "tuned")
 _BUDGET_KEYS = ("device_memory", "wall_time", "tokens", "flops", "cost")
 _COST_KEYS = ("max", "per_device_hour")
-_CONTROLLER_KEYS = ("sync_every", "decide_interval_s")
+_CONTROLLER_KEYS = ("sync_every", "decide_interval_s", "stop", "stop_grace_steps", "checkpoint_on_stop")
 _POLICY_KEYS = ("kind", "name")
 
 
@@ -400,6 +401,22 @@ def _number(ctx: _Ctx, node: Node, path: str, *, integer: bool, minimum: float, 
     return value if integer else float(value)
 
 
+def _choice(ctx: _Ctx, node: Node, path: str, choices: Sequence[str], meaning: str) -> Any:
+    """One of `choices` (a word), or a problem naming them."""
+    if id(node) in ctx.bad_nodes:
+        return _BAD
+    value = _scalar(node) if isinstance(node, ScalarNode) else None
+    if isinstance(value, str) and value in choices:
+        return value
+    near = _closest(str(value), choices) if isinstance(value, str) else None
+    return ctx.add(
+        node,
+        path,
+        f"{_describe(node)} is not one of {', '.join(choices)} ({meaning})"
+        + (f"; did you mean {near!r}?" if near else ""),
+    )
+
+
 # --- the sections -------------------------------------------------------------------------
 
 
@@ -488,6 +505,21 @@ def _read_controller(ctx: _Ctx, node: Node | None) -> ControllerSettings:
             values["decide_interval_s"] = _unit_value(ctx, node, path, units.parse_duration, "a duration")
         else:
             values["decide_interval_s"] = _number(ctx, node, path, integer=False, minimum=0, above=True)
+    if "stop_grace_steps" in entries:
+        values["stop_grace_steps"] = _number(
+            ctx,
+            entries["stop_grace_steps"][1],
+            "controller.stop_grace_steps",
+            integer=True,
+            minimum=0,
+            above=False,
+        )
+    for key, choices, meaning in (
+        ("stop", STOP_MODES, "what a stop does to a job that does not read should_stop"),
+        ("checkpoint_on_stop", ("auto", "always", "never"), "whether trainwarden saves before it ends a job"),
+    ):
+        if key in entries:
+            values[key] = _choice(ctx, entries[key][1], f"controller.{key}", choices, meaning)
     return ControllerSettings(**{k: v for k, v in values.items() if v is not _BAD})
 
 

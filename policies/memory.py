@@ -613,6 +613,10 @@ class MemoryPolicy(PolicyKind):
         ladder = view.ladder
         candidates = list(ladder) if view.index is None else list(ladder[view.index + 1 :])
         open_ = [r for r in candidates if not view.seen_over(r)]
+        # "Down" means leaner: a rung whose forecast is no lower than the peak now is no way down
+        # (unmeasured rungs with no estimate stay: the next one is tried, to learn).
+        not_leaner = [r for r in open_ if (f := view.forecast(r)[0]) is not None and f >= view.peak]
+        open_ = [r for r in open_ if r not in not_leaner]
         if not open_:
             return None
         target, note = None, ""
@@ -636,6 +640,9 @@ class MemoryPolicy(PolicyKind):
         skipped = [describe_rung(r) for r in candidates if r != target and view.seen_over(r)]
         if skipped:
             note += f"; {', '.join(skipped)} skipped (seen over the mark in this run)"
+        if not_leaner:
+            names = ", ".join(describe_rung(r) for r in not_leaner)
+            note += f"; {names} skipped (forecast no leaner than now)"
         return self._move(view, target, f"{why}: {self._step_words(view, target)}, {note}")
 
     # ---- up ----------------------------------------------------------------------------------
@@ -761,8 +768,10 @@ class MemoryPolicy(PolicyKind):
         return []
 
     def _set(self, snapshot: Snapshot, mb: int, target: int, why: str) -> Action:
-        gb = snapshot.global_batch_size or mb
-        accum_from, accum_to = -(-gb // mb), -(-gb // target)
+        gb = snapshot.global_batch_size or mb * snapshot.world_size
+        # The micro-batch is per rank: each rank's share of the global batch is what it accumulates.
+        per_rank = max(1, gb // max(1, snapshot.world_size))
+        accum_from, accum_to = -(-per_rank // mb), -(-per_rank // target)
         reason = (
             f"{why}: micro-batch {mb} -> {target}, gradient accumulation {accum_from} -> {accum_to}, "
             f"global batch {gb} kept"

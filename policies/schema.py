@@ -58,6 +58,10 @@ class Budget:
     """Money, at a price per device-hour."""
 
 
+#: What a stop does (ControllerSettings.stop).
+STOP_MODES = ("auto", "cooperative", "end_job")
+
+
 @dataclass(frozen=True)
 class ControllerSettings:
     """How the control loop runs."""
@@ -67,6 +71,18 @@ class ControllerSettings:
     pending actions; no collective runs on the other steps. Larger costs less, reacts later."""
     decide_interval_s: float = 0.5
     """Least time between two decisions of the controller."""
+    stop: str = field(default="auto", metadata={"choices": STOP_MODES})
+    """What a stop does to a job that does not read `should_stop`: `end_job` (trainwarden ends it
+    at the start of its next training step past `stop_grace_steps`: on_stop hooks, a checkpoint,
+    exit code 0 on every rank), `cooperative` (only `should_stop` turns true; a job that trains
+    on is reported as having ignored the stop), `auto` (end_job for a job attached with zero lines,
+    `trainwarden run --attach`; cooperative for one that attached in its code)."""
+    stop_grace_steps: int = 0
+    """Training steps a job may still start after the stop before trainwarden ends it (end_job)."""
+    checkpoint_on_stop: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
+    """When trainwarden ends a job, save a checkpoint first through the framework's own save
+    (`accelerator.save_state`, `engine.save_checkpoint`, the Trainer's checkpoint): `auto` (in
+    zero-line attach mode), `always`, `never`."""
 
 
 @dataclass(frozen=True)

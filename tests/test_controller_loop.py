@@ -363,6 +363,26 @@ def test_close_marks_unanswered_actions_and_writes_the_summary(tmp_path: Path) -
     assert on_disk["last_decision"]["outcome"] == "unanswered"
 
 
+def test_the_summary_reports_the_configuration_that_ran_not_one_applied_after_the_last_step(
+    tmp_path: Path,
+) -> None:
+    ctl, clock = make(tmp_path)
+    ctl.hello(job_shape())
+    clock.t = 1.0
+    [action] = ctl.exchange([rec(1, 8, 9.5)], [])
+    # The job applies micro-batch 4 and ends before any step ran with it.
+    ctl.exchange([], [Outcome(action.id, "applied", 1, 0.01)], finished=True)
+    assert ctl.close()["config"] == {KNOB_MICRO_BATCH: 8}
+
+
+def test_a_run_no_job_connected_to_says_so_never_step_minus_one(tmp_path: Path) -> None:
+    ctl, _ = make(tmp_path)
+    summary = ctl.close()
+    assert (
+        summary["step"] is None and summary["job"].startswith("no job connected") and summary["config"] == {}
+    )
+
+
 def test_without_a_policy_file_nothing_is_decided(tmp_path: Path) -> None:
     clock = Clock()
     ctl = Controller(tmp_path / "bare", "bare", clock=clock)

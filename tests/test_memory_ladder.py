@@ -658,3 +658,20 @@ def test_a_files_ladder_runs_without_deepspeeds_knobs() -> None:
     assert moves(p.decide(s, NO_BUDGET)) == [(KNOB_PRECISION, "bf16")]
     # Without a file's ladder the micro-batch is the whole ladder, as before.
     assert moves(policy().decide(s, NO_BUDGET)) == [(KNOB_MICRO_BATCH, 4)]
+
+
+def test_down_never_moves_to_a_rung_forecast_no_leaner_than_now() -> None:
+    # A 62k-parameter model on two CPU ranks with a hand-written ladder: ZeRO 1 is forecast above
+    # the peak now (its fixed cost on a CPU outweighs what it partitions): the micro-batch steps
+    # down instead, and with no micro-batch knob nothing moves.
+    knobs = engine_knobs(micro_batches=(1, 2, 4))
+    ladder = [{"zero_stage": 0}, {"zero_stage": 1}]
+    s = snap(peak=913 * MiB, config=cfg(0, mb=4), knobs=knobs, params=62_000)
+    [action] = policy(ladder=ladder).decide(s, NO_BUDGET)
+    assert (action.kind, action.params) == (KNOB_MICRO_BATCH, {"value": 2})
+    assert policy(ladder=ladder).decide(snap(peak=913 * MiB, params=62_000), NO_BUDGET) == []
+
+
+def test_a_small_model_on_a_gpu_still_gets_zero_rungs() -> None:
+    s = snap(device="cuda", params=62_000, peak=20 * GiB, cap=20 * GiB)
+    assert len(rungs_of(s)) > 1

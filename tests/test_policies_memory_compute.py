@@ -101,6 +101,13 @@ def test_step_down_halves_without_a_forecast() -> None:
     assert "global batch 64 kept" in action.reason
 
 
+def test_the_reason_counts_each_ranks_accumulation_on_two_ranks() -> None:
+    # 16 samples a step on two ranks, micro-batch 8 per rank: accumulation 1 -> 2 (not 2 -> 4).
+    snap = snapshot(mb=8, peaks_now=(9.5, 9.0), history={8: 9.5}, global_batch=16)
+    [action] = memory().decide(snap, NO_BUDGET)
+    assert "micro-batch 8 -> 4, gradient accumulation 1 -> 2, global batch 16 kept" in action.reason
+
+
 def test_step_down_looks_at_the_worst_rank() -> None:
     assert target(memory().decide(snapshot(mb=8, peaks_now=(4.0, 9.2, 3.0)), NO_BUDGET)) == 4
     assert target(memory().decide(snapshot(mb=8, peaks_now=(4.0, 8.9, 3.0)), NO_BUDGET)) is None
