@@ -5,7 +5,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 # DeepSpeed JIT-builds its CPU ops (about 2 minutes, once); keep them where the next run finds them.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/trainwarden/torch_extensions}
+# One folder per virtual environment: torch's build hash includes the sources' paths (inside the
+# venv), so two checkouts sharing one folder would rebuild each other's ops in turn.
+venv_key=$(printf '%s' "$PWD/.venv" | sha256sum | cut -c1-12)
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/trainwarden/torch_extensions/$venv_key}
 # The dashboard and deploy tests run a real Prometheus (and promtool): Debian's package.
 if ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
