@@ -129,6 +129,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
             break
         if time.monotonic() >= next_check:
             next_check = time.monotonic() + 1.0
+            controller.check_telemetry()
             if not controller.check_job() and args.exit_when_finished:
                 break
         if args.parent_pid and not _alive(args.parent_pid):
