@@ -67,6 +67,10 @@ class ControllerSettings:
     pending actions; no collective runs on the other steps. Larger costs less, reacts later."""
     decide_interval_s: float = 0.5
     """Least time between two decisions of the controller."""
+    stale_after_s: float = 30.0
+    """A rank whose telemetry is missing this long (or 20 sync intervals at the job's step time,
+    if longer; plus a grace while an engine switch is under way) is said lost: a node gone, or the
+    job hung in a collective. Longer than the job's pauses between steps (evaluation, saving)."""
 
 
 @dataclass(frozen=True)
