@@ -252,6 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         raise UsageError("no command to run: trainwarden run --policy P.yaml -- python train.py ...")
     pf = _load_policy(args.policy)  # fail here, before anything starts, on a bad file
+    _parse_listen(args.listen)  # a bad --listen is said here, not by the controller's log
     from trainwarden.adapters.connect import new_run_id
 
     run_id = args.run_id or new_run_id()
@@ -267,7 +268,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "trainwarden.controller.cli",
         "controller",
         "--listen",
-        "127.0.0.1:0",
+        args.listen,
         "--metrics-port",
         str(args.metrics_port),
         "--run-dir",
@@ -448,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="where logs go (default runs/RUN_ID)")
     r.add_argument("--run-id", help="name of the run (default: time and a random suffix)")
     r.add_argument("--metrics-port", type=int, default=0, help="port for /metrics (default: a free one)")
+    r.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        help="HOST:PORT for the controller's channel (default %(default)s: loopback, a free port); "
+        "for a job on several hosts, an address the node holding global rank 0 reaches, e.g. 0.0.0.0:7900 "
+        "(the bearer token is in RUN_DIR/token: give it to the other nodes as TRAINWARDEN_TOKEN_FILE)",
+    )
     r.add_argument("--quiet", action="store_true", help="no status line")
     r.add_argument(
         "--attach",

@@ -56,8 +56,8 @@ policies:
   - kind: compute
 """
 
-#: The lost-node job's length: node 1 is killed after 40 steps, checkpoints every 20.
-STEPS = 120
+#: The lost-node job's length: node 1 is killed after 20 steps, checkpoints every 10.
+STEPS = 60
 
 
 def node_cmd(node: int, port: int, *job_args: str, max_restarts: int = 0) -> list[str]:
@@ -226,7 +226,7 @@ def test_a_lost_node_is_noticed_and_the_elastic_restart_reconnects(tmp_path: Pat
     ctl, ready, token = sidecar(tmp_path, LOST_POLICY)
     port = free_port()
     args = ("--log-dir", str(tmp_path), "--ckpt-dir", str(tmp_path / "ckpt"), "--steps", str(STEPS))
-    args += ("--step-sleep", "0.02")
+    args += ("--step-sleep", "0.02", "--save-every", "10")
     shared = {
         "TRAINWARDEN_ENDPOINT": ready["endpoint"],
         "TRAINWARDEN_TOKEN": token,
@@ -237,7 +237,7 @@ def test_a_lost_node_is_noticed_and_the_elastic_restart_reconnects(tmp_path: Pat
     ]
     run_dir = tmp_path / "run"
     try:
-        assert wait_for(lambda: len(steps(tmp_path, 1)) >= 40, 240, 0.1), tail(tmp_path, 1)
+        assert wait_for(lambda: len(steps(tmp_path, 1)) >= 20, 240, 0.1), tail(tmp_path, 1)
         killed = steps(tmp_path, 1)[-1]
         subprocess.run(["kill", "-9", str(killed["pid"])], check=True)  # node 1's training process
         # The controller notices from the missing telemetry, says so and writes its summary.
