@@ -6,7 +6,8 @@ RandomSampler) are enqueued in each fresh study before its workers start, and th
 them (Optuna gives enqueued trials first), so the best value found must be the same everywhere
 (the replay is deterministic) and only the rate differs. Each worker is a real `trainwarden tune`
 process (`--trace` the recorded demo runs under tests/traces); the server is a real PostgreSQL
-started here as in the tests (tests/pg_helpers.py: Debian's package).
+started here as in the tests (tests/pg_helpers.py: Debian's package), with fsync on as a real
+server runs (SQLite's default synchronous mode syncs each commit too).
 
 Rates: `study` counts trials over the study's own span (first trial started to last trial
 finished, from Optuna's timestamps: the workers' work and the database); `wall` over the
@@ -38,29 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from pg_helpers import new_database, postgres_server, unavailable  # noqa: E402
+from test_tune_study import POLICY as STUDY_POLICY  # noqa: E402
+from test_tune_study import TRACE_DIRS as TRACES  # noqa: E402
 
 from trainwarden.policies.loader import load_policy_text  # noqa: E402
 from trainwarden.policies.tune_space import distributions, search_space  # noqa: E402
 
-TRACES = [str(p) for p in sorted((REPO / "tests" / "traces").glob("demo-*"))]
-POLICY = """\
-version: 1
-budget:
-  device_memory: 600MiB
-  wall_time: 25s
-controller:
-  sync_every: 1
-policies:
-  - kind: memory
-    high_water: 0.9
-    low_water: 0.5
-    cooldown_steps: 3
-  - kind: compute
-    cooldown_fraction: 0.2
-objective:
-  minimize: final_loss
-  grace_steps: 6
-"""
+#: The replay tests' policy (tests/test_tune_study.py), at the cap the recorded traces ran under.
+POLICY = STUDY_POLICY.format(cap="600MiB")
 
 
 def say(msg: str) -> None:
@@ -143,7 +129,7 @@ def main() -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     params = draws(args.trials)
     runs = []
-    with tempfile.TemporaryDirectory(prefix="tw-bench-") as tmp, postgres_server() as url:
+    with tempfile.TemporaryDirectory(prefix="tw-bench-") as tmp, postgres_server(fsync=True) as url:
         root = Path(tmp)
         (root / "sqlite").mkdir()
         runs.append(one("sqlite", f"sqlite:///{root / 'sqlite' / 'tune.db'}", 1, params, root / "sqlite"))

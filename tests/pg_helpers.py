@@ -57,8 +57,9 @@ def require() -> None:
 
 
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """A running server; yields a SQLAlchemy URL of an empty database `tune` on it."""
+def postgres_server(fsync: bool = False) -> Iterator[str]:
+    """A running server; yields a SQLAlchemy URL of an empty database `tune` on it. fsync off by
+    default (tests: nothing to keep); a benchmark compares with it on, as a real server runs."""
     initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
     assert initdb and pg_ctl
     root = Path(tempfile.mkdtemp(prefix="tw-pg-"))
@@ -74,7 +75,8 @@ def postgres_server() -> Iterator[str]:
     run = {"check": True, "capture_output": True, "text": True, "timeout": 120}
     try:
         subprocess.run([*as_user, initdb, "-D", str(data), "-U", USER, "-A", "trust", "-E", "UTF8"], **run)
-        opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=50"
+        opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c max_connections=50"
+        opts += "" if fsync else " -c fsync=off"
         subprocess.run(
             [
                 *as_user,

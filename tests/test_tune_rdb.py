@@ -13,29 +13,14 @@ from pathlib import Path
 import pytest
 from helpers import TRAINWARDEN, job_env, tiny_job
 from pg_helpers import new_database, postgres_server, require
+from test_tune_study import POLICY as STUDY_POLICY
+from test_tune_study import TRACE_DIRS as TRACES
 
 pytestmark = pytest.mark.slow
 optuna = pytest.importorskip("optuna")
 
-TRACES = [str(p) for p in sorted((Path(__file__).parent / "traces").glob("demo-*"))]
-REPLAY_POLICY = """\
-version: 1
-budget:
-  device_memory: 600MiB
-  wall_time: 25s
-controller:
-  sync_every: 1
-policies:
-  - kind: memory
-    high_water: 0.9
-    low_water: 0.5
-    cooldown_steps: 3
-  - kind: compute
-    cooldown_fraction: 0.2
-objective:
-  minimize: final_loss
-  grace_steps: 6
-"""
+#: The replay tests' policy (tests/test_tune_study.py), at the cap the recorded traces ran under.
+REPLAY_POLICY = STUDY_POLICY.format(cap="600MiB")
 RUN_POLICY = """\
 version: 1
 budget:

@@ -100,6 +100,21 @@ def tail(tmp: Path, node: int) -> str:
     return (tmp / f"node{node}.out").read_text()[-3000:]
 
 
+def wait_nodes(nodes: list[subprocess.Popen[str]], tmp: Path, timeout_s: float) -> None:
+    for node, p in enumerate(nodes):
+        assert p.wait(timeout_s) == 0, tail(tmp, node)
+
+
+def stop_all(nodes: list[subprocess.Popen[str] | None], ctl: subprocess.Popen[bytes] | None = None) -> None:
+    """Nothing left behind, passed or failed."""
+    for p in nodes:
+        if p is not None:
+            p.kill()
+    if ctl is not None:
+        ctl.terminate()
+        ctl.wait(30)
+
+
 def memory_ranks(metrics_url: str) -> set[str]:
     samples = scrape(metrics_url) or {}
     return {
@@ -175,13 +190,9 @@ def test_one_sidecar_controller_steers_both_nodes(tmp_path: Path) -> None:
             seen |= memory_ranks(ready["metrics"])
             time.sleep(0.3)
         assert seen == {"0", "1"}, seen
-        for node, p in enumerate(nodes):
-            assert p.wait(240) == 0, tail(tmp_path, node)
+        wait_nodes(nodes, tmp_path, 240)
     finally:
-        for p in nodes:
-            p.kill()
-        ctl.terminate()
-        ctl.wait(30)
+        stop_all(nodes, ctl)
     run_dir = tmp_path / "run"
     check_switches_and_stop(tmp_path, run_dir)
     hellos = [r for r in read_jsonl(run_dir / "telemetry.jsonl") if r.get("event") == "hello"]
@@ -208,12 +219,9 @@ def test_run_on_node_0_and_a_plain_job_on_node_1(tmp_path: Path) -> None:
         endpoint = json.loads((run_dir / "controller.json").read_text())["endpoint"]
         env1 = node_env(TRAINWARDEN_ENDPOINT=endpoint, TRAINWARDEN_TOKEN_FILE=str(run_dir / "token"))
         node1 = start_node(1, node_cmd(1, port, *args), env1, tmp_path)
-        assert node0.wait(300) == 0, tail(tmp_path, 0)
-        assert node1.wait(60) == 0, tail(tmp_path, 1)
+        wait_nodes([node0, node1], tmp_path, 300)
     finally:
-        for p in (node0, node1):
-            if p is not None:
-                p.kill()
+        stop_all([node0, node1])
     check_switches_and_stop(tmp_path, run_dir)
     assert len([r for r in read_jsonl(run_dir / "telemetry.jsonl") if r.get("event") == "hello"]) == 1
     assert not (tmp_path / "host0" / "runs").exists() and not (tmp_path / "host1" / "runs").exists()
@@ -247,13 +255,9 @@ def test_a_lost_node_is_noticed_and_the_elastic_restart_reconnects(tmp_path: Pat
         assert lost["telemetry_stale_ranks"] == [0, 1], lost["telemetry_stale_ranks"]
         log = (run_dir / "controller.log").read_text()
         assert "no telemetry from rank(s) 0, 1 of 2" in log
-        for node, p in enumerate(nodes):
-            assert p.wait(300) == 0, tail(tmp_path, node)
+        wait_nodes(nodes, tmp_path, 300)
     finally:
-        for p in nodes:
-            p.kill()
-        ctl.terminate()
-        ctl.wait(30)
+        stop_all(nodes, ctl)
     # torchrun restarted both nodes' processes (node 0's for the new round, without counting it
     # as a restart of its own); they resumed from the checkpoint and went on.
     for node in (0, 1):
