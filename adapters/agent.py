@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -375,11 +376,15 @@ class Agent:
         deadline = time.monotonic() + timeout_s
         if hasattr(self.channel, "timeout_s"):
             self.channel.timeout_s = min(self.channel.timeout_s, timeout_s)
+        # A process closing at exit after an unhandled exception (a peer rank's node lost, a
+        # crash) did not finish the job: its telemetry is flushed, but the controller must go on
+        # expecting the job (a torchrun elastic restart reconnects) and say when it is missing.
+        finished = not crashing()
         try:
             if not self.connected:
                 self._hello()
             while time.monotonic() < deadline:
-                self._exchange_once(finished=True)
+                self._exchange_once(finished=finished)
                 with self._lock:
                     if not self._records and not self._events:
                         break
@@ -387,3 +392,9 @@ class Agent:
             log.warning("trainwarden: could not flush telemetry at exit: %s", exc)
         finally:
             self.channel.close()
+
+
+def crashing() -> bool:
+    """True at interpreter exit after an unhandled exception: Python sets `sys.last_value` (and
+    `sys.last_exc` from 3.12) when it prints one, before the atexit handlers run."""
+    return getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None

@@ -504,21 +504,17 @@ def two_ranks(
     seed: int,
     sync_every: int,
     timeout_s: float,
+    nodes: int = 1,
 ) -> dict[str, Any]:
-    name = f"ranks_sync{sync_every}"
+    """Two ranks: one torchrun with two processes (nodes=1), or two torchrun node agents with one
+    process each and a c10d rendezvous (nodes=2: a two-node job on one machine)."""
+    name = f"{'nodes' if nodes == 2 else 'ranks'}_sync{sync_every}"
     out_dir = root / f"{name}_out"
     out_dir.mkdir()
     sidecar = Sidecar(root, name)
-    proc = None
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes=1",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
+        script = [
             str(RANKS_SCRIPT),
             f"--steps={steps}",
             f"--warmup={warmup}",
@@ -528,33 +524,50 @@ def two_ranks(
             f"--sync-every={sync_every}",
             f"--out={out_dir}",
         ]
+        port = free_port()
+        if nodes == 1:
+            launch = ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}"]
+            cmds = [[sys.executable, "-m", "torch.distributed.run", *launch, *script]]
+        else:
+            cmds = [
+                [
+                    *(sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"),
+                    *(f"--node_rank={n}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"),
+                    *(f"--rdzv_id=bench-{port}", *script),
+                ]
+                for n in range(2)
+            ]
         env = clean_env(OMP_NUM_THREADS="1", BENCH_SIDECAR_PID=str(sidecar.proc.pid), **sidecar.env())
         log_path = root / f"{name}.torchrun.log"
         t0 = time.perf_counter()
+        rcs: list[int | None] = []
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
-            )
-            try:
-                rc = proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                rc = None
+            for cmd in cmds:
+                procs.append(
+                    subprocess.Popen(
+                        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+                    )
+                )
+            for proc in procs:
+                try:
+                    rcs.append(proc.wait(timeout_s))
+                except subprocess.TimeoutExpired:
+                    rcs.append(None)
         wall = time.perf_counter() - t0
-        if rc != 0:
-            raise RuntimeError(
-                f"torchrun ({name}) {'timed out' if rc is None else f'exited with {rc}'}:\n"
-                + log_path.read_text()[-3000:]
-            )
+        if any(rc != 0 for rc in rcs):
+            raise RuntimeError(f"torchrun ({name}) exited with {rcs}:\n" + log_path.read_text()[-3000:])
         ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     finally:
-        if proc is not None and proc.poll() is None:
-            stop_group(proc)
+        for proc in procs:
+            if proc.poll() is None:
+                stop_group(proc)
         stopped = sidecar.stop()
     r0, r1 = ranks
     out = {
         **describe(r0, warmup, seed),
         "measured_on": "rank 0 (rank 1's figures under rank1)",
         "sync_every": sync_every,
+        "nodes": nodes,
         "batch_per_rank": f"{batch} x {BLOCK_SIZE} (one micro-batch per step)",
         "torch_threads_per_rank": r0["torch_threads"],
         "on_step_rank0": on_step_stats(r0["on_step_s"]),
@@ -604,6 +617,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps per loop, not measured")
     p.add_argument("--quick", action="store_true", help="50 steps and sync_every=1 only: a smoke run")
     p.add_argument("--skip-two-ranks", action="store_true", help="only the single-rank run")
+    p.add_argument(
+        "--two-nodes",
+        action="store_true",
+        help="also two ranks as two torchrun nodes (c10d rendezvous on this machine), against one node",
+    )
     p.add_argument("--batch", type=int, default=16, help="samples per step, single rank")
     p.add_argument("--rank-batch", type=int, default=8, help="samples per step per rank, two ranks")
     p.add_argument(
@@ -648,12 +666,25 @@ def main(argv: list[str] | None = None) -> int:
                 result["two_ranks"][f"sync_every_{s}"] = two_ranks(
                     root, steps, args.warmup, args.rank_batch, args.block, args.seed, s, timeout_s=900
                 )
+                if args.two_nodes:
+                    print(f"two nodes, sync_every={s} ...", file=sys.stderr, flush=True)
+                    result.setdefault("two_nodes", {})[f"sync_every_{s}"] = two_ranks(
+                        root, steps, args.warmup, args.rank_batch, args.block, args.seed, s, 900, nodes=2
+                    )
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     # Keep the headline fields first when read by a person.
     ordered = {
         k: result[k]
-        for k in ("benchmark", "single_rank", "two_ranks", "goal_overhead_pct", "machine", "wall_s")
+        for k in (
+            "benchmark",
+            "single_rank",
+            "two_ranks",
+            "two_nodes",
+            "goal_overhead_pct",
+            "machine",
+            "wall_s",
+        )
         if k in result
     }
     text = json.dumps(ordered, indent=2)

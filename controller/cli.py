@@ -161,6 +161,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
                     break
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + 1.0
+                    controller.check_telemetry()
                     if not controller.check_job() and args.exit_when_finished:
                         break
                 if args.parent_pid and not _alive(args.parent_pid):
@@ -389,6 +390,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         raise UsageError("no command to run: trainwarden run --policy P.yaml -- python train.py ...")
     pf = _load_policy(args.policy)  # fail here, before anything starts, on a bad file
+    _parse_listen(args.listen)  # a bad --listen is said here, not by the controller's log
     from trainwarden.adapters.connect import new_run_id
     from trainwarden.controller.budget_end import ENV_BUDGET_END, BudgetEnd
     from trainwarden.controller.launch import DEFAULT_GRACE_S, Job
@@ -416,7 +418,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ctl_cmd += ["--policy", args.policy]
     sup = Supervisor(run_dir, ctl_cmd, say_on_stderr)
     try:
-        ready = sup.start(args.metrics_port)
+        ready = sup.start(args.metrics_port, args.listen)
     except ControllerStartError as exc:
         token_file.unlink(missing_ok=True)
         raise UsageError(f"the controller did not start:\n{exc}") from exc
@@ -597,6 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="where logs go (default runs/RUN_ID)")
     r.add_argument("--run-id", help="name of the run (default: time and a random suffix)")
     r.add_argument("--metrics-port", type=int, default=0, help="port for /metrics (default: a free one)")
+    r.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        help="HOST:PORT for the controller's channel (default %(default)s: loopback, a free port); "
+        "for a job on several hosts, an address the node holding global rank 0 reaches, e.g. 0.0.0.0:7900 "
+        "(the bearer token is in RUN_DIR/token: give it to the other nodes as TRAINWARDEN_TOKEN_FILE)",
+    )
     r.add_argument("--quiet", action="store_true", help="no status line")
     r.add_argument(
         "--attach",

@@ -25,7 +25,11 @@ from trainwarden.controller.identity import pid_namespace
 from trainwarden.controller.protocol import (
     KNOB_DOMAIN_WEIGHTS,
     KNOB_MICRO_BATCH,
+    KNOB_OFFLOAD_OPTIMIZER,
+    KNOB_OFFLOAD_PARAM,
+    KNOB_PRECISION,
     KNOB_STOP,
+    KNOB_ZERO_STAGE,
     Action,
     AdapterEvent,
     JobShape,
@@ -69,6 +73,15 @@ DISABLED_FOR_S = 1800.0
 MAX_STEP_JUMP = 10**6
 #: The `policy` of a decision line the adapter took by itself (an adapter event, e.g. an OOM retry).
 ADAPTER_POLICY = "adapter"
+#: A rank whose telemetry (its memory sample, carried in rank 0's records at sync steps) is
+#: missing `controller.stale_after_s`, and STALE_STEPS of its sync intervals at the job's step
+#: time, is said lost: a node gone (its job killed, its host down) stops the collectives, so every
+#: rank falls silent. An engine switch in flight (a new DeepSpeed engine: seconds to minutes, no
+#: step meanwhile) adds SWITCH_GRACE_S: measured, a ZeRO 0 -> 1 switch of a tiny model on two
+#: loaded cores took 8 s with no telemetry.
+STALE_STEPS = 20
+SWITCH_GRACE_S = 120.0
+_REBUILDS = frozenset({KNOB_ZERO_STAGE, KNOB_PRECISION, KNOB_OFFLOAD_OPTIMIZER, KNOB_OFFLOAD_PARAM})
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,13 @@ class Controller:
         self.notices: list[str] = []
         #: This job answered a stop (applied or ignored): no second one.
         self._stop_answered = False
+        #: rank -> (controller clock, step) of the last record carrying that rank's telemetry.
+        self._rank_seen: dict[int, tuple[float, int]] = {}
+        #: Ranks now silent past the staleness limit (empty: every rank reports), and every gap
+        #: seen this run (ranks, last step before it, seconds, step telemetry resumed at).
+        self.stale_ranks: tuple[int, ...] = ()
+        self._stale_since: tuple[float, int] | None = None
+        self.telemetry_gaps: list[dict[str, Any]] = []
         self._recover()
         self.decisions = JsonlWriter(self.run_dir / DECISIONS_FILE)
         self.telemetry = JsonlWriter(self.run_dir / TELEMETRY_FILE)
@@ -222,6 +242,69 @@ class Controller:
         log.error("%s and it never said it finished: killed or crashed at step %d", why, self.state.step)
         return False
 
+    def check_telemetry(self) -> tuple[int, ...]:
+        """The ranks whose telemetry is missing past the staleness limit (a node lost, or the job
+        hung in a collective); said once per gap in the log, with summary.json written then. The
+        sidecar's loop calls this every second; every exchange does too."""
+        with self._lock:
+            self._check_telemetry(self.clock())
+            return self.stale_ranks
+
+    def stale_after_s(self) -> float:
+        """How long a rank may stay silent: the file's `stale_after_s`, or STALE_STEPS sync
+        intervals at the job's step time if longer, plus SWITCH_GRACE_S while an engine switch
+        is pending (sent, not yet answered)."""
+        shape, step_time = self.state.shape, self.state.step_time_s or 0.0
+        sync = shape.sync_every if shape else 1
+        limit = max(self.settings.stale_after_s, STALE_STEPS * sync * step_time)
+        if any(d.action.kind in _REBUILDS for d in self._pending.values()):
+            limit += SWITCH_GRACE_S
+        return limit
+
+    def _check_telemetry(self, now: float) -> None:
+        shape = self.state.shape
+        if shape is None or self.state.finished or not self._rank_seen:
+            return  # nothing to miss yet: no step reported (a job may take minutes to start)
+        limit = self.stale_after_s()
+        first = min(self._rank_seen.values())
+        stale = tuple(r for r in range(shape.world_size) if now - self._rank_seen.get(r, first)[0] > limit)
+        if stale == self.stale_ranks:
+            return
+        if stale and not self.stale_ranks:
+            seen, step = min(self._rank_seen.get(r, first) for r in stale)
+            self._stale_since = (seen, step)
+            self.stale_ranks = stale
+            log.error(
+                "no telemetry from rank(s) %s of %d for %.1f s (last at step %d; limit %.1f s): a node or "
+                "process of the job is lost, or the job is hung in a collective. The controller keeps "
+                "the run; a restarted job (torchrun --max-restarts) reconnects here. summary.json written.",
+                ", ".join(map(str, stale)),
+                shape.world_size,
+                now - seen,
+                step,
+                limit,
+            )
+            self._write_summary(self._summary(now))
+            return
+        if not stale and self._stale_since is not None:
+            seen, step = self._stale_since
+            self.telemetry_gaps.append(
+                {
+                    "ranks": list(self.stale_ranks),
+                    "last_step": step,
+                    "seconds": round(now - seen, 3),
+                    "resumed_at_step": self.state.step,
+                }
+            )
+            log.warning(
+                "telemetry from rank(s) %s again at step %d, after %.1f s without",
+                ", ".join(map(str, self.stale_ranks)),
+                self.state.step,
+                now - seen,
+            )
+            self._stale_since = None
+        self.stale_ranks = stale
+
     # ---- the channel's two calls -------------------------------------------------------
     def check_start(self, shape: JobShape, new_job: bool = False) -> None:
         """Raise BudgetSpentError when `shape`'s job would start with a budget already spent: the
@@ -271,6 +354,10 @@ class Controller:
                 self._new_incarnation(old)
             self.state.shape = shape
             self.last_seen = self.clock()
+            # A job saying hello is running, whatever its last incarnation did (torchrun's elastic
+            # restart brings the same run back with new processes).
+            self.state.finished = False
+            self.job_lost = False
             self.telemetry.write({"event": "hello", "time": self.last_seen, "shape": shape.to_json()})
             if self.pids_visible():  # elsewhere the numbers are other processes'
                 for src in self.sources:
@@ -317,12 +404,17 @@ class Controller:
                     if rec.step == 1:
                         self._check_first_step(rec)
                 self.state.ingest(rec)
+                # Freshness counts every record, a resent or replayed one too (a job restarted
+                # from a checkpoint reports steps the controller has seen): the ranks are alive.
+                for m in rec.memory:
+                    self._rank_seen[m.rank] = (now, rec.step)
             for out in outcomes:
                 self._record_outcome(out, now)
             for event in events:
                 self._record_event(event, now)
             if finished:
                 self.state.finished = True
+            self._check_telemetry(now)
             if not finished and now - self._last_decide >= self.settings.decide_interval_s:
                 self._last_decide = now
                 self._decide(now)
@@ -671,41 +763,50 @@ class Controller:
                 "actions": {f"{k}:{o}": n for (k, o), n in self.actions_total.items()},
             }
 
+    def _summary(self, now: float) -> dict[str, Any]:
+        summary = self.status()
+        summary["wall_time_s"] = now - self.started_at
+        summary["job_lost"] = self.job_lost
+        snap = self.state.snapshot(self.budget, frozenset(), self._observed)
+        summary["budgets"] = budget_report(snap)
+        summary["forecast"] = {
+            "seconds_per_step": snap.seconds_per_step,
+            "since_step": snap.throughput_since_step,
+            "throughput_changes_at_steps": list(self.state.forecast.changes),
+        }
+        summary["stop"] = stop_report(snap, self.stop_decision)
+        summary["nonfinite_losses"] = self.state.nonfinite_losses
+        summary["exit_code"] = self.exit_code
+        summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
+        summary["telemetry_stale_ranks"] = list(self.stale_ranks)
+        summary["telemetry_gaps"] = list(self.telemetry_gaps)
+        summary["config"] = dict(self.state.ran_config)
+        if self.state.shape is None:
+            # Not "step -1": nothing ran. The configuration is none the job ran either.
+            summary["step"] = None
+            summary["config"] = {}
+            summary["job"] = (
+                "no job connected: the command never attached trainwarden (add it to the script, "
+                "or use `trainwarden run --attach`)"
+            )
+        elif self.state.step < 0:
+            summary["step"] = 0
+            summary["job"] = "the job connected but finished no training step"
+        return summary
+
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        try:
+            write_private(self.run_dir / "summary.json", dumps(summary, indent=2, default=str))
+        except OSError as exc:
+            log.error("cannot write summary.json: %s", exc)
+
     def close(self) -> dict[str, Any]:
         """Record unanswered actions, write summary.json, close the logs; returns the summary."""
         with self._lock:
             now = self.clock()
             self._end_pending("the job ended before applying it")
-            summary = self.status()
-            summary["wall_time_s"] = now - self.started_at
-            summary["job_lost"] = self.job_lost
-            snap = self.state.snapshot(self.budget, frozenset(), self._observed)
-            summary["budgets"] = budget_report(snap)
-            summary["forecast"] = {
-                "seconds_per_step": snap.seconds_per_step,
-                "since_step": snap.throughput_since_step,
-                "throughput_changes_at_steps": list(self.state.forecast.changes),
-            }
-            summary["stop"] = stop_report(snap, self.stop_decision)
-            summary["nonfinite_losses"] = self.state.nonfinite_losses
-            summary["exit_code"] = self.exit_code
-            summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
-            summary["config"] = dict(self.state.ran_config)
-            if self.state.shape is None:
-                # Not "step -1": nothing ran. The configuration is none the job ran either.
-                summary["step"] = None
-                summary["config"] = {}
-                summary["job"] = (
-                    "no job connected: the command never attached trainwarden (add it to the script, "
-                    "or use `trainwarden run --attach`)"
-                )
-            elif self.state.step < 0:
-                summary["step"] = 0
-                summary["job"] = "the job connected but finished no training step"
-            try:
-                write_private(self.run_dir / "summary.json", dumps(summary, indent=2, default=str))
-            except OSError as exc:
-                log.error("cannot write summary.json: %s", exc)
+            summary = self._summary(now)
+            self._write_summary(summary)
             self.decisions.close()
             self.telemetry.close()
             for src in self.sources:

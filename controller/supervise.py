@@ -57,6 +57,7 @@ class Supervisor:
         self.say = say
         self.max_restarts = max_restarts
         self.proc: subprocess.Popen[bytes] | None = None
+        self._host = "127.0.0.1"  # the channel's host, kept by a restart (start() sets it)
         self.ready: dict[str, Any] = {}
         self.restarts = 0  # in a row
         self.restarts_total = 0
@@ -95,9 +96,11 @@ class Supervisor:
         except OSError as exc:
             return f"(controller.stderr cannot be read: {exc})"
 
-    def start(self, metrics_port: int) -> dict[str, Any]:
-        """The first start: a free loopback port for the channel. Raises ControllerStartError."""
-        self.proc = self._launch("127.0.0.1:0", metrics_port)
+    def start(self, metrics_port: int, listen: str = "127.0.0.1:0") -> dict[str, Any]:
+        """The first start (default: a free loopback port for the channel). Raises
+        ControllerStartError. A restart keeps the host and port this start got."""
+        self._host = listen.rsplit(":", 1)[0]
+        self.proc = self._launch(listen, metrics_port)
         try:
             self.ready = self._wait_ready(self.proc)
         except RunDirError:
@@ -132,7 +135,7 @@ class Supervisor:
         port = self.ready["endpoint"].rsplit(":", 1)[1]
         metrics_port = int(self.ready["metrics"].rsplit(":", 1)[1].split("/", 1)[0])
         try:
-            self.proc = self._launch(f"127.0.0.1:{port}", metrics_port)
+            self.proc = self._launch(f"{self._host}:{port}", metrics_port)
             self.ready = self._wait_ready(self.proc)
         except (ControllerStartError, RunDirError, OSError) as exc:
             self._schedule(

@@ -67,7 +67,14 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TOP_KEYS = ("version", "budget", "controller", "policies", "objective", "tuned")
 _BUDGET_KEYS = ("device_memory", "wall_time", "tokens", "flops", "cost")
 _COST_KEYS = ("max", "per_device_hour")
-_CONTROLLER_KEYS = ("sync_every", "decide_interval_s", "stop", "stop_grace_steps", "checkpoint_on_stop")
+_CONTROLLER_KEYS = (
+    "sync_every",
+    "decide_interval_s",
+    "stale_after_s",
+    "stop",
+    "stop_grace_steps",
+    "checkpoint_on_stop",
+)
 _POLICY_KEYS = ("kind", "name")
 
 
@@ -498,13 +505,15 @@ def _read_controller(ctx: _Ctx, node: Node | None) -> ControllerSettings:
         values["sync_every"] = _number(
             ctx, entries["sync_every"][1], path, integer=True, minimum=1, above=False
         )
-    if "decide_interval_s" in entries:
-        node = entries["decide_interval_s"][1]
-        path = "controller.decide_interval_s"
+    for key in ("decide_interval_s", "stale_after_s"):
+        if key not in entries:
+            continue
+        node = entries[key][1]
+        path = f"controller.{key}"
         if isinstance(node, ScalarNode) and node.tag == _STR:
-            values["decide_interval_s"] = _unit_value(ctx, node, path, units.parse_duration, "a duration")
+            values[key] = _unit_value(ctx, node, path, units.parse_duration, "a duration")
         else:
-            values["decide_interval_s"] = _number(ctx, node, path, integer=False, minimum=0, above=True)
+            values[key] = _number(ctx, node, path, integer=False, minimum=0, above=True)
     if "stop_grace_steps" in entries:
         values["stop_grace_steps"] = _number(
             ctx,

@@ -83,6 +83,10 @@ class ControllerSettings:
     """When trainwarden ends a job, save a checkpoint first through the framework's own save
     (`accelerator.save_state`, `engine.save_checkpoint`, the Trainer's checkpoint): `auto` (in
     zero-line attach mode), `always`, `never`."""
+    stale_after_s: float = 30.0
+    """A rank whose telemetry is missing this long (or 20 sync intervals at the job's step time,
+    if longer; plus a grace while an engine switch is under way) is said lost: a node gone, or the
+    job hung in a collective. Longer than the job's pauses between steps (evaluation, saving)."""
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,19 @@ def default_storage(policy_path: str) -> str:
     return f"sqlite:///{Path(policy_path).stem}-tune.db"
 
 
-def open_study(storage: str, study_name: str, direction: str, sampler: Any, pruner: Any = None) -> Any:
-    """The study, created or loaded (`load_if_exists`); TuneError for a storage that cannot be used."""
+def open_study(
+    storage: str, study_name: str, direction: str, sampler: Any, pruner: Any = None, lock: Any = None
+) -> Any:
+    """The study, created or loaded (`load_if_exists`); TuneError for a storage that cannot be used.
+    `lock` (policies/tune_claim.py) is held meanwhile: workers starting together on a new database
+    otherwise race to create Optuna's tables (PostgreSQL: a duplicate-key error on its enum type)."""
+    from trainwarden.policies.tune_claim import NoLock
+
+    with lock or NoLock():
+        return _open_study(storage, study_name, direction, sampler, pruner)
+
+
+def _open_study(storage: str, study_name: str, direction: str, sampler: Any, pruner: Any) -> Any:
     import optuna
 
     if "://" not in storage:
@@ -115,30 +126,47 @@ def finished(study: Any) -> list[Any]:
     return [t for t in study.get_trials(deepcopy=False) if t.state in done]
 
 
+def claimed(study: Any) -> int:
+    """Trials that count toward `--trials`: finished ones and those running now (in any worker)."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    return sum(t.state in states for t in study.get_trials(deepcopy=False))
+
+
 def run_study(
     pf: PolicyFile,
     study: Any,
     evaluate: Evaluate,
     n_trials: int,
     say: Callable[[str], None] = print,
+    lock: Any = None,
 ) -> int:
-    """Run trials until the study has `n_trials` finished; returns how many this call ran."""
+    """Run trials until the study has `n_trials` finished or running (in this or other workers);
+    returns how many this call ran. `lock` (policies/tune_claim.py) serializes the claim of a
+    trial across workers, so the study ends at exactly `n_trials` and no trial runs twice."""
     from optuna.trial import TrialState
 
+    from trainwarden.policies.tune_claim import NoLock
+
+    lock = lock or NoLock()
     dims = search_space(pf)
     if not dims:
         kinds = ", ".join(spec.kind for spec in pf.policies) or "none"
         raise TuneError(f"{pf.path}: no policy in it has a tunable parameter (policies: {kinds})")
     dists = distributions(dims)
-    if not study.get_trials(deepcopy=False):
-        from trainwarden.policies.tune_space import current_values
-
-        baseline = current_values(pf, dims)
-        if baseline:
-            study.enqueue_trial(baseline, user_attrs={"baseline": True}, skip_if_exists=True)
     ran = 0
-    while len(finished(study)) < n_trials:
-        trial = study.ask(dists)
+    while True:
+        with lock:
+            if not study.get_trials(deepcopy=False):
+                from trainwarden.policies.tune_space import current_values
+
+                baseline = current_values(pf, dims)
+                if baseline:
+                    study.enqueue_trial(baseline, user_attrs={"baseline": True}, skip_if_exists=True)
+            if claimed(study) >= n_trials:
+                break
+            trial = study.ask(dists)
         ran += 1
         try:
             result = _score(pf, trial, evaluate)
@@ -162,6 +190,24 @@ def run_study(
             mark = " (best)" if best is not None and best.number == trial.number else ""
             say(f"trial {trial.number}: {result.value:.6g}{mark}  {_fmt_params(trial.params)}")
     return ran
+
+
+def claim_writing(study: Any, n_trials: int, lock: Any = None) -> bool | None:
+    """Whether this worker writes the tuned file: True for the first to find the study complete
+    (`n_trials` finished, none running) for this trial count, False for any other, None while
+    trials still run in other workers (the one that tells the last of them writes it)."""
+    from optuna.trial import TrialState
+
+    from trainwarden.policies.tune_claim import WRITTEN_ATTR, NoLock
+
+    with lock or NoLock():
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.RUNNING for t in trials) or len(finished(study)) < n_trials:
+            return None
+        if study.user_attrs.get(WRITTEN_ATTR) == n_trials:
+            return False
+        study.set_user_attr(WRITTEN_ATTR, n_trials)
+        return True
 
 
 def _score(pf: PolicyFile, trial: Any, evaluate: Evaluate) -> TrialResult:

@@ -20,10 +20,12 @@ from trainwarden.policies.schema import PolicyFile
 from trainwarden.policies.tune import (
     TuneError,
     best_trial,
+    claim_writing,
     default_storage,
     finished,
     make_sampler,
     open_study,
+    redact,
     run_study,
     write_tuned,
 )
@@ -128,16 +130,43 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
         work = Path(args.work_dir or Path("tune-runs") / study_name)
         evaluate = run_evaluator(command, objective, work, timeout_s=args.trial_timeout, say=say)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=10)
-    study = open_study(storage, study_name, objective.direction, sampler, pruner)
-    say(
-        f"trainwarden tune: study {study_name!r} in {storage}: {len(finished(study))} finished trial(s), "
-        f"running to {args.trials}; {objective.direction} {objective.metric}"
-    )
+    from trainwarden.policies.tune_claim import StudyLock
+
+    lock = StudyLock(storage, study_name)
     try:
-        run_study(pf, study, evaluate, args.trials, say=say)
+        study = open_study(storage, study_name, objective.direction, sampler, pruner, lock=lock)
+    except BaseException:
+        lock.close()
+        raise
+    say(
+        f"trainwarden tune: study {study_name!r} in {redact(storage)}: {len(finished(study))} finished "
+        f"trial(s), running to {args.trials}; {objective.direction} {objective.metric}"
+    )
+    if not lock.exact:
+        say(
+            "  note: no lock for this storage (PostgreSQL, MySQL and SQLite have one): several workers "
+            "on it at once may end the study a trial or two past --trials"
+        )
+    try:
+        ran = run_study(pf, study, evaluate, args.trials, say=say, lock=lock)
+        writer = claim_writing(study, args.trials, lock)
     except KeyboardInterrupt:
         say(f"trainwarden tune: interrupted; run the same command again to resume study {study_name!r}")
         return 130
+    finally:
+        lock.close()
+    if writer is None:
+        say(
+            f"trainwarden tune: this worker ran {ran} trial(s); the study's last trials still run in other "
+            "workers, and the one that finishes the study writes the tuned file"
+        )
+        return 0
+    if not writer and (ran or out.exists()):
+        say(
+            f"trainwarden tune: this worker ran {ran} trial(s); the study is complete and another worker "
+            "wrote its tuned file (run the same command again once to write one here)"
+        )
+        return 0
     best = best_trial(study)
     path = write_tuned(
         pf,

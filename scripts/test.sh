@@ -25,6 +25,22 @@ if ! command -v prometheus >/dev/null 2>&1; then
     echo "test.sh: no prometheus binary (apt-get install prometheus, as root): its tests will skip" >&2
   fi
 fi
+# The multi-worker tuning tests run a real PostgreSQL (tests/pg_helpers.py): Debian's package.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing Debian's postgresql package (the tuning tests share a study on one)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq postgresql >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql >/dev/null 2>&1; }
+  fi
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    if [ "${CI:-}" = "true" ]; then
+      echo "test.sh: cannot install postgresql (apt-get install postgresql, as root); CI needs it" >&2
+      exit 1
+    fi
+    echo "test.sh: no PostgreSQL (apt-get install postgresql, as root): the tuning-on-PostgreSQL tests will skip" >&2
+  fi
+fi
 .venv/bin/ruff check . || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?
