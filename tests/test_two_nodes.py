@@ -28,8 +28,10 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
 JOB = Path(__file__).parent / "jobs" / "two_node_job.py"
-#: A cap no configuration of the job meets: the memory policy walks the whole ladder (ZeRO 0 -> 1,
-#: then halves the micro-batch down to 1), each move a real switch on both nodes.
+#: A cap no configuration of the job meets: the memory policy walks the whole ladder, each move a
+#: real switch on both nodes. The job starts on ZeRO 1: for a model this small ZeRO 0 is the leaner
+#: stage on a CPU (DeepSpeed's fixed buffers outweigh the partitioned state; policies/memory.py),
+#: so the ladder's way down is ZeRO 1 -> 0, then the micro-batch halved down to 1.
 POLICY = """\
 version: 1
 budget:
@@ -40,7 +42,7 @@ controller:
   decide_interval_s: 0.2
 policies:
   - kind: memory
-    ladder: [{zero_stage: 0}, {zero_stage: 1}]
+    ladder: [{zero_stage: 1}, {zero_stage: 0}]
     cooldown_steps: 2
     step_up: false
   - kind: compute
@@ -173,7 +175,7 @@ def check_switches_and_stop(tmp: Path, run_dir: Path) -> dict:
 def test_one_sidecar_controller_steers_both_nodes(tmp_path: Path) -> None:
     ctl, ready, token = sidecar(tmp_path, POLICY)
     port = free_port()
-    args = ("--log-dir", str(tmp_path))
+    args = ("--log-dir", str(tmp_path), "--zero-stage", "1")
     # The same settings on every node, as one manifest gives every pod: global rank 0 may land on
     # either node (c10d assigns ranks), and it alone connects.
     shared = {
@@ -210,7 +212,7 @@ def test_run_on_node_0_and_a_plain_job_on_node_1(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(POLICY)
     port = free_port()
     run_dir = tmp_path / "run"
-    args = ("--log-dir", str(tmp_path))
+    args = ("--log-dir", str(tmp_path), "--zero-stage", "1")
     run = [*TRAINWARDEN, "run", "--policy", str(tmp_path / "policy.yaml"), "--run-dir", str(run_dir), "--"]
     node0 = start_node(0, [*run, *node_cmd(0, port, *args)], node_env(), tmp_path)
     node1 = None
@@ -267,10 +269,19 @@ def test_a_lost_node_is_noticed_and_the_elastic_restart_reconnects(tmp_path: Pat
     telemetry = list(read_jsonl(run_dir / "telemetry.jsonl"))
     hellos = [r for r in telemetry if r.get("event") == "hello"]
     assert len(hellos) >= 2 and len({tuple(h["shape"]["pids"]) for h in hellos}) == len(hellos)
-    step_rows = [r["step"] for r in telemetry if r.get("event") == "step"]
-    assert step_rows == sorted(set(step_rows)) and step_rows[-1] > killed["step"]
+    # The run's log goes on across the restart; each start of the job (each hello) has its own
+    # step sequence, so the restarted job's steps from its checkpoint on are recorded again.
+    starts: list[list[int]] = []
+    for r in telemetry:
+        if r.get("event") == "hello":
+            starts.append([])
+        elif r.get("event") == "step":
+            starts[-1].append(r["step"])
+    assert all(seq == sorted(set(seq)) for seq in starts), starts
+    resumed = [seq for seq in starts if seq][-1]
+    assert resumed[0] <= killed["step"] + 1 and resumed[-1] == STEPS, resumed
     log = (run_dir / "controller.log").read_text()
-    assert "reconnected" in log and "telemetry from rank(s) 0, 1 again" in log
+    assert "started again" in log and "telemetry from rank(s) 0, 1 again" in log  # a new start (hello)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["telemetry_stale_ranks"] == [] and summary["step"] == STEPS
     (gap,) = summary["telemetry_gaps"]

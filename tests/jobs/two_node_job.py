@@ -34,6 +34,7 @@ def main() -> int:
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of 'work' added per step")
     p.add_argument("--ckpt-dir", default=None, help="resume from here at start; save every --save-every")
     p.add_argument("--save-every", type=int, default=20)
+    p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="initial ZeRO stage")
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -52,7 +53,7 @@ def main() -> int:
         "gradient_accumulation_steps": 1,
         "train_batch_size": args.micro_batch * world,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-        "zero_optimization": {"stage": 0},
+        "zero_optimization": {"stage": args.zero_stage},
         "steps_per_print": 10**9,
     }
     engine, _, loader, _ = twds.initialize(
