@@ -139,6 +139,11 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
         say(f"trainwarden tune: interrupted; run the same command again to resume study {study_name!r}")
         return 130
     best = best_trial(study)
+    from trainwarden.policies.tune_report import replay_comparison, study_comparison
+
+    comparison = (
+        replay_comparison(pf, best, evaluate) if mode == "replay" else study_comparison(pf, study, best)
+    )
     path = write_tuned(
         pf,
         study,
@@ -148,6 +153,7 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
         storage=storage,
         traces=[str(Path(t).resolve()) for t in args.trace],
         command=command,
+        note=f"Against the base file: {comparison.line()}.",
     )
     states = [t.state.name for t in finished(study)]
     counts = ", ".join(
@@ -155,7 +161,8 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
     )
     say(
         f"trainwarden tune: {len(states)} trials ({counts}); best trial {best.number}: "
-        f"{objective.metric} {best.value:.6g}\n  wrote {path} (check it: trainwarden validate {path})"
+        f"{objective.metric} {best.value:.6g}\n  {comparison.line()}\n"
+        f"  wrote {path} (check it: trainwarden validate {path})"
     )
     print(path)
     return 0
