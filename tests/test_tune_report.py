@@ -11,6 +11,8 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState, create_trial
+from test_tune_study import TRACE_DIRS
+from test_tune_study import policy as write
 
 from trainwarden.controller.cli import main
 from trainwarden.policies.loader import load_policy_file
@@ -19,39 +21,9 @@ from trainwarden.policies.tune_replay import load_traces, replay_evaluator
 from trainwarden.policies.tune_report import replay_comparison, study_comparison
 from trainwarden.policies.tune_space import current_values, distributions, search_space
 
-TRACES = Path(__file__).parent / "traces"
-TRACE_DIRS = [str(p) for p in sorted(TRACES.glob("demo-*"))]
-
-POLICY = """\
-version: 1
-budget:
-  device_memory: {cap}
-  wall_time: 25s
-controller:
-  sync_every: 1
-policies:
-  - kind: memory
-    high_water: 0.9
-    low_water: 0.5
-    cooldown_steps: 3
-  - kind: compute
-    cooldown_fraction: 0.2
-    cooldown_shape: 1-sqrt
-objective:
-  {direction}: final_loss
-  max_cap_violations: 0
-  grace_steps: 6
-"""
-
 LINE = re.compile(
     r"best final_loss (\S+) against (\S+) for the file's own values \(replayed on the same traces\)"
 )
-
-
-def write(tmp_path: Path, cap: str = "600MiB", direction: str = "minimize") -> Path:
-    path = tmp_path / "job.yaml"
-    path.write_text(POLICY.format(cap=cap, direction=direction))
-    return path
 
 
 def tune(tmp_path: Path, pf_path: Path, trials: int) -> tuple[int, str, Path]:
