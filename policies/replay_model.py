@@ -22,7 +22,7 @@ The clock is the job's own where it can be: a CPU job's step is timed by its CPU
 took when the machine was quietest in the recordings (`cpu_to_wall`, the 10th percentile of
 wall/CPU per step). On a machine shared with other jobs the wall time of a step swings 2-3x with
 the neighbours' load, and a fit in wall seconds learns the load of the hour it was recorded in;
-CPU seconds are the job's. The replay then says how long the job takes on the quiet machine,
+CPU seconds are the job's. The replay then says how long the job takes at the recordings' quietest,
 and the recordings' load factors (their wall time over that) are in `notes`. A GPU job, or a
 trace without CPU times (an older agent), is timed in wall seconds as before.
 
@@ -272,8 +272,8 @@ def fit_model(traces: Sequence[Trace]) -> KnobModel:
     if clock.cpu_to_wall is not None:
         factors = ", ".join(f"{f:.2f}" for f in load_factors(traces, clock.cpu_to_wall))
         notes.append(
-            f"step time replayed in CPU seconds x {clock.cpu_to_wall:.3f} (wall per CPU second on the quiet "
-            f"machine): times are the job's on a quiet machine; the recordings ran {factors}x slower"
+            f"step time replayed in CPU seconds x {clock.cpu_to_wall:.3f} (wall per CPU second at the "
+            f"recordings' quietest steps): the recordings ran {factors}x slower than that overall"
         )
     switch: dict[str, list[float]] = {}
     for t in traces:
