@@ -90,6 +90,7 @@ class Agent:
         # here, on every rank alike, and applied at exactly that step with no collective.
         self._scheduled: list[Action] = []
         self._eval_loss: float | None = None
+        self._cpu_at: float | None = time.process_time()  # at the previous step boundary (or start)
         # The job's latest step times: what an action due at a time (a wall-time stop) is placed by.
         self._step_times: deque[float] = deque(maxlen=4)
         self._wake = threading.Event()
@@ -126,6 +127,8 @@ class Agent:
             self._step_times.append(step_time_s)
         if self.channel is not None:
             self._keep_budget_end(step, tokens, step_time_s)
+        cpu_now = time.process_time()  # ~1 us; the replay's load-free clock (StepRecord.cpu_time_s)
+        cpu_time_s, self._cpu_at = (None if self._cpu_at is None else cpu_now - self._cpu_at), cpu_now
         is_sync = step % self.sync_every == 0
         due: list[Action] = []
         memory: tuple[RankMemory, ...] = ()
@@ -171,6 +174,7 @@ class Agent:
                 memory=memory,
                 domain_loss=dict(domain_loss or {}),
                 eval_loss=self._eval_loss,
+                cpu_time_s=cpu_time_s,
             )
             self._eval_loss = None
             with self._lock:

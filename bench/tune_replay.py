@@ -67,7 +67,7 @@ policies:
     cooldown_fraction: {cooldown}
     cooldown_shape: 1-sqrt
 objective:
-  minimize: final_loss
+  {direction}: {metric}
   max_cap_violations: 0
   grace_steps: 6
 """
@@ -77,9 +77,16 @@ def log(msg: str) -> None:
     print(f"[tune_replay] {msg}", file=sys.stderr, flush=True)
 
 
+OBJECTIVES = {"final_loss": "minimize", "tokens_per_second": "maximize"}
+METRIC = "final_loss"
+
+
 def write_policy(folder: Path, name: str, cap: str, tokens: str, cooldown: float = 0.2) -> PolicyFile:
     path = folder / f"{name}.yaml"
-    path.write_text(POLICY.format(cap=cap, tokens=tokens, cooldown=cooldown))
+    text = POLICY.format(
+        cap=cap, tokens=tokens, cooldown=cooldown, direction=OBJECTIVES[METRIC], metric=METRIC
+    )
+    path.write_text(text)
     return load_policy_text(path.read_text(), str(path))
 
 
@@ -105,8 +112,12 @@ def real_run(policy: Path, run_dir: Path, seed: int) -> dict[str, Any]:
         if s.memory and s.step > pf.objective.grace_steps
     ]
     s = watch.state
+    trace = load_trace(run_dir)
+    timed = [x for x in trace.steps[1:] if x.cpu_time_s]
     return {
         "run_dir": str(run_dir),
+        "cpu_s": sum(x.cpu_time_s or 0.0 for x in timed),
+        "timed_wall_s": sum(x.step_time_s for x in timed),
         "seed": seed,
         "steps": s.step,
         "final_loss": s.loss_ema,
@@ -131,6 +142,15 @@ def predicted(pf: PolicyFile, traces: list[Any], model: Any) -> dict[str, Any]:
     }
 
 
+def quiet_tps(run: dict[str, Any], k: float | None) -> float | None:
+    """The run's tokens/s on the quiet machine: its wall rate times its load factor (its steps'
+    wall time over their CPU time x the model's wall per CPU second), the replay's units."""
+    tps = run.get("tokens_per_second")
+    if k is None or tps is None or not run.get("cpu_s"):
+        return None
+    return tps * run["timed_wall_s"] / (run["cpu_s"] * k)
+
+
 def rel_err(pred: float | None, real: float | None) -> float | None:
     if pred is None or real is None or real == 0:
         return None
@@ -140,7 +160,7 @@ def rel_err(pred: float | None, real: float | None) -> float | None:
 def tune(pf: PolicyFile, traces: list[Any], sampler: str, trials: int, seed: int, db: Path) -> dict[str, Any]:
     assert pf.objective is not None
     evaluate, _ = replay_evaluator(traces, pf.objective)
-    study = open_study(f"sqlite:///{db}", sampler, "minimize", make_sampler(sampler, seed))
+    study = open_study(f"sqlite:///{db}", sampler, OBJECTIVES[METRIC], make_sampler(sampler, seed))
     t0 = time.monotonic()
     run_study(pf, study, evaluate, trials, say=lambda _: None)
     elapsed = time.monotonic() - t0
@@ -153,10 +173,43 @@ def tune(pf: PolicyFile, traces: list[Any], sampler: str, trials: int, seed: int
         "failed": states.count("FAIL"),
         "seconds_per_trial": round(elapsed / trials, 4),
         "best_trial": best.number,
-        "best_replayed_final_loss": best.value,
-        "baseline_replayed_final_loss": study.trials[0].value,
+        "best_replayed_value": best.value,
+        "baseline_replayed_value": study.trials[0].value,
         "params": best.params,
     }
+
+
+def gains(reals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each tuned candidate against the defaults on the held-out runs, in the objective's metric
+    (tokens/s in the quiet machine's units, which the neighbours' load does not move): the mean
+    gain, and twice the spread (standard deviation) of the defaults' value between seeds: a gain
+    counts when it is larger than that."""
+    key = "quiet_tokens_per_second" if METRIC == "tokens_per_second" else METRIC
+    sign = 1.0 if OBJECTIVES[METRIC] == "maximize" else -1.0
+    base = [r[key] for r in reals["default"] if r[key] is not None]
+    spread = statistics.stdev(base) if len(base) > 1 else None
+    out: dict[str, Any] = {"metric": key, "default_values": base, "twice_seed_spread": spread and 2 * spread}
+    for name, runs in reals.items():
+        if name == "default":
+            continue
+        vals = [r[key] for r in runs if r[key] is not None]
+        gain = sign * (statistics.mean(vals) - statistics.mean(base)) if vals and base else None
+        violations = sum(r["cap_violations"] for r in runs)
+        # Paired by seed (same data order, interleaved in time): what the parameters changed.
+        by_seed = {r["seed"]: r[key] for r in reals["default"]}
+        paired = [
+            sign * (r[key] - by_seed[r["seed"]]) for r in runs if None not in (r[key], by_seed[r["seed"]])
+        ]
+        out[name] = {
+            "values": vals,
+            "paired_gains": paired,
+            "twice_paired_spread": 2 * statistics.stdev(paired) if len(paired) > 1 else None,
+            "gain": gain,
+            "relative_gain": gain / abs(statistics.mean(base)) if gain is not None else None,
+            "cap_violations": violations,
+            "counts": bool(gain is not None and spread is not None and gain > 2 * spread and not violations),
+        }
+    return out
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -172,8 +225,15 @@ def main() -> int:
     )
     ap.add_argument("--repeats", type=int, default=None, help="real held-out runs per candidate (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="sampler seed")
+    ap.add_argument("--objective", choices=sorted(OBJECTIVES), default="final_loss", help="what is tuned")
+    ap.add_argument(
+        "--heldout-seeds", default="2", help="comma-separated data seeds of the held-out runs (default 2)"
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "tune_replay.json"))
     args = ap.parse_args()
+    global METRIC
+    METRIC = args.objective
+    held_seeds = [int(x) for x in args.heldout_seeds.split(",")]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = args.trials or (20 if args.quick else 40)
     repeats = args.repeats or (1 if args.quick else 2)
@@ -199,7 +259,7 @@ def main() -> int:
         )
     traces = load_traces([r["run_dir"] for r in train_runs])
 
-    held_seed, held_cap = 2, "520MiB"
+    held_cap = "520MiB"
     held = write_policy(work, "heldout", held_cap, tokens_held)
     _, model = replay_evaluator(traces, held.objective)  # type: ignore[arg-type]
     searches = {}
@@ -217,19 +277,28 @@ def main() -> int:
     # Interleaved (default, tpe, random, default, ...): the machine is shared, and its load drifts.
     reals: dict[str, list[dict[str, Any]]] = {name: [] for name in candidates}
     for r in range(repeats):
-        for name in candidates:
-            log(
-                f"held-out run {r + 1}/{repeats}, {name} parameters "
-                f"(seed {held_seed}, {held_cap}, {tokens_held} tokens)"
-            )
-            reals[name].append(real_run(paths[name], work / f"heldout-{name}-{r}", held_seed))
+        for held_seed in held_seeds:
+            for name in candidates:
+                log(
+                    f"held-out run {r + 1}/{repeats}, {name} parameters "
+                    f"(seed {held_seed}, {held_cap}, {tokens_held} tokens)"
+                )
+                run = real_run(paths[name], work / f"heldout-{name}-s{held_seed}-{r}", held_seed)
+                run["quiet_tokens_per_second"] = quiet_tps(run, model.cpu_to_wall)
+                reals[name].append(run)
     evaluations = {}
     for name, params in candidates.items():
         pred = predicted(load_policy_text(paths[name].read_text(), str(paths[name])), traces, model)
         runs = reals[name]
         real = {
             k: _mean([x[k] for x in runs])
-            for k in ("steps", "final_loss", "tokens_per_second", "median_peak_mib")
+            for k in (
+                "steps",
+                "final_loss",
+                "tokens_per_second",
+                "quiet_tokens_per_second",
+                "median_peak_mib",
+            )
         }
         real["cap_violations"] = sum(x["cap_violations"] for x in runs)
         evaluations[name] = {
@@ -239,21 +308,25 @@ def main() -> int:
             "predicted": pred,
             "relative_error": {
                 k: rel_err(pred[k], real[k]) for k in ("final_loss", "tokens_per_second", "median_peak_mib")
+            }
+            | {
+                "quiet_tokens_per_second": rel_err(pred["tokens_per_second"], real["quiet_tokens_per_second"])
             },
         }
     errs = {
         k: round(statistics.mean(e["relative_error"][k] for e in evaluations.values()), 4)
-        for k in ("final_loss", "tokens_per_second", "median_peak_mib")
+        for k in ("final_loss", "tokens_per_second", "quiet_tokens_per_second", "median_peak_mib")
+        if all(e["relative_error"][k] is not None for e in evaluations.values())
     }
     default_loss = evaluations["default"]["real_mean"]["final_loss"]
     result = {
         "bench": "tune_replay",
         "job": "examples/train_gpt.py, default model (0.84M params), global batch 64, warmup 5, "
         "1 torch thread",
-        "objective": "minimize the smoothed training loss at the end of the token budget; "
-        "no step over the cap after the first 6",
+        "objective": f"{OBJECTIVES[METRIC]} {METRIC} over the token budget; no step over the cap past step 6",
         "training_runs": train_runs,
-        "heldout": {"seed": held_seed, "cap": held_cap, "tokens": tokens_held, "repeats": repeats},
+        "gain_against_seed_spread": gains(reals),
+        "heldout": {"seeds": held_seeds, "cap": held_cap, "tokens": tokens_held, "repeats": repeats},
         "model": {
             "memory_mib_by_micro_batch": {
                 k: [[x, round(y / 2**20, 1)] for x, y in v.points] for k, v in model.memory.items()
@@ -263,6 +336,7 @@ def main() -> int:
             },
             "loss_law": model.loss.__dict__,
             "notes": list(model.notes),
+            "cpu_to_wall": model.cpu_to_wall,
         },
         "search": searches,
         "heldout_runs": evaluations,

@@ -451,6 +451,10 @@ class StepRecord:
     eval_loss: float | None = None
     """Validation loss the job measured since its previous record (`handle.report(eval_loss=)`);
     None when it measured none. What the compute policy's stopping rule prefers to training loss."""
+    cpu_time_s: float | None = None
+    """CPU seconds rank 0's process spent since the previous record (optional: older agents omit
+    it, older controllers ignore it). Beside `step_time_s` it says what the machine's load did to
+    the step: the replay times CPU jobs in these units (policies/replay_model.py)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -465,6 +469,7 @@ class StepRecord:
             "memory": [m.to_json() for m in self.memory],
             "domain_loss": dict(self.domain_loss),
             **({} if self.eval_loss is None else {"eval_loss": self.eval_loss}),
+            **({} if self.cpu_time_s is None else {"cpu_time_s": self.cpu_time_s}),
         }
 
     @staticmethod
@@ -495,6 +500,7 @@ class StepRecord:
                 for k in domain_loss
             },
             eval_loss=_real(d, "eval_loss", "record", default=None),
+            cpu_time_s=_real(d, "cpu_time_s", "record", default=None),
         )
 
 

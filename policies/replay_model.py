@@ -17,6 +17,15 @@ Three fits, each the simplest that the recordings can pin down:
   as a real cooldown does. The micro-batch does not enter: trainwarden's adapters keep the
   global batch, so the same samples give the same gradient whatever the micro-batch.
 
+The clock is the job's own where it can be: a CPU job's step is timed by its CPU seconds
+(`StepRecord.cpu_time_s`, what the process itself spent) times the wall seconds a CPU second
+took when the machine was quietest in the recordings (`cpu_to_wall`, the 10th percentile of
+wall/CPU per step). On a machine shared with other jobs the wall time of a step swings 2-3x with
+the neighbours' load, and a fit in wall seconds learns the load of the hour it was recorded in;
+CPU seconds are the job's. The replay then says how long the job takes at the recordings' quietest,
+and the recordings' load factors (their wall time over that) are in `notes`. A GPU job, or a
+trace without CPU times (an older agent), is timed in wall seconds as before.
+
 A run's noise is replayed, not averaged away: each recorded memory sample and step time is
 kept as its ratio to the fit, and the replay multiplies the fit of the configuration it runs
 by the ratio at the same sample index (cycled past the recording's end). Warm-up transients
@@ -31,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trainwarden.controller.protocol import KNOB_MICRO_BATCH
+from trainwarden.controller.protocol import KNOB_MICRO_BATCH, StepRecord
 from trainwarden.policies.memory import config_key
 from trainwarden.policies.replay_trace import Trace
 
@@ -175,6 +184,17 @@ class KnobModel:
     """knob -> median seconds an applied switch of it took (decisions.jsonl), added to the next step."""
     notes: tuple[str, ...] = ()
     """What the recordings could not pin down (said by `tune`, kept in the results)."""
+    cpu_to_wall: float | None = None
+    """Wall seconds per CPU second on the quiet machine when steps are timed in CPU seconds
+    (`step_seconds`); None: timed in wall seconds."""
+
+    def step_seconds(self, rec: StepRecord) -> float:
+        """The recorded step's duration in the model's units (0 when it has none)."""
+        if self.cpu_to_wall is not None:
+            cpu = rec.cpu_time_s
+            return cpu * self.cpu_to_wall if cpu is not None and cpu > 0 and math.isfinite(cpu) else 0.0
+        ok = rec.step_time_s > 0 and math.isfinite(rec.step_time_s)
+        return rec.step_time_s if ok else 0.0
 
     def peak_bytes(self, config: Mapping[str, Any]) -> tuple[float, bool]:
         """Per-step peak under `config`, and whether its engine configuration was ever recorded
@@ -198,8 +218,35 @@ def _n_micro(config: Mapping[str, Any], global_batch: int) -> int:
     return math.ceil(global_batch / mb) if global_batch else 1
 
 
+def cpu_to_wall(traces: Sequence[Trace]) -> float | None:
+    """Wall seconds per CPU second at the quietest steps, when every trace is of a CPU job with
+    CPU times on nearly every step; else None (time in wall seconds)."""
+    ratios: list[float] = []
+    for t in traces:
+        devices = {m.device for s in t.steps for m in s.memory}
+        if not devices or any(not d.startswith("cpu") for d in devices):
+            return None  # a GPU's step is not its host process's CPU time
+        timed = [s for s in t.steps[1:] if s.cpu_time_s and s.cpu_time_s > 0 and s.step_time_s > 0]
+        if len(timed) < 0.9 * (len(t.steps) - 1) or not timed:
+            return None
+        per = sorted(s.step_time_s / s.cpu_time_s for s in timed if s.cpu_time_s)
+        ratios.append(per[len(per) // 10])
+    return min(ratios) if ratios else None
+
+
+def load_factors(traces: Sequence[Trace], cpu_to_wall: float) -> list[float]:
+    """Each trace's wall time over its CPU time on the quiet machine: what the load cost it."""
+    out = []
+    for t in traces:
+        steps = [s for s in t.steps[1:] if s.cpu_time_s]
+        cpu = sum(s.cpu_time_s or 0.0 for s in steps) * cpu_to_wall
+        out.append(sum(s.step_time_s for s in steps) / cpu if cpu > 0 else float("nan"))
+    return out
+
+
 def fit_model(traces: Sequence[Trace]) -> KnobModel:
     """Calibrate on `traces` (runs of the same job: same model, same global batch)."""
+    clock = KnobModel({}, {}, LossLaw(0, 0, 1, 0, 0, 1, 0), {}, cpu_to_wall=cpu_to_wall(traces))
     mem_points: dict[str, dict[float, list[float]]] = {}
     time_points: dict[str, dict[float, list[float]]] = {}
     for t in traces:
@@ -211,9 +258,10 @@ def fit_model(traces: Sequence[Trace]) -> KnobModel:
                 peak = float(max(m.peak_bytes for m in rec.memory))
                 mem_points.setdefault(key, {}).setdefault(mb, []).append(peak)
             # The first step carries start-up work (allocator, caches): not a step of the configuration.
-            if i > 0 and rec.step_time_s > 0 and math.isfinite(rec.step_time_s):
+            seconds = clock.step_seconds(rec)
+            if i > 0 and seconds > 0:
                 n = float(_n_micro(rec.config, gb))
-                time_points.setdefault(key, {}).setdefault(n, []).append(rec.step_time_s)
+                time_points.setdefault(key, {}).setdefault(n, []).append(seconds)
     notes = []
     for key, pts in sorted(mem_points.items()):
         if len(pts) == 1:
@@ -221,6 +269,12 @@ def fit_model(traces: Sequence[Trace]) -> KnobModel:
                 f"memory of {key or 'the configuration'} was recorded at one micro-batch only: "
                 "assumed the same at every micro-batch (record a run that changes it)"
             )
+    if clock.cpu_to_wall is not None:
+        factors = ", ".join(f"{f:.2f}" for f in load_factors(traces, clock.cpu_to_wall))
+        notes.append(
+            f"step time replayed in CPU seconds x {clock.cpu_to_wall:.3f} (wall per CPU second at the "
+            f"recordings' quietest steps): the recordings ran {factors}x slower than that overall"
+        )
     switch: dict[str, list[float]] = {}
     for t in traces:
         for d in t.decisions:
@@ -232,6 +286,7 @@ def fit_model(traces: Sequence[Trace]) -> KnobModel:
         loss=fit_loss_law(traces),
         switch_s={k: statistics.median(v) for k, v in switch.items()},
         notes=tuple(notes),
+        cpu_to_wall=clock.cpu_to_wall,
     )
 
 
@@ -257,6 +312,6 @@ def residuals(model: KnobModel, trace: Trace) -> Residuals:
             fit, _ = model.peak_bytes(rec.config)
             mem.append(max(m.peak_bytes for m in rec.memory) / fit if fit > 0 else 1.0)
         fit_t, _ = model.seconds_per_step(rec.config, gb)
-        ok = rec.step_time_s > 0 and math.isfinite(rec.step_time_s) and fit_t > 0
-        times.append(rec.step_time_s / fit_t if ok else 1.0)
+        seconds = model.step_seconds(rec)
+        times.append(seconds / fit_t if seconds > 0 and fit_t > 0 else 1.0)
     return Residuals(tuple(mem), tuple(times))

@@ -285,9 +285,10 @@ def write_tuned(
     storage: str,
     traces: Sequence[str] = (),
     command: Sequence[str] = (),
+    note: str = "",
 ) -> Path:
     """Write the policy file with `trial`'s parameters and a `tuned:` section saying where they
-    came from."""
+    came from; `note` (e.g. the comparison with the file's own values) goes into the header."""
     assert pf.objective is not None
     base = Path(pf.path)
     tuned = {
@@ -308,6 +309,7 @@ def write_tuned(
         f"# Tuned by `trainwarden tune` from {base.name}: study {study.study_name!r}, trial {trial.number}, "
         f"{pf.objective.metric} {trial.value:.6g} ({mode}).\n"
     )
+    header += "".join(f"# {line}\n" for line in note.splitlines())
     out = Path(out)
     write_atomic(out, policy_text(pf, dict(trial.params), header, tuned))
     return out

@@ -168,6 +168,11 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
         )
         return 0
     best = best_trial(study)
+    from trainwarden.policies.tune_report import replay_comparison, study_comparison
+
+    comparison = (
+        replay_comparison(pf, best, evaluate) if mode == "replay" else study_comparison(pf, study, best)
+    )
     path = write_tuned(
         pf,
         study,
@@ -177,6 +182,7 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
         storage=storage,
         traces=[str(Path(t).resolve()) for t in args.trace],
         command=command,
+        note=f"Against the base file: {comparison.line()}.",
     )
     states = [t.state.name for t in finished(study)]
     counts = ", ".join(
@@ -184,7 +190,8 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
     )
     say(
         f"trainwarden tune: {len(states)} trials ({counts}); best trial {best.number}: "
-        f"{objective.metric} {best.value:.6g}\n  wrote {path} (check it: trainwarden validate {path})"
+        f"{objective.metric} {best.value:.6g}\n  {comparison.line()}\n"
+        f"  wrote {path} (check it: trainwarden validate {path})"
     )
     print(path)
     return 0
