@@ -558,15 +558,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # engine measured 100-200 MiB above a fresh one, more than a ZeRO stage saves on a CPU.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    ns = argparse.Namespace(
-        policy=policy,
-        command=command,
-        run_dir=args.run_dir,
-        run_id=None,
-        metrics_port=args.metrics_port,
-        quiet=False,
-        status_every=5.0,
-    )
+    # Through `run`'s own parser, so the demo gets every default of `trainwarden run` (a flag added
+    # to `run` later cannot be missing here: the demo once broke on a new --listen).
+    run_args = ["run", "--policy", policy, "--metrics-port", str(args.metrics_port), "--status-every", "5"]
+    if args.run_dir:
+        run_args += ["--run-dir", str(args.run_dir)]
+    ns = build_parser().parse_args([*run_args, "--", *command])
     print(f"trainwarden demo: {what},\n  under the budget policy {ns.policy}", file=sys.stderr)
     return cmd_run(ns)
 

@@ -175,7 +175,8 @@ def check_switches_and_stop(tmp: Path, run_dir: Path) -> dict:
 def test_one_sidecar_controller_steers_both_nodes(tmp_path: Path) -> None:
     ctl, ready, token = sidecar(tmp_path, POLICY)
     port = free_port()
-    args = ("--log-dir", str(tmp_path), "--zero-stage", "1")
+    # Steps enough that the budget's stop, not the script's last step, ends the job on a fast machine.
+    args = ("--log-dir", str(tmp_path), "--zero-stage", "1", "--steps", "100000")
     # The same settings on every node, as one manifest gives every pod: global rank 0 may land on
     # either node (c10d assigns ranks), and it alone connects.
     shared = {
@@ -212,7 +213,8 @@ def test_run_on_node_0_and_a_plain_job_on_node_1(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(POLICY)
     port = free_port()
     run_dir = tmp_path / "run"
-    args = ("--log-dir", str(tmp_path), "--zero-stage", "1")
+    # Steps enough that the budget's stop, not the script's last step, ends the job on a fast machine.
+    args = ("--log-dir", str(tmp_path), "--zero-stage", "1", "--steps", "100000")
     run = [*TRAINWARDEN, "run", "--policy", str(tmp_path / "policy.yaml"), "--run-dir", str(run_dir), "--"]
     node0 = start_node(0, [*run, *node_cmd(0, port, *args)], node_env(), tmp_path)
     node1 = None
