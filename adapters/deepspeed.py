@@ -116,7 +116,7 @@ from typing import Any
 
 import torch
 
-from trainwarden.adapters import attach_hook, ds_build, ds_oom, ds_state
+from trainwarden.adapters import attach_hook, ds_oom, ds_state
 from trainwarden.adapters.batching import counted_tokens
 from trainwarden.adapters.ds_config import (
     PRECISIONS,
@@ -445,15 +445,9 @@ class _MemoryMeter:
 
 
 def _release_memory(device: torch.device) -> None:
-    """Give freed memory back: hand glibc's free heap pages back, empty the cache.
-
-    No `gc.collect()`: `_destroy` drops the old engine's tensors by reference count
-    (ds_build.release_engine), and a full collection here cost 0.3-0.5 s of a ~1 s switch (a
-    process with torch and DeepSpeed imported tracks ~400k objects). The engine's remaining
-    small objects go at Python's next automatic collection. On CUDA it still runs: there an
-    unreachable block the caching allocator keeps is what the next engine runs out of."""
+    """Give freed memory back: collect cycles, hand glibc's free heap pages back, empty the cache."""
+    gc.collect()
     if device.type == "cuda":
-        gc.collect()
         torch.cuda.empty_cache()
     try:
         import ctypes
@@ -611,10 +605,6 @@ class _Builder:
             self.cannot_rebuild = "pipeline-parallel engines (PipelineModule) cannot be switched yet"
         self.param_count = sum(p.numel() for p in ds_state.module_params(self.model))
 
-    def model_device(self) -> torch.device:
-        p = next(iter(self.model.parameters()), None)
-        return p.device if p is not None else torch.device("cpu")
-
     def build(self, setting: Setting | None) -> Any:
         """One engine: the user's own arguments the first time (`setting` None), then a rewrite."""
         import deepspeed
@@ -631,11 +621,7 @@ class _Builder:
                     kw["optimizer"] = self.optimizer_factory(None)
                 else:
                     kw["optimizer"] = self.optimizer_factory
-        if setting is None:
-            engine, _, _, _ = attach_hook.original_initialize(deepspeed)(**kw)
-        else:
-            with ds_build.quiet_build(self.model_device()):
-                engine, _, _, _ = attach_hook.original_initialize(deepspeed)(**kw)
+        engine, _, _, _ = attach_hook.original_initialize(deepspeed)(**kw)
         if setting is not None and self.scheduler_object is not None:
             # The user's scheduler object steps the new engine's optimizer from now on.
             self.scheduler_object.optimizer = engine.basic_optimizer
@@ -1578,7 +1564,7 @@ class DeepSpeedHandle:
         object.__setattr__(self, "_engine", None)
         object.__setattr__(self, "_progress_reader", None)  # it holds the engine's partitions
         if engine is not None:
-            _destroy(engine, keep=self._builder.kwargs.get("optimizer"))
+            _destroy(engine)
         del engine
         _release_memory(self._meter.device)
 
@@ -1646,7 +1632,7 @@ class DeepSpeedHandle:
         self.close()
 
 
-def _destroy(engine: Any, keep: Any = None) -> None:
+def _destroy(engine: Any) -> None:
     """Destroy an engine and drop what keeps its memory alive.
 
     `DeepSpeedEngine.destroy()` (0.19) leaves the engine's forward pre- and post-hooks on the
@@ -1654,9 +1640,7 @@ def _destroy(engine: Any, keep: Any = None) -> None:
     fp32 masters and moments, stays reachable from the module for as long as the module lives:
     that is the leak of re-creating engines in one process (measured here: 20 engines of a
     3.2M-parameter GPT kept 1.2 GiB; with the hooks removed, RSS stays flat). They are removed
-    here; `ds_state.clean_module` removes any other DeepSpeed hook left on the module. The
-    optimizer's tensors are dropped now (ds_build.release_engine); `keep` is the user's own
-    optimizer object, left as it is.
+    here; `ds_state.clean_module` removes any other DeepSpeed hook left on the module.
     """
     try:
         engine.destroy()
@@ -1666,10 +1650,6 @@ def _destroy(engine: Any, keep: Any = None) -> None:
         handle = engine.__dict__.get(name)
         if handle is not None:
             handle.remove()
-    try:
-        ds_build.release_engine(engine, keep)
-    except Exception:
-        log.debug("trainwarden: releasing the engine's optimizer failed", exc_info=True)
     for name in ("optimizer", "basic_optimizer", "lr_scheduler", "training_dataloader"):
         try:
             engine.__dict__.pop(name, None)

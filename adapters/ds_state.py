@@ -128,11 +128,7 @@ def clean_module(
         if values is not None:
             # On the parameter's device (ZeRO-3 left it an empty tensor there): where a freshly
             # built module would have it.
-            # The host tensor itself when it is already there: the engine built next copies it into
-            # its own buffers (or, at stage 0 in fp32, adopts it as the master), and nothing else
-            # writes the host copy; a copy here cost a pass over fresh pages (~0.1 s of a switch on
-            # a 25M-parameter GPT).
-            p.data = values[i].to(device=p.device)
+            p.data = values[i].to(device=p.device, copy=True)
 
 
 #: What ZeRO-3 attaches to each submodule besides its ds_* attributes (DeepSpeed 0.19).
@@ -343,55 +339,6 @@ def _host_fresh(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32)
 
 
-def _single_rank_full(p: torch.nn.Parameter, kind: str, key: str | None) -> torch.Tensor | None:
-    """A host copy of `p`'s full fp32 master (`key` None) or optimizer state `key`, read straight from
-    the engine's own partition when this rank holds the whole tensor (one rank in its group): what
-    `safe_get_full_*` returns, without its zero-filled reduce buffer and its collective on a group
-    of one (measured: a third of a capture on a 25M-parameter GPT). None when it cannot tell (the
-    caller falls back to DeepSpeed's API)."""
-    try:
-        if kind == "hp":
-            mapping = getattr(p, "_hp_mapping", None)
-            group = getattr(p, "_dp_group", None)
-            if mapping is None or torch.distributed.get_world_size(group=group) != 1:
-                return None
-            address = mapping.lp_fragment_address
-            if address.start != 0 or address.numel != p.numel():
-                return None
-            frag = mapping.get_hp_fragment(key)
-            return frag.detach().to(device="cpu", dtype=torch.float32, copy=True).view(p.shape)
-        opt = p._z3_optimizer
-        if torch.distributed.get_world_size(group=opt._get_param_partition_group(p)) != 1:
-            return None
-        group_idx = opt.grad_position[opt.get_param_id(p)][0]
-        if opt._swappable_optimizer_subgroup(group_idx):
-            return None  # swapped to NVMe: DeepSpeed's own path swaps it in
-        part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=True, optim_state_key=key)
-        if part.numel() < p.ds_numel:
-            return None
-        return part.detach().narrow(0, 0, p.ds_numel).to(device="cpu", dtype=torch.float32, copy=True)
-    except (AttributeError, KeyError, RuntimeError, ValueError):
-        return None
-
-
-def _full_fp32(p: torch.nn.Parameter, kind: str) -> torch.Tensor | None:
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    got = _single_rank_full(p, kind, None)
-    return got if got is not None else _fresh(safe_get_full_fp32_param(p))
-
-
-def _full_state(p: torch.nn.Parameter, kind: str, key: str) -> torch.Tensor | None:
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    got = _single_rank_full(p, kind, key)
-    return got if got is not None else _fresh(safe_get_full_optimizer_state(p, key))
-
-
-def _fresh(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else _host_fresh(t)
-
-
 def _gathered_values(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Full values of ZeRO-3 parameters (gathered for the moment of the copy)."""
     import deepspeed
@@ -442,6 +389,8 @@ def capture(engine: Any, params: list[torch.nn.Parameter]) -> HostState:
     Collective with several ranks (one all-reduce or all-gather per tensor): every rank calls it.
     Raises StateError, before anything is changed, when the state cannot be carried exactly.
     """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
     kind = engine_kind(engine)
     inner = inner_optimizer(engine)
     flats = flat_partitions(engine)
@@ -468,7 +417,7 @@ def capture(engine: Any, params: list[torch.nn.Parameter]) -> HostState:
         for i, p in enumerate(params):
             # A ZeRO-3 parameter the optimizer was not given has no fp32 master (no _z3_optimizer).
             in_optimizer = p.requires_grad and (kind != "z3" or hasattr(p, "_z3_optimizer"))
-            hp = _full_fp32(p, kind) if in_optimizer else None
+            hp = safe_get_full_fp32_param(p) if in_optimizer else None
             trained.append(hp is not None)
             if hp is None:
                 frozen.append(i)
@@ -476,10 +425,9 @@ def capture(engine: Any, params: list[torch.nn.Parameter]) -> HostState:
                 for k in keys:
                     moments[k].append(None)
                 continue
-            values.append(hp.view(p.ds_shape if kind == "z3" else p.shape))
+            values.append(_host_fresh(hp).view(p.ds_shape if kind == "z3" else p.shape))
             for k in keys:
-                m = _full_state(p, kind, k)
-                moments[k].append(None if m is None else m.view(values[-1].shape))
+                moments[k].append(_host_fresh(safe_get_full_optimizer_state(p, k)).view(values[-1].shape))
         if frozen:
             fp = [params[i] for i in frozen]
             got = _gathered_values(fp) if kind == "z3" else [_host(p.data) for p in fp]
@@ -518,17 +466,12 @@ def capture(engine: Any, params: list[torch.nn.Parameter]) -> HostState:
     )
 
 
-def _ensure_optimizer_state(
-    engine: Any, state: HostState, replaced: dict[str, set[int]] | None = None
-) -> None:
+def _ensure_optimizer_state(engine: Any, state: HostState) -> None:
     """Create the optimizer's state on a fresh engine, as its first step would, without stepping.
 
     DeepSpeed's own loader does the same (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3):
     state tensors are set on the flat fp32 partitions, then ZeRO-1/2 link each parameter's
-    fragment of them. Values are written afterwards; zeros here are placeholders. `replaced`: per
-    state key, the ids of tensors whose state restore assigns whole (stage 0 but fused16): they get
-    none."""
-    replaced = replaced or {}
+    fragment of them. Values are written afterwards; zeros here are placeholders."""
     if state.step is None:
         return
     kind = engine_kind(engine)
@@ -539,8 +482,6 @@ def _ensure_optimizer_state(
         group = group_of.get(id(f), inner.param_groups[0])
         st["step"] = _step_value(inner, group, state.step, f.device)
         for k in state.moments:
-            if id(f) in replaced.get(k, ()):
-                continue  # restore sets this state tensor itself: a placeholder would be thrown away
             if not torch.is_tensor(st.get(k)) or st[k].shape != f.shape:
                 st[k] = torch.zeros_like(f, memory_format=torch.preserve_format)
     if kind == "hp":
@@ -565,17 +506,8 @@ def restore(engine: Any, params: list[torch.nn.Parameter], state: HostState, *, 
         raise StateError(
             f"the new engine has {len(opt.param_groups)} param groups, the old one had {len(state.groups)}"
         )
+    _ensure_optimizer_state(engine, state)
     keys = list(state.moments)
-    replaced: dict[str, set[int]] = {}
-    if kind in ("plain", "unfused16"):
-        masters = _per_param_masters(engine)
-        for k in keys:
-            replaced[k] = {
-                id(masters[id(p)])
-                for i, p in enumerate(params)
-                if id(p) in masters and state.moments[k][i] is not None
-            }
-    _ensure_optimizer_state(engine, state, replaced)
     if kind in ("z3", "hp"):
         for i, p in enumerate(params):
             if not state.trained[i]:
@@ -612,9 +544,7 @@ def restore(engine: Any, params: list[torch.nn.Parameter], state: HostState, *, 
                     if kind == "fused16":
                         st[k].view(-1).narrow(0, offset, master.numel()).copy_(m.view(-1))
                     else:
-                        # The host tensor becomes the state (no copy) where it is on the master's
-                        # device already: the HostState is not used after a restore.
-                        st[k] = m.to(master.device).view_as(master)
+                        st[k] = m.to(master.device, copy=True).view_as(master)
     for g, saved in zip(opt.param_groups, state.groups):
         for k, v in saved.items():
             g[k] = v
