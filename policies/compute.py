@@ -271,7 +271,8 @@ class ComputePolicy(PolicyKind):
             return None
         # A clock's end goes to the nearest boundary; a count (tokens counted from each batch, which
         # vary) to the last boundary the forecast keeps inside it: past it is over the budget.
-        last = snapshot.step + max(0, round(steps_left) if timed else math.floor(steps_left))
+        # (1e-6: a count that ends exactly on a boundary, 38 steps computed as 37.999999, is 38.)
+        last = snapshot.step + max(0, round(steps_left) if timed else math.floor(steps_left + 1e-6))
         where = f"stopping after step {last}, the boundary nearest it"
         if timed and snapshot.time is not None and b.rate_per_s:
             # Spent by the clock: the job places the stop by its own clock and step times (the
