@@ -9,12 +9,11 @@ controller certificate).
 from __future__ import annotations
 
 import json
-import os
-import ssl
 import urllib.error
 import urllib.request
 from typing import Any, Protocol
 
+from trainwarden.controller.channel_security import channel_opener
 from trainwarden.controller.identity import CHALLENGE_HEADER, PROOF_HEADER, new_challenge, proof_ok
 from trainwarden.controller.protocol import (
     PROTOCOL_VERSION,
@@ -29,31 +28,6 @@ from trainwarden.controller.protocol import (
     exchange_message,
     hello_message,
 )
-
-#: `1`: the channel may go through the proxy the environment names (http_proxy, https_proxy).
-ENV_USE_PROXY = "TRAINWARDEN_USE_PROXY"
-#: A PEM file of the CA (or the self-signed certificate) that signed the controller's certificate.
-ENV_CA_FILE = "TRAINWARDEN_CA_FILE"
-
-
-def channel_opener(endpoint: str, environ: Any = None) -> urllib.request.OpenerDirector:
-    """The urllib opener for the channel (and anything else that carries the token): no proxy
-    unless TRAINWARDEN_USE_PROXY=1, TLS verified against TRAINWARDEN_CA_FILE when given."""
-    env = os.environ if environ is None else environ
-    handlers: list[Any] = []
-    if env.get(ENV_USE_PROXY, "") != "1":
-        handlers.append(urllib.request.ProxyHandler({}))  # an empty map: no proxy at all
-    if endpoint.startswith("https:"):
-        ca_file = env.get(ENV_CA_FILE) or None
-        try:
-            context = ssl.create_default_context(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(
-                f"{ENV_CA_FILE}={ca_file} cannot be read as PEM certificates ({exc}); point it at the "
-                "certificate the controller was given with --tls-cert (or its CA)"
-            ) from exc
-        handlers.append(urllib.request.HTTPSHandler(context=context))
-    return urllib.request.build_opener(*handlers)
 
 
 class ChannelDown(ConnectionError):

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from trainwarden.controller.channel_security import channel_opener
 from trainwarden.controller.protocol import (
     ENV_ENDPOINT,
     ENV_RUN_DIR,
@@ -264,8 +265,6 @@ def _log_to(path: Path) -> None:
 
 # ---- run -----------------------------------------------------------------------------------------
 def _get_json(url: str, token: str, timeout: float = 2.0) -> dict[str, Any] | None:
-    from trainwarden.adapters.channel import channel_opener
-
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
         # Never through an http_proxy from the environment: the token is for the controller only.

@@ -24,12 +24,12 @@ import math
 import statistics
 import textwrap
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainwarden.controller.channel_security import channel_opener
 from trainwarden.controller.protocol import NONFINITE_TEXT
 from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, read_jsonl
 from trainwarden.policies.units import format_bytes, format_duration
@@ -122,7 +122,8 @@ def _live_metrics(run_dir: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]]
     if not ready or not isinstance(ready.get("metrics"), str):
         return None
     try:
-        with urllib.request.urlopen(ready["metrics"], timeout=1.0) as resp:
+        # Not through an http_proxy from the environment (as the channel): loopback stays local.
+        with channel_opener(ready["metrics"]).open(ready["metrics"], timeout=1.0) as resp:
             text = resp.read().decode()
     except (OSError, ValueError):
         return None

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -419,3 +420,26 @@ def test_an_agent_drops_a_refused_batch_and_its_telemetry_flows_on(
         assert len(said) == 1 and f"at most {MAX_DOMAINS}" in said[0], said
     finally:
         agent.close()
+
+
+def test_the_reports_live_scrape_never_goes_through_a_proxy(
+    served: ChannelServer, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`trainwarden report` on a running job reads the controller's /metrics (for the cap): like the
+    channel, not through an http_proxy from the environment (here one that nothing answers)."""
+    from trainwarden.controller.report import _live_metrics
+
+    hello(served)
+    server, port = serve_metrics(served.controller, "127.0.0.1", 0)
+    try:
+        (run_dir / "controller.json").write_text(json.dumps({"metrics": f"http://127.0.0.1:{port}/metrics"}))
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            dead = closed.getsockname()[1]
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{dead}")
+        monkeypatch.setenv("no_proxy", "localhost")
+        metrics = _live_metrics(run_dir)
+        assert metrics and any(name.startswith("trainwarden_") for name, _ in metrics), metrics
+    finally:
+        server.shutdown()
+        server.server_close()
