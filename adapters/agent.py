@@ -14,6 +14,11 @@ If the controller goes away, the thread retries with back-off and training goes 
 configuration it has, but not past the budget's end: while it has no controller, rank 0 stops
 the job itself at the first step boundary past the end it was given (controller/budget_end.py),
 with the same stop action the controller's compute policy sends.
+A counted budget (tokens, FLOPs) is kept by the job itself even with a controller: rank 0 counts
+them exactly, at every step, while the controller sees them half a second or more late (a job
+faster than the exchange spent a 3000-token budget 1.8 times over before the controller's stop
+arrived). At each sync step it places the stop at the last boundary its count forecasts inside
+the budget, and tells the controller (a `budget_stop` event, whose id is the stop's).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from trainwarden.adapters.channel import Channel, ChannelDown, ChannelRefused
 from trainwarden.adapters.probes import MemoryProbe
 from trainwarden.controller.budget_end import ENV_BUDGET_END, BudgetEnd
 from trainwarden.controller.protocol import (
+    EVENT_BUDGET_STOP,
     KNOB_STOP,
     MAX_EVENTS_PER_EXCHANGE,
     Action,
@@ -104,6 +110,8 @@ class Agent:
         # The budget's end the job keeps by itself while it has no controller (rank 0 decides).
         self.budget_end = BudgetEnd.from_json(os.environ.get(ENV_BUDGET_END)) if self.channel else None
         self._first_time: float | None = None
+        # (step, tokens so far) of the latest steps: the counted budget's forecast of a step's tokens.
+        self._counts: deque[tuple[int, int]] = deque(maxlen=16)
         self.stopped_by_agent = False
         if self.channel is not None:
             self._thread = threading.Thread(target=self._run, name="trainwarden-agent", daemon=True)
@@ -126,7 +134,7 @@ class Agent:
         if step_time_s > 0:
             self._step_times.append(step_time_s)
         if self.channel is not None:
-            self._keep_budget_end(step, tokens, step_time_s)
+            self._keep_budget_end(step, tokens, step_time_s, config)
         cpu_now = time.process_time()  # ~1 us; the replay's load-free clock (StepRecord.cpu_time_s)
         cpu_time_s, self._cpu_at = (None if self._cpu_at is None else cpu_now - self._cpu_at), cpu_now
         is_sync = step % self.sync_every == 0
@@ -182,31 +190,78 @@ class Agent:
             # No wake-up: records go out with the next periodic exchange, batched.
         return due
 
-    def _keep_budget_end(self, step: int, tokens: int, step_time_s: float) -> None:
-        """Rank 0, no controller, the budget's end passed: queue the stop the controller would have
-        sent; it reaches every rank at the next sync step like any action."""
+    def _keep_budget_end(self, step: int, tokens: int, step_time_s: float, config: dict[str, Any]) -> None:
+        """Rank 0: queue the stop at the budget's end the job can keep by itself (module docstring):
+        a counted one always, at the last boundary the count forecasts inside it; any other only
+        while there is no controller, at the first boundary past it. It reaches every rank at a
+        sync step like any action."""
         now = time.time()
         if self._first_time is None:
             self._first_time = now - max(0.0, step_time_s)
+        self._counts.append((step, tokens))
         end = self.budget_end
-        if end is None or self.connected or self.stopped_by_agent:
+        if end is None or self.stopped_by_agent:
             return
-        why = end.spent(now - self._first_time, tokens, self.shape.param_count, self.world_size)
+        at, why = step, None
+        counted = end.counted_tokens(self.shape.param_count)
+        if counted is not None and step > 0:
+            s0, t0 = self._counts[0]
+            per_step = (tokens - t0) / (step - s0) if step > s0 else tokens / step
+            left = counted - tokens
+            more = int(left // per_step) if left > 0 and per_step > 0 else 0
+            # Placed only where the next sync step can still reach it (a sync step offers what is
+            # due before the one after it); a later step's count places it then, with more to go on.
+            next_sync = -(-step // self.sync_every) * self.sync_every
+            if step + more < next_sync + self.sync_every:
+                at = step + more
+                name = "tokens" if end.tokens is not None and counted == end.tokens else "flops"
+                why = (
+                    f"the {name} budget is spent at {counted:,.0f} tokens: {tokens:,} counted after step "
+                    f"{step}, ~{per_step:,.0f} a step, so step {at} is the last inside it"
+                )
+        if why is None and not self.connected:
+            why = end.spent(now - self._first_time, tokens, self.shape.param_count, self.world_size)
         if why is None:
             return
+        with self._lock:
+            sooner = [
+                a
+                for a in (*self._scheduled, *self._inbox.values())
+                if a.kind == KNOB_STOP and a.step <= at + 1
+            ]
+            if sooner:
+                return  # the controller's stop comes first: it ends the job
+            # A later stop of the controller's is superseded (the controller drops it on our event).
+            for a in [a for a in self._inbox.values() if a.kind == KNOB_STOP]:
+                del self._inbox[a.id]
         self.stopped_by_agent = True
-        log.error(
-            "trainwarden: no controller, and %s: the agent stops the job itself at step %d", why, step + 1
-        )
+        if self.connected:
+            log.warning("trainwarden: %s: the job stops there (counted by the job itself)", why)
+        else:
+            log.error(
+                "trainwarden: no controller, and %s: the agent stops the job itself at step %d", why, at + 1
+            )
         stop = Action(
             kind=KNOB_STOP,
             params={"cause": "budget", "by": "agent"},
-            reason=f"{why}, with no controller: the agent kept the budget's end",
-            step=step + 1,
+            reason=f"{why}; the agent kept the budget's end"
+            + ("" if self.connected else ", with no controller"),
+            step=at + 1,
             policy="agent",
         )
+        event = AdapterEvent(
+            kind=EVENT_BUDGET_STOP,
+            step=at,
+            changes=((KNOB_STOP, False, True),),
+            config={k: v for k, v in config.items() if isinstance(v, (str, int, float, bool)) or v is None},
+            reason=stop.reason,
+            duration_s=0.0,
+            id=stop.id,
+        )
         with self._lock:
+            self._seen.add(stop.id)
             self._inbox[stop.id] = stop
+            self._events.append(event)
 
     def report_eval(self, loss: float) -> None:
         """A validation loss the job measured: sent with the next step's record (rank 0)."""

@@ -69,6 +69,14 @@ class BudgetEnd:
         end = BudgetEnd(**{k: _pos(obj, k) for k in BudgetEnd.__dataclass_fields__})
         return end if end.to_json() else None
 
+    def counted_tokens(self, param_count: int) -> float | None:
+        """The token count at which the first counted budget (tokens, or FLOPs as 6 x parameters x
+        tokens) is spent; None when neither is set. The job counts these itself, exactly."""
+        ends = [self.tokens] if self.tokens is not None else []
+        if self.flops is not None and param_count > 0:
+            ends.append(self.flops / (6.0 * param_count))
+        return min(ends) if ends else None
+
     def spent(self, elapsed_s: float, tokens: float, param_count: int, world_size: int) -> str | None:
         """Which budget is spent, in words, or None while none is."""
         if self.wall_time_s is not None and elapsed_s >= self.wall_time_s:

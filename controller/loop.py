@@ -23,6 +23,7 @@ from typing import Any
 from trainwarden.controller.budget_end import BudgetEnd
 from trainwarden.controller.identity import pid_namespace
 from trainwarden.controller.protocol import (
+    EVENT_BUDGET_STOP,
     KNOB_DOMAIN_WEIGHTS,
     KNOB_MICRO_BATCH,
     KNOB_OFFLOAD_OPTIMIZER,
@@ -408,10 +409,10 @@ class Controller:
                 # from a checkpoint reports steps the controller has seen): the ranks are alive.
                 for m in rec.memory:
                     self._rank_seen[m.rank] = (now, rec.step)
+            for event in events:  # first: a budget_stop's outcome may come in the same message
+                self._record_event(event, now)
             for out in outcomes:
                 self._record_outcome(out, now)
-            for event in events:
-                self._record_event(event, now)
             if finished:
                 self.state.finished = True
             self._check_telemetry(now)
@@ -612,7 +613,11 @@ class Controller:
         if decision is None:
             return  # already recorded (the agent re-sends until acknowledged)
         act = decision.action
-        if act.kind == KNOB_STOP and out.outcome in ("applied", "noop", "ignored"):
+        if (
+            act.kind == KNOB_STOP
+            and out.outcome in ("applied", "noop", "ignored")
+            and not (out.outcome == "noop" and self.stop_decision is not None)
+        ):  # a second stop (the agent's and ours) is a noop: the first one's line stands
             self.stop_decision = {
                 "step": out.step,
                 "reason": act.reason,
@@ -643,6 +648,39 @@ class Controller:
         if event.id in self._events_seen:
             return
         self._events_seen.add(event.id)
+        if event.kind == EVENT_BUDGET_STOP:
+            # The agent placed the stop at a counted budget's end itself: a decision of the agent's,
+            # pending like one of ours (its outcome comes once the job stopped or was ended).
+            self._pending.setdefault(
+                event.id,
+                Decision(
+                    Action(
+                        kind=KNOB_STOP,
+                        params={"cause": "budget", "by": "agent"},
+                        reason=event.reason,
+                        step=event.step + 1,
+                        policy="agent",
+                        id=event.id,
+                    ),
+                    now,
+                    self.state.step,
+                ),
+            )
+            for other in [
+                d for i, d in self._pending.items() if d.action.kind == KNOB_STOP and i != event.id
+            ]:
+                del self._pending[other.action.id]
+                self._log_decision(
+                    other.action,
+                    other.decided_step,
+                    other.decided_at,
+                    "unanswered",
+                    self.state.step,
+                    0.0,
+                    f"superseded: the job placed the stop itself, after step {event.step} ({event.reason})",
+                )
+            log.info("the job placed its stop itself: %s", event.reason)
+            return
         self.state.take_event(event)
         act = Action(
             kind=event.kind,

@@ -304,7 +304,10 @@ class Outcome:
 #: Kinds of adapter-initiated events. `oom_retry`: an optimizer step ran out of memory and the
 #: adapter moved one rung down the OOM ladder by itself to train the step again (the DeepSpeed
 #: adapter, adapters/ds_oom.py); no controller action asked for it.
-EVENT_KINDS = ("oom_retry",)
+EVENT_KINDS = ("oom_retry", "budget_stop")
+#: The agent placed the stop at a counted budget's end itself (adapters/agent.py): the event's id is
+#: the stop action's, whose outcome follows like any other's.
+EVENT_BUDGET_STOP = "budget_stop"
 #: Events one exchange may carry (an OOM retry is rare; a job in an OOM loop stops at the ladder's
 #: bottom after a handful).
 MAX_EVENTS_PER_EXCHANGE = 64

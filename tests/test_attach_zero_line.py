@@ -54,7 +54,10 @@ def _run(tmp_path: Path, budget: str, command: list[str], extra: str = "", **env
 
 
 def _stop(run_dir: Path) -> dict:
-    [stop] = [d for d in read_jsonl(run_dir / "decisions.jsonl") if d["kind"] == "stop"]
+    # One stop applied: a stop of the controller's that the job's own (a counted budget's end,
+    # adapters/agent.py) superseded is an `unanswered` line.
+    lines = read_jsonl(run_dir / "decisions.jsonl")
+    [stop] = [d for d in lines if d["kind"] == "stop" and d["outcome"] != "unanswered"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop"]["outcome"] == "applied" and summary["stop"]["step"] == stop["step"]
     return stop

@@ -73,6 +73,26 @@ def test_a_token_budget_ends_at_its_step_annealed(tmp_path: Path) -> None:
     assert s["stop"]["cause"] == "budget" and s["stop"]["saved"]["amount"] == 0
 
 
+def test_a_token_budget_is_kept_by_the_job_when_the_controller_is_slower_than_it(tmp_path: Path) -> None:
+    """A job far faster than the exchange (unpaced steps: a 41-step run may be over before the
+    controller's first decision, here made slower still): the agent counts the tokens itself and
+    places the stop at the budget's last step, between two sync steps, and the controller logs it."""
+    steps = 41
+    policy = (
+        f"version: 1\nbudget:\n  tokens: {steps * TOKENS_PER_STEP}\n"
+        "controller:\n  sync_every: 2\n  decide_interval_s: 30\npolicies:\n  - kind: compute\n"
+    )
+    run = run_job(tmp_path, policy, max_steps=3 * steps)
+    assert run.handle.step_count == steps
+    [stop] = [d for d in run.decisions() if d["kind"] == "stop"]
+    assert stop["policy"] == "agent" and stop["outcome"] == "applied" and stop["step"] == steps, stop
+    assert "the last inside it" in stop["reason"]
+    s = run.summary
+    [tokens] = s["budgets"]
+    assert tokens["spent"] == tokens["limit"]
+    assert s["stop"]["outcome"] == "applied" and s["stop"]["step"] == steps
+
+
 def test_a_wall_time_budget_ends_within_tolerance(tmp_path: Path) -> None:
     """Tolerance: the job's last step ends within 10% of the budget or 3 steps of it, whichever is
     more (the job places the stop by its own clock and its last 4 step times; a step slower than
