@@ -238,7 +238,9 @@ def test_a_lost_node_is_noticed_and_the_elastic_restart_reconnects(tmp_path: Pat
     ctl, ready, token = sidecar(tmp_path, LOST_POLICY)
     port = free_port()
     args = ("--log-dir", str(tmp_path), "--ckpt-dir", str(tmp_path / "ckpt"), "--steps", str(STEPS))
-    args += ("--step-sleep", "0.02", "--save-every", "10")
+    # The replacement takes longer than the staleness limit to come back, as a lost host's does:
+    # a restart within it is not a gap (measured: a restart here can take as little as ~6 s).
+    args += ("--step-sleep", "0.02", "--save-every", "10", "--restart-delay", "15")
     shared = {
         "TRAINWARDEN_ENDPOINT": ready["endpoint"],
         "TRAINWARDEN_TOKEN": token,

@@ -35,7 +35,15 @@ def main() -> int:
     p.add_argument("--ckpt-dir", default=None, help="resume from here at start; save every --save-every")
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="initial ZeRO stage")
+    p.add_argument(
+        "--restart-delay",
+        type=float,
+        default=0.0,
+        help="seconds a restarted process waits before it starts (a lost host's replacement takes time)",
+    )
     args = p.parse_args()
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        time.sleep(args.restart_delay)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
