@@ -525,6 +525,13 @@ def test_the_manifests_wiring_runs_a_real_two_node_job(tmp_path: Path) -> None:
             assert p.wait(240) == 0, (tmp_path / f"pod{index}" / "torchrun.out").read_text()[-3000:]
         samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics") or {}
         assert samples.get(("trainwarden_step", (("run", "gpt-train"),))) == 40, sorted(samples)[:20]
+        # The memory of the rank on the other node reached /metrics too, through rank 0.
+        ranks = {
+            dict(labels).get("rank")
+            for (name, labels), value in samples.items()
+            if name == "trainwarden_device_memory_peak_bytes" and value > 0
+        }
+        assert ranks == {"0", "1"}, ranks
     finally:
         for p in pods:
             p.kill()
