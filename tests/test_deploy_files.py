@@ -248,6 +248,11 @@ def test_the_pod_passes_pod_security_restricted() -> None:
     pod-security-standards), for every container: non-root, no privilege escalation, every
     capability dropped, seccomp RuntimeDefault; and no ServiceAccount token, a bounded emptyDir."""
     _, spec = pod_spec(k8s_objects())
+    check_restricted(spec)
+
+
+def check_restricted(spec: dict[str, Any]) -> None:
+    """Pod Security "restricted" for one pod spec (also for tests/test_deploy_multi_node.py)."""
     pod_sc = spec.get("securityContext", {})
     assert spec.get("automountServiceAccountToken") is False, "no container talks to the API server"
     assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
