@@ -3,6 +3,7 @@ multiplier rides on top of the user's schedule; bad actions are refused, never r
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -321,3 +322,25 @@ def test_cpu_probe_sees_a_peak_between_two_samples() -> None:
     probe.release()
     used4, peak4 = probe.sample()
     assert peak4 >= used4 > 0
+
+
+def test_a_forked_childs_probe_reads_its_own_process() -> None:
+    """The probe keeps /proc/self open: a forked child (a DataLoader worker) must not read its
+    parent's memory through the inherited descriptor."""
+    probe = CpuProbe()
+    probe.sample()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: 96 MiB of its own, then its own RSS
+        os.close(r)
+        big = torch.ones(96 * 2**20 // 4)
+        used, _ = probe.sample()
+        os.write(w, str(used).encode())
+        del big
+        os._exit(0)
+    os.close(w)
+    child_used = int(os.read(r, 64))
+    os.close(r)
+    os.waitpid(pid, 0)
+    parent_used, _ = probe.sample()
+    assert child_used - parent_used >= 80 * 2**20, (child_used, parent_used)
