@@ -30,9 +30,10 @@ PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 
 
 def k8s_objects() -> dict[str, dict[str, Any]]:
-    """Every object of every manifest, by kind (each kind appears once)."""
+    """Every object of every manifest, by kind (each kind appears once); the Secret's template in
+    secrets/ (kept out of the folder `kubectl apply -f deploy/k8s/` applies) included."""
     objects: dict[str, dict[str, Any]] = {}
-    files = sorted(K8S.glob("*.yaml"))
+    files = sorted(K8S.glob("*.yaml")) + sorted((K8S / "secrets").glob("*.yaml"))
     assert files, "no manifests in deploy/k8s"
     for path in files:
         for doc in yaml.safe_load_all(path.read_text()):
@@ -220,6 +221,20 @@ def test_the_commented_kubernetes_example_is_valid_once_uncommented(tmp_path: Pa
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "projected", "secret"} | {
     "persistentVolumeClaim"
 }
+
+
+def test_applying_the_folder_never_overwrites_the_token_secret() -> None:
+    """`kubectl apply -f deploy/k8s/` (not recursive) applies what lies in the folder itself: the
+    Secret's template with its placeholder lies below it, so a real token made with `kubectl
+    create secret` is never replaced by the placeholder the controller refuses."""
+    kinds = {
+        doc["kind"]
+        for path in K8S.glob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc is not None
+    }
+    assert "Secret" not in kinds
+    assert (K8S / "secrets" / "secret.yaml").exists()
 
 
 def test_every_manifest_passes_the_kubernetes_schema() -> None:

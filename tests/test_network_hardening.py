@@ -510,7 +510,7 @@ def _controller_args(tmp_path: Path, token: str, *extra: str) -> Any:
 
 
 def _secret_placeholder() -> str:
-    doc = yaml.safe_load((REPO / "deploy" / "k8s" / "secret.yaml").read_text())
+    doc = yaml.safe_load((REPO / "deploy" / "k8s" / "secrets" / "secret.yaml").read_text())
     return doc["stringData"]["token"]
 
 
