@@ -113,6 +113,7 @@ class Agent:
         # (step, tokens so far) of the latest steps: the counted budget's forecast of a step's tokens.
         self._counts: deque[tuple[int, int]] = deque(maxlen=16)
         self.stopped_by_agent = False
+        self._stop_due = False  # a stop (ours or the controller's) reached the job
         if self.channel is not None:
             self._thread = threading.Thread(target=self._run, name="trainwarden-agent", daemon=True)
             self._thread.start()
@@ -169,6 +170,8 @@ class Agent:
         if self._scheduled:
             due = [a for a in self._scheduled if a.step <= step + 1]
             self._scheduled = [a for a in self._scheduled if a.step > step + 1]
+            # A stop applies now (every rank alike): the budget's end is kept, none of ours follows.
+            self._stop_due = self._stop_due or any(a.kind == KNOB_STOP for a in due)
         if self.rank == 0:
             rec = StepRecord(
                 step=step,
@@ -200,7 +203,7 @@ class Agent:
             self._first_time = now - max(0.0, step_time_s)
         self._counts.append((step, tokens))
         end = self.budget_end
-        if end is None or self.stopped_by_agent:
+        if end is None or self.stopped_by_agent or self._stop_due:
             return
         at, why = step, None
         counted = end.counted_tokens(self.shape.param_count)

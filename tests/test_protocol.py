@@ -412,7 +412,7 @@ def test_an_adapter_event_round_trips_and_rides_in_the_exchange() -> None:
     ("obj", "fragment"),
     [
         (_without(EVENT, "kind"), "event.kind is missing"),
-        (_with(EVENT, kind="reboot"), "event.kind must be one of oom_retry, got 'reboot'"),
+        (_with(EVENT, kind="reboot"), "event.kind must be one of oom_retry, budget_stop, got 'reboot'"),
         (_with(EVENT, kind=["oom_retry"]), "event.kind must be str"),
         (_with(EVENT, step=True), "event.step must be a number, got a boolean"),
         (_with(EVENT, step=-1), "event.step must be >= 0"),
