@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import time
 from pathlib import Path
 from typing import Any
 
 from trainwarden.adapters.channel import Channel, HttpChannel, LocalChannel
+from trainwarden.controller.identity import new_run_id
 from trainwarden.controller.protocol import (
     ENV_DISABLE,
     ENV_ENDPOINT,
@@ -33,10 +32,6 @@ log = logging.getLogger("trainwarden")
 
 class AttachError(RuntimeError):
     """trainwarden cannot attach as configured; the message says what to change."""
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def run_id_from_env() -> str:

@@ -41,10 +41,10 @@ from typing import Any
 
 import optuna
 
+from trainwarden.controller.schema import PolicyFile
 from trainwarden.policies.loader import load_policy_text
 from trainwarden.policies.replay import replay
 from trainwarden.policies.replay_trace import load_trace
-from trainwarden.policies.schema import PolicyFile
 from trainwarden.policies.tune import make_sampler, open_study, policy_text, run_study
 from trainwarden.policies.tune_replay import load_traces, replay_evaluator
 from trainwarden.policies.tune_run import RunWatcher

@@ -42,11 +42,11 @@ from trainwarden.controller.protocol import (
 )
 from trainwarden.controller.rundir import ensure_private_dir, write_private
 from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlWriter, read_jsonl
+from trainwarden.controller.schema import Budget, ControllerSettings, PolicyFile
 from trainwarden.controller.snapshot import Snapshot
 from trainwarden.controller.sources import MemorySource
 from trainwarden.controller.state import JobState
 from trainwarden.policies.base import PolicyKind
-from trainwarden.policies.schema import Budget, ControllerSettings, PolicyFile
 
 log = logging.getLogger(__name__)
 

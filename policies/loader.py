@@ -34,8 +34,7 @@ import yaml
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from trainwarden.policies import units
-from trainwarden.policies.schema import (
+from trainwarden.controller.schema import (
     STOP_MODES,
     Budget,
     ControllerSettings,
@@ -45,6 +44,7 @@ from trainwarden.policies.schema import (
     PolicySpec,
     Tuned,
 )
+from trainwarden.policies import units
 
 if typing.TYPE_CHECKING:
     from trainwarden.policies.base import PolicyKind

@@ -34,9 +34,9 @@ from trainwarden.controller.protocol import (
     RankMemory,
     StepRecord,
 )
+from trainwarden.controller.schema import PolicyFile
 from trainwarden.policies.replay_model import KnobModel, LossCurve, Residuals, residuals
 from trainwarden.policies.replay_trace import Trace
-from trainwarden.policies.schema import PolicyFile
 
 #: A run the policy never stops is replayed for at most this many times the recorded steps.
 MAX_STEPS_FACTOR = 4

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainwarden.policies.schema import PolicyFile
+from trainwarden.controller.schema import PolicyFile
 from trainwarden.policies.tune_space import InvalidParams, distributions, search_space, with_params
 
 

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainwarden.controller.schema import PolicyFile
 from trainwarden.policies.replay_trace import TraceError
-from trainwarden.policies.schema import PolicyFile
 from trainwarden.policies.tune import (
     TuneError,
     best_trial,

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_MICRO_BATCH, KNOB_STOP
+from trainwarden.controller.schema import Objective, PolicyFile
 from trainwarden.policies.memory import RUNG_KNOBS
 from trainwarden.policies.replay import ReplayResult, replay
 from trainwarden.policies.replay_model import KnobModel, fit_model
 from trainwarden.policies.replay_trace import Trace, load_trace
-from trainwarden.policies.schema import Objective, PolicyFile
 from trainwarden.policies.tune import TrialResult
 
 
