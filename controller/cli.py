@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune",
         help="tune a policy's parameters with Optuna, on recorded runs (--trace) or short real runs (-- CMD)",
     )
-    from trainwarden.policies import tune_cli  # argparse only; Optuna is imported when it runs
+    from trainwarden.policies.tuning import cli as tune_cli  # argparse only; Optuna is imported when it runs
 
     tune_cli.add_arguments(t)
     t.set_defaults(fn=tune_cli.cmd_tune)
