@@ -79,9 +79,9 @@ def embedded(
     run_id: str, policy: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str] | None
 ) -> tuple[Channel, Any]:
     """An in-process controller: the same loop, logs and policies as the sidecar, no network."""
+    from trainwarden.controller.embedded import PolicyFileError, load_policy_file
     from trainwarden.controller.loop import Controller
     from trainwarden.controller.sources import default_sources
-    from trainwarden.policies.loader import PolicyFileError, load_policy_file
 
     pf = None
     if policy is not None:
