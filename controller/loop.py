@@ -50,6 +50,7 @@ from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlW
 from trainwarden.controller.schema import Budget, ControllerSettings, PolicyFile
 from trainwarden.controller.snapshot import Snapshot
 from trainwarden.controller.sources import MemorySource
+from trainwarden.controller.staleness import RankWatch
 from trainwarden.controller.state import JobState
 from trainwarden.controller.summary import budget_report as budget_report
 from trainwarden.controller.summary import status_of, summary_of
@@ -156,13 +157,7 @@ class Controller:
         self.notices: list[str] = []
         #: This job answered a stop (applied or ignored): no second one.
         self._stop_answered = False
-        #: rank -> (controller clock, step) of the last record carrying that rank's telemetry.
-        self._rank_seen: dict[int, tuple[float, int]] = {}
-        #: Ranks now silent past the staleness limit (empty: every rank reports), and every gap
-        #: seen this run (ranks, last step before it, seconds, step telemetry resumed at).
-        self.stale_ranks: tuple[int, ...] = ()
-        self._stale_since: tuple[float, int] | None = None
-        self.telemetry_gaps: list[dict[str, Any]] = []
+        self._watch = RankWatch(log)
         self._recover()
         self.decisions = JsonlWriter(self.run_dir / DECISIONS_FILE)
         self.telemetry = JsonlWriter(self.run_dir / TELEMETRY_FILE)
@@ -259,49 +254,22 @@ class Controller:
             limit += SWITCH_GRACE_S
         return limit
 
+    @property
+    def stale_ranks(self) -> tuple[int, ...]:
+        """Ranks now silent past the staleness limit (empty: every rank reports)."""
+        return self._watch.stale_ranks
+
+    @property
+    def telemetry_gaps(self) -> list[dict[str, Any]]:
+        """Every gap seen this run (ranks, last step before it, seconds, step telemetry resumed at)."""
+        return self._watch.gaps
+
     def _check_telemetry(self, now: float) -> None:
         shape = self.state.shape
-        if shape is None or self.state.finished or not self._rank_seen:
-            return  # nothing to miss yet: no step reported (a job may take minutes to start)
-        limit = self.stale_after_s()
-        first = min(self._rank_seen.values())
-        stale = tuple(r for r in range(shape.world_size) if now - self._rank_seen.get(r, first)[0] > limit)
-        if stale == self.stale_ranks:
+        if shape is None or self.state.finished:
             return
-        if stale and not self.stale_ranks:
-            seen, step = min(self._rank_seen.get(r, first) for r in stale)
-            self._stale_since = (seen, step)
-            self.stale_ranks = stale
-            log.error(
-                "no telemetry from rank(s) %s of %d for %.1f s (last at step %d; limit %.1f s): a node or "
-                "process of the job is lost, or the job is hung in a collective. The controller keeps "
-                "the run; a restarted job (torchrun --max-restarts) reconnects here. summary.json written.",
-                ", ".join(map(str, stale)),
-                shape.world_size,
-                now - seen,
-                step,
-                limit,
-            )
+        if self._watch.update(shape.world_size, now, self.stale_after_s, self.state.step):
             self._write_summary(self._summary(now))
-            return
-        if not stale and self._stale_since is not None:
-            seen, step = self._stale_since
-            self.telemetry_gaps.append(
-                {
-                    "ranks": list(self.stale_ranks),
-                    "last_step": step,
-                    "seconds": round(now - seen, 3),
-                    "resumed_at_step": self.state.step,
-                }
-            )
-            log.warning(
-                "telemetry from rank(s) %s again at step %d, after %.1f s without",
-                ", ".join(map(str, self.stale_ranks)),
-                self.state.step,
-                now - seen,
-            )
-            self._stale_since = None
-        self.stale_ranks = stale
 
     # ---- the channel's two calls -------------------------------------------------------
     def check_start(self, shape: JobShape, new_job: bool = False) -> None:
@@ -405,7 +373,7 @@ class Controller:
                 # Freshness counts every record, a resent or replayed one too (a job restarted
                 # from a checkpoint reports steps the controller has seen): the ranks are alive.
                 for m in rec.memory:
-                    self._rank_seen[m.rank] = (now, rec.step)
+                    self._watch.seen(m.rank, now, rec.step)
             for event in events:  # first: a budget_stop's outcome may come in the same message
                 self._record_event(event, now)
             for out in outcomes:
