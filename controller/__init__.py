@@ -8,6 +8,7 @@ What lives where:
   attach_env.py (the files `run --attach` and the job share);
 - the loop: loop.py (Controller: hello, exchange, observe -> decide -> act), state.py and
   forecast.py (the folded picture of the job, throughput), backoff.py (per-kind failure back-off),
+  staleness.py (ranks gone silent),
   summary.py (status and summary.json), budget_end.py (a budget's end the job keeps itself);
 - serving it: server.py and httpserve.py (the channel), exporter.py (Prometheus), sources.py
   (procfs/NVML memory), runlog.py and rundir.py (the run's logs and directory), logsafe.py,
