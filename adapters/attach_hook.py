@@ -44,88 +44,32 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from trainwarden.adapters.import_patch import PatchingFinder
-from trainwarden.controller.protocol import ENV_ATTACH, ENV_RUN_DIR
+from trainwarden.controller.attach_env import (
+    IMPORTED_FILE,
+    SITE_DIR_NAME,
+    SITECUSTOMIZE,
+    WATCHED,
+    job_env,
+    write_site_dir,
+)
+from trainwarden.controller.protocol import ENV_RUN_DIR
 
 log = logging.getLogger("trainwarden")
 
 #: The drop-in keeps DeepSpeed's own initialize under this attribute (trainwarden builds its
 #: engines with it, and `original_initialize` finds it).
 ORIGINAL_ATTR = "__trainwarden_original__"
-#: Directory under the run directory that holds the job's sitecustomize.py.
-SITE_DIR_NAME = "attach"
 #: Top-level packages whose calls to deepspeed.initialize are left to DeepSpeed.
 LIBRARY_CALLERS = frozenset(
     {"accelerate", "transformers", "lightning", "pytorch_lightning", "lightning_fabric", "deepspeed"}
 )
 
-#: The job's sitecustomize.py. Standard library only until TRAINWARDEN_ATTACH says to attach;
-#: never raises (site would print "Error in sitecustomize" and go on, but a job should not
-#: see trainwarden fail at start-up).
-SITECUSTOMIZE = '''\
-"""Written by `trainwarden run --attach` (trainwarden.adapters.attach_hook): makes
-deepspeed.initialize return trainwarden's live handle, then runs the sitecustomize this one
-hides. Only on the PYTHONPATH of that run's job."""
-
-
-def _trainwarden_attach() -> None:
-    import importlib.machinery
-    import importlib.util
-    import os
-    import sys
-
-    if os.environ.get("TRAINWARDEN_ATTACH", "") not in ("", "0"):
-        try:
-            from trainwarden.adapters import attach_hook
-
-            attach_hook.install()
-        except Exception as exc:  # trainwarden not importable in this interpreter, or broken
-            sys.stderr.write(
-                f"trainwarden --attach: not attached in {sys.executable} ({type(exc).__name__}: {exc}); "
-                "the job runs without trainwarden\\n"
-            )
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
-    if spec is not None and spec.loader is not None:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sitecustomize"] = module
-        spec.loader.exec_module(module)
-
-
-_trainwarden_attach()
-del _trainwarden_attach
-'''
-
-
-def write_site_dir(directory: str | os.PathLike[str]) -> Path:
-    """Write the sitecustomize.py into `directory` (created); returns the directory."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return d
-
-
-def job_env(run_dir: str | os.PathLike[str], env: Mapping[str, str]) -> dict[str, str]:
-    """The variables a job needs to be attached: PYTHONPATH with the site directory first (the
-    job's own PYTHONPATH kept after it) and TRAINWARDEN_ATTACH=1. Writes the site directory."""
-    site = write_site_dir(Path(run_dir) / SITE_DIR_NAME)
-    existing = env.get("PYTHONPATH", "")
-    return {
-        "PYTHONPATH": os.pathsep.join([str(site), existing]) if existing else str(site),
-        ENV_ATTACH: "1",
-    }
-
-
-# ---- what the job imported, and what was attached ---------------------------------------------
-#: Frameworks whose import the hook notes (for `trainwarden run`'s "no job connected" line).
-WATCHED = ("torch", "deepspeed", "accelerate", "transformers", "lightning", "pytorch_lightning")
-IMPORTED_FILE = "imported.txt"
 _announced: set[str] = set()
 
 
@@ -162,16 +106,6 @@ def _watch_imports() -> None:
     run_dir = os.environ.get(ENV_RUN_DIR)
     if run_dir and not any(isinstance(f, _ImportWatcher) for f in sys.meta_path):
         sys.meta_path.insert(0, _ImportWatcher(run_dir))
-
-
-def imported_frameworks(run_dir: str | os.PathLike[str]) -> list[str]:
-    """The WATCHED frameworks the job's processes imported so far, in WATCHED's order."""
-    try:
-        text = (Path(run_dir) / SITE_DIR_NAME / IMPORTED_FILE).read_text()
-    except OSError:
-        return []
-    names = {line.split()[-1] for line in text.splitlines() if line.strip()}
-    return [n for n in WATCHED if n in names]
 
 
 # ---- the import hook ----------------------------------------------------------------------------

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import time
 from pathlib import Path
 from typing import Any
 
 from trainwarden.adapters.channel import Channel, HttpChannel, LocalChannel
+from trainwarden.controller.identity import new_run_id
 from trainwarden.controller.protocol import (
     ENV_DISABLE,
     ENV_ENDPOINT,
@@ -33,10 +32,6 @@ log = logging.getLogger("trainwarden")
 
 class AttachError(RuntimeError):
     """trainwarden cannot attach as configured; the message says what to change."""
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def run_id_from_env() -> str:
@@ -84,9 +79,9 @@ def embedded(
     run_id: str, policy: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str] | None
 ) -> tuple[Channel, Any]:
     """An in-process controller: the same loop, logs and policies as the sidecar, no network."""
+    from trainwarden.controller.embedded import PolicyFileError, load_policy_file
     from trainwarden.controller.loop import Controller
     from trainwarden.controller.sources import default_sources
-    from trainwarden.policies.loader import PolicyFileError, load_policy_file
 
     pf = None
     if policy is not None:

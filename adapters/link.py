@@ -21,7 +21,7 @@ from trainwarden.adapters.connect import connect, run_id_from_env
 from trainwarden.adapters.knobs import check_budget_at_start
 from trainwarden.adapters.probes import MemoryProbe
 from trainwarden.controller.protocol import ENV_SYNC_EVERY, JobShape
-from trainwarden.policies.schema import ControllerSettings
+from trainwarden.controller.schema import ControllerSettings
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
    with a 20% cooldown, seed 1 under 440 MiB with a 50% cooldown (so they visit large and small
    micro-batches, and two cooldown lengths).
 2. Tunes the policy for the held-out budget (seed 2, a 520 MiB cap, a larger token budget) by
-   replaying the training traces only: TPE (failure-aware, policies/tune_sampler.py), and random
+   replaying the training traces only: TPE (failure-aware, policies/tuning/sampler.py), and random
    search with the same number of trials (both seeded, both with the default parameters as trial 0).
 3. Runs the held-out configuration for real with the default parameters, TPE's best and random
    search's best, same seed (same data order), interleaved, `--repeats` times each; reads each
@@ -41,13 +41,13 @@ from typing import Any
 
 import optuna
 
+from trainwarden.controller.schema import PolicyFile
 from trainwarden.policies.loader import load_policy_text
-from trainwarden.policies.replay import replay
-from trainwarden.policies.replay_trace import load_trace
-from trainwarden.policies.schema import PolicyFile
-from trainwarden.policies.tune import make_sampler, open_study, policy_text, run_study
-from trainwarden.policies.tune_replay import load_traces, replay_evaluator
-from trainwarden.policies.tune_run import RunWatcher
+from trainwarden.policies.tuning.replay.simulate import replay
+from trainwarden.policies.tuning.replay.trace import load_trace
+from trainwarden.policies.tuning.study import make_sampler, open_study, policy_text, run_study
+from trainwarden.policies.tuning.trial_replay import load_traces, replay_evaluator
+from trainwarden.policies.tuning.trial_run import RunWatcher
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,7 +43,7 @@ from test_tune_study import POLICY as STUDY_POLICY  # noqa: E402
 from test_tune_study import TRACE_DIRS as TRACES  # noqa: E402
 
 from trainwarden.policies.loader import load_policy_text  # noqa: E402
-from trainwarden.policies.tune_space import distributions, search_space  # noqa: E402
+from trainwarden.policies.tuning.space import distributions, search_space  # noqa: E402
 
 #: The replay tests' policy (tests/test_tune_study.py), at the cap the recorded traces ran under.
 POLICY = STUDY_POLICY.format(cap="600MiB")

@@ -18,11 +18,17 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 
 CHALLENGE_HEADER = "X-Trainwarden-Challenge"
 PROOF_HEADER = "X-Trainwarden-Proof"
 #: A challenge is 32 hex digits; a server answers only challenges of at most this length.
 MAX_CHALLENGE_CHARS = 128
+
+
+def new_run_id() -> str:
+    """A fresh run id: the local start time and 6 random hex digits (`20260101-120000-a1b2c3`)."""
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def new_challenge() -> str:

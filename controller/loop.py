@@ -20,6 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainwarden.controller.backoff import BACKOFF_BASE_S as BACKOFF_BASE_S
+from trainwarden.controller.backoff import BACKOFF_MAX_S as BACKOFF_MAX_S
+from trainwarden.controller.backoff import DISABLED_FOR_S as DISABLED_FOR_S
+from trainwarden.controller.backoff import MAX_FAILURES as MAX_FAILURES
+from trainwarden.controller.backoff import KindBackoff
 from trainwarden.controller.budget_end import BudgetEnd
 from trainwarden.controller.identity import pid_namespace
 from trainwarden.controller.protocol import (
@@ -42,11 +47,15 @@ from trainwarden.controller.protocol import (
 )
 from trainwarden.controller.rundir import ensure_private_dir, write_private
 from trainwarden.controller.runlog import DECISIONS_FILE, TELEMETRY_FILE, JsonlWriter, read_jsonl
+from trainwarden.controller.schema import Budget, ControllerSettings, PolicyFile
 from trainwarden.controller.snapshot import Snapshot
 from trainwarden.controller.sources import MemorySource
+from trainwarden.controller.staleness import RankWatch
 from trainwarden.controller.state import JobState
+from trainwarden.controller.summary import budget_report as budget_report
+from trainwarden.controller.summary import status_of, summary_of
+from trainwarden.controller.summary import stop_report as stop_report
 from trainwarden.policies.base import PolicyKind
-from trainwarden.policies.schema import Budget, ControllerSettings, PolicyFile
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +70,6 @@ class BudgetSpentError(ProtocolError):
 #: heartbeat (an exchange every 0.5 s, retried at most every 5 s) has been silent this long.
 PIDS_GONE_SILENCE_S = 1.0
 HEARTBEAT_LOST_S = 30.0
-#: A kind of action that fails (rolled back or rejected by the job) this many times in a row
-#: is disabled for the run; between failures the controller waits BACKOFF_BASE_S, doubling.
-MAX_FAILURES = 3
-BACKOFF_BASE_S = 5.0
-BACKOFF_MAX_S = 300.0
-#: How long a disabled kind stays off (or until the job starts again): bounded, so that outcomes a
-#: token holder forges cannot switch a policy's actions off for a whole run.
-DISABLED_FOR_S = 1800.0
 #: Most steps a record may run ahead of the last one of the same job start: a record far beyond
 #: (a corrupt counter) would make every real step after it look like a resend.
 MAX_STEP_JUMP = 10**6
@@ -139,10 +140,7 @@ class Controller:
         self._last_decide = float("-inf")
         self._observed: dict[int, int] = {}
         self._rejected: set[tuple[str, str]] = set()
-        self._failures: dict[str, int] = {}
-        self._retry_after: dict[str, float] = {}
-        self._disabled: dict[str, float] = {}
-        """Kinds disabled after MAX_FAILURES in a row, with the time they may be tried again."""
+        self._backoff = KindBackoff(log)
         self._all_policies = list(self.policies)
         """Every policy of the file; `policies` is those that fit the job that said hello last."""
         self._jumps_refused = 0
@@ -159,13 +157,7 @@ class Controller:
         self.notices: list[str] = []
         #: This job answered a stop (applied or ignored): no second one.
         self._stop_answered = False
-        #: rank -> (controller clock, step) of the last record carrying that rank's telemetry.
-        self._rank_seen: dict[int, tuple[float, int]] = {}
-        #: Ranks now silent past the staleness limit (empty: every rank reports), and every gap
-        #: seen this run (ranks, last step before it, seconds, step telemetry resumed at).
-        self.stale_ranks: tuple[int, ...] = ()
-        self._stale_since: tuple[float, int] | None = None
-        self.telemetry_gaps: list[dict[str, Any]] = []
+        self._watch = RankWatch(log)
         self._recover()
         self.decisions = JsonlWriter(self.run_dir / DECISIONS_FILE)
         self.telemetry = JsonlWriter(self.run_dir / TELEMETRY_FILE)
@@ -262,49 +254,22 @@ class Controller:
             limit += SWITCH_GRACE_S
         return limit
 
+    @property
+    def stale_ranks(self) -> tuple[int, ...]:
+        """Ranks now silent past the staleness limit (empty: every rank reports)."""
+        return self._watch.stale_ranks
+
+    @property
+    def telemetry_gaps(self) -> list[dict[str, Any]]:
+        """Every gap seen this run (ranks, last step before it, seconds, step telemetry resumed at)."""
+        return self._watch.gaps
+
     def _check_telemetry(self, now: float) -> None:
         shape = self.state.shape
-        if shape is None or self.state.finished or not self._rank_seen:
-            return  # nothing to miss yet: no step reported (a job may take minutes to start)
-        limit = self.stale_after_s()
-        first = min(self._rank_seen.values())
-        stale = tuple(r for r in range(shape.world_size) if now - self._rank_seen.get(r, first)[0] > limit)
-        if stale == self.stale_ranks:
+        if shape is None or self.state.finished:
             return
-        if stale and not self.stale_ranks:
-            seen, step = min(self._rank_seen.get(r, first) for r in stale)
-            self._stale_since = (seen, step)
-            self.stale_ranks = stale
-            log.error(
-                "no telemetry from rank(s) %s of %d for %.1f s (last at step %d; limit %.1f s): a node or "
-                "process of the job is lost, or the job is hung in a collective. The controller keeps "
-                "the run; a restarted job (torchrun --max-restarts) reconnects here. summary.json written.",
-                ", ".join(map(str, stale)),
-                shape.world_size,
-                now - seen,
-                step,
-                limit,
-            )
+        if self._watch.update(shape.world_size, now, self.stale_after_s, self.state.step):
             self._write_summary(self._summary(now))
-            return
-        if not stale and self._stale_since is not None:
-            seen, step = self._stale_since
-            self.telemetry_gaps.append(
-                {
-                    "ranks": list(self.stale_ranks),
-                    "last_step": step,
-                    "seconds": round(now - seen, 3),
-                    "resumed_at_step": self.state.step,
-                }
-            )
-            log.warning(
-                "telemetry from rank(s) %s again at step %d, after %.1f s without",
-                ", ".join(map(str, self.stale_ranks)),
-                self.state.step,
-                now - seen,
-            )
-            self._stale_since = None
-        self.stale_ranks = stale
 
     # ---- the channel's two calls -------------------------------------------------------
     def check_start(self, shape: JobShape, new_job: bool = False) -> None:
@@ -408,7 +373,7 @@ class Controller:
                 # Freshness counts every record, a resent or replayed one too (a job restarted
                 # from a checkpoint reports steps the controller has seen): the ranks are alive.
                 for m in rec.memory:
-                    self._rank_seen[m.rank] = (now, rec.step)
+                    self._watch.seen(m.rank, now, rec.step)
             for event in events:  # first: a budget_stop's outcome may come in the same message
                 self._record_event(event, now)
             for out in outcomes:
@@ -425,9 +390,7 @@ class Controller:
         """A new start of the job said hello: its steps are its own (state.new_incarnation); the
         previous start's unanswered actions end, and kinds disabled by its failures may be tried."""
         self._end_pending("the job started again before applying it")
-        self._failures.clear()
-        self._retry_after.clear()
-        self._disabled.clear()
+        self._backoff.reset()
         log.info(
             "a new start of the job (previous: %s, at step %d): its steps count from its own first record",
             old.incarnation or "pids " + ",".join(map(str, old.pids)),
@@ -517,9 +480,7 @@ class Controller:
             action = dataclasses.replace(action, params={**rule, **action.params})
         if action.kind in snap.pending:
             return  # level-based: the pending action already asks for this knob
-        if now < self._disabled.get(action.kind, float("-inf")) or now < self._retry_after.get(
-            action.kind, 0.0
-        ):
+        if self._backoff.waiting(action.kind, now):
             return  # backing off after failures: no retry storm
         problem = self._cannot_carry(action, snap)
         if problem:
@@ -640,7 +601,7 @@ class Controller:
             act, decision.decided_step, decision.decided_at, out.outcome, out.step, out.duration_s, out.detail
         )
         if out.outcome != "ignored":  # not a failed switch: nothing to retry
-            self._back_off(act.kind, out.outcome, now)
+            self._backoff.record(act.kind, out.outcome, now)
 
     def _record_event(self, event: AdapterEvent, now: float) -> None:
         """What the adapter did by itself (an OOM retry): one decision line (policy `adapter`,
@@ -693,30 +654,6 @@ class Controller:
         changes = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in event.changes)
         self._log_decision(act, event.step, now, "applied", event.step, event.duration_s, changes)
 
-    def _back_off(self, kind: str, outcome: str, now: float) -> None:
-        """After a failed switch wait before the next try (doubling), and after
-        `MAX_FAILURES` failures in a row stop trying that kind of action for this run."""
-        if outcome in ("applied", "noop"):
-            self._failures.pop(kind, None)
-            self._retry_after.pop(kind, None)
-            return
-        n = self._failures[kind] = self._failures.get(kind, 0) + 1
-        if n >= MAX_FAILURES:
-            self._disabled[kind] = now + DISABLED_FOR_S
-            self._failures.pop(kind, None)
-            log.error(
-                "%s failed %d times in a row; no more %s actions this run for %.0f min, or until the job "
-                "starts again (the job keeps its configuration). Check the decision log for the errors.",
-                kind,
-                n,
-                kind,
-                DISABLED_FOR_S / 60,
-            )
-            return
-        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (n - 1))
-        self._retry_after[kind] = now + delay
-        log.warning("%s %s (failure %d of %d); next try in %.0f s", kind, outcome, n, MAX_FAILURES, delay)
-
     def _log_decision(
         self,
         act: Action,
@@ -768,69 +705,10 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            snap = self.state.snapshot(self.budget, frozenset(), self._observed)
-            binding = snap.binding_budget
-            return {
-                "run_id": self.run_id,
-                "connected": self.state.shape is not None,
-                "finished": self.state.finished,
-                "step": snap.step,
-                "loss": snap.loss,
-                "tokens": snap.tokens,
-                "tokens_per_second": snap.tokens_per_second,
-                "step_time_s": snap.step_time_s,
-                "memory_peak_bytes": snap.memory_peak_bytes,
-                "memory_cap_bytes": snap.memory_cap_bytes,
-                "config": dict(snap.config),
-                "budget": None
-                if binding is None
-                else {
-                    "name": binding.name,
-                    "fraction": binding.fraction,
-                    "remaining_s": binding.remaining_s,
-                    "forecast_end_time": snap.forecast_end_time(binding),
-                },
-                "eval_loss": snap.eval_loss,
-                "elapsed_s": snap.elapsed_s,
-                "nonfinite_losses": snap.nonfinite_losses,
-                "last_decision": self.last_decision,
-                "stop": None
-                if self.stop_decision is None
-                else {k: self.stop_decision.get(k) for k in ("step", "outcome", "detail")},
-                "notices": list(self.notices),
-                "actions": {f"{k}:{o}": n for (k, o), n in self.actions_total.items()},
-            }
+            return status_of(self)
 
     def _summary(self, now: float) -> dict[str, Any]:
-        summary = self.status()
-        summary["wall_time_s"] = now - self.started_at
-        summary["job_lost"] = self.job_lost
-        snap = self.state.snapshot(self.budget, frozenset(), self._observed)
-        summary["budgets"] = budget_report(snap)
-        summary["forecast"] = {
-            "seconds_per_step": snap.seconds_per_step,
-            "since_step": snap.throughput_since_step,
-            "throughput_changes_at_steps": list(self.state.forecast.changes),
-        }
-        summary["stop"] = stop_report(snap, self.stop_decision)
-        summary["nonfinite_losses"] = self.state.nonfinite_losses
-        summary["exit_code"] = self.exit_code
-        summary["peak_by_micro_batch"] = dict(self.state.peak_by_micro_batch)
-        summary["telemetry_stale_ranks"] = list(self.stale_ranks)
-        summary["telemetry_gaps"] = list(self.telemetry_gaps)
-        summary["config"] = dict(self.state.ran_config)
-        if self.state.shape is None:
-            # Not "step -1": nothing ran. The configuration is none the job ran either.
-            summary["step"] = None
-            summary["config"] = {}
-            summary["job"] = (
-                "no job connected: the command never attached trainwarden (add it to the script, "
-                "or use `trainwarden run --attach`)"
-            )
-        elif self.state.step < 0:
-            summary["step"] = 0
-            summary["job"] = "the job connected but finished no training step"
-        return summary
+        return summary_of(self, now)
 
     def _write_summary(self, summary: dict[str, Any]) -> None:
         try:
@@ -858,51 +736,3 @@ def same_job(old: JobShape, new: JobShape) -> bool:
     if old.incarnation and new.incarnation:
         return old.incarnation == new.incarnation
     return set(old.pids) == set(new.pids)
-
-
-def budget_report(snap: Snapshot) -> list[dict[str, Any]]:
-    """Each budget's spend, forecast end and whether it binds: what summary.json lists."""
-    binding = snap.binding_budget
-    return [
-        {
-            "name": b.name,
-            "unit": b.unit,
-            "spent": b.spent,
-            "limit": b.limit,
-            "fraction": b.fraction,
-            "rate_per_s": b.rate_per_s,
-            "remaining_s": b.remaining_s,
-            "forecast_end_time": snap.forecast_end_time(b),
-            "binding": binding is not None and b.name == binding.name,
-        }
-        for b in snap.budgets
-    ]
-
-
-def stop_report(snap: Snapshot, decision: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Why the run stopped, and how much of the binding budget it left unspent (negative: how
-    far it overran). None when no stop applied (the job ended on its own)."""
-    if decision is None:
-        return None
-    params = decision.get("params") or {}
-    cause = params.get("cause", "budget")
-    out: dict[str, Any] = {
-        "step": decision.get("step"),
-        "cause": cause,
-        "reason": decision.get("reason"),
-        # `ignored`: the job trained on after the stop (controller.stop: cooperative); `applied`:
-        # it stopped, by itself or ended by trainwarden (the detail says which).
-        "outcome": decision.get("outcome", "applied"),
-        "detail": decision.get("detail", ""),
-    }
-    binding = snap.binding_budget
-    if binding is not None:
-        left = binding.limit - binding.spent
-        out["saved"] = {
-            "budget": binding.name,
-            "unit": binding.unit,
-            "amount": left,
-            "fraction": left / binding.limit if binding.limit > 0 else 0.0,
-            "seconds": None if not binding.rate_per_s else left / binding.rate_per_s,
-        }
-    return out

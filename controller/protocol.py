@@ -457,7 +457,7 @@ class StepRecord:
     cpu_time_s: float | None = None
     """CPU seconds rank 0's process spent since the previous record (optional: older agents omit
     it, older controllers ignore it). Beside `step_time_s` it says what the machine's load did to
-    the step: the replay times CPU jobs in these units (policies/replay_model.py)."""
+    the step: the replay times CPU jobs in these units (policies/tuning/replay/model.py)."""
 
     def to_json(self) -> dict[str, Any]:
         return {

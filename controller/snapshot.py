@@ -11,7 +11,42 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainwarden.controller.protocol import KnobSpec, RankMemory
+from trainwarden.controller.protocol import (
+    KNOB_ACTIVATION_CHECKPOINTING,
+    KNOB_MICRO_BATCH,
+    KNOB_OFFLOAD_OPTIMIZER,
+    KNOB_OFFLOAD_PARAM,
+    KNOB_PRECISION,
+    KNOB_ZERO_STAGE,
+    KnobSpec,
+    RankMemory,
+)
+
+#: Knobs whose values key a memory footprint (`config_key`): a memory ladder rung's and the
+#: micro-batch. The controller keys what it learns by them and the memory policy reads it back.
+FOOTPRINT_KNOBS = (
+    KNOB_ZERO_STAGE,
+    KNOB_OFFLOAD_OPTIMIZER,
+    KNOB_OFFLOAD_PARAM,
+    KNOB_PRECISION,
+    KNOB_ACTIVATION_CHECKPOINTING,
+    KNOB_MICRO_BATCH,
+)
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """The canonical name of a configuration's footprint: `micro_batch_size=4,offload_optimizer=false,
+    offload_param=false,precision=fp32,zero_stage=1` (the knobs of FOOTPRINT_KNOBS it has, sorted).
+
+    The controller keys `peak_by_config` by it; a rung's key changes when its micro-batch or
+    precision does, which is what lets a rung once seen over the mark be forecast again."""
+    parts = []
+    for knob in sorted(FOOTPRINT_KNOBS):
+        if knob in config and config[knob] is not None:
+            value = config[knob]
+            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            parts.append(f"{knob}={text}")
+    return ",".join(parts)
 
 
 @dataclass(frozen=True)
@@ -74,7 +109,7 @@ class Snapshot:
     """Highest per-step memory peak (max over ranks) observed at each micro-batch size."""
     peak_by_config: Mapping[str, int] = field(default_factory=dict)
     """Highest per-step memory peak (max over ranks) observed under each configuration, keyed by
-    `trainwarden.policies.memory.config_key` (ZeRO stage, offloads, precision, micro-batch):
+    `config_key` (above) (ZeRO stage, offloads, precision, micro-batch):
     what the memory ladder learns each rung's footprint from."""
     recent_peaks: tuple[tuple[int, int], ...] = ()
     """(step, per-step peak, max over ranks) of the latest memory samples, oldest first (at most

@@ -21,9 +21,8 @@ from trainwarden.controller.protocol import (
     RankMemory,
     StepRecord,
 )
-from trainwarden.controller.snapshot import BudgetUse, Snapshot
-from trainwarden.policies.memory import config_key
-from trainwarden.policies.schema import Budget
+from trainwarden.controller.schema import Budget
+from trainwarden.controller.snapshot import BudgetUse, Snapshot, config_key
 
 if TYPE_CHECKING:
     from trainwarden.controller.protocol import AdapterEvent

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from trainwarden.controller.protocol import Action
+from trainwarden.controller.schema import Budget
 from trainwarden.controller.snapshot import Snapshot
-from trainwarden.policies.schema import Budget
 
 
 @dataclass(frozen=True)

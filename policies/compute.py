@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 from trainwarden.controller.forecast import GAIN_UNIT, MIN_EVAL_POINTS, loss_curve, marginal_gain
 from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_STOP, Action
+from trainwarden.controller.schema import Budget
 from trainwarden.controller.snapshot import BudgetUse, Snapshot
 from trainwarden.policies.base import PolicyKind, Range, param, register
-from trainwarden.policies.schema import Budget
 
 #: Seconds of decisions a stop is sent ahead of, on top of the lag: the controller decides at most
 #: every 0.5 s and the agent exchanges every 0.5 s, so one second covers the next chance to send it.

@@ -39,9 +39,9 @@ from trainwarden.controller.protocol import (
     Action,
     JobShape,
 )
+from trainwarden.controller.schema import Budget
 from trainwarden.controller.snapshot import Snapshot
 from trainwarden.policies.base import PolicyKind, Range, param, register
-from trainwarden.policies.schema import Budget
 
 _INF = float("inf")
 #: The rewards a domain can earn (DataParams.reward).

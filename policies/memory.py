@@ -51,21 +51,14 @@ from trainwarden.controller.protocol import (
     Action,
     KnobSpec,
 )
-from trainwarden.controller.snapshot import Snapshot
+from trainwarden.controller.schema import Budget
+from trainwarden.controller.snapshot import FOOTPRINT_KNOBS, Snapshot, config_key
 from trainwarden.policies.base import PolicyKind, Range, param, register
-from trainwarden.policies.schema import Budget
 from trainwarden.policies.units import format_bytes
 
-#: Knobs a ladder rung may name.
-RUNG_KNOBS = (
-    KNOB_ZERO_STAGE,
-    KNOB_OFFLOAD_OPTIMIZER,
-    KNOB_OFFLOAD_PARAM,
-    KNOB_PRECISION,
-    KNOB_ACTIVATION_CHECKPOINTING,
-)
-#: Knobs whose values key a footprint (`config_key`): the rung's and the micro-batch.
-FOOTPRINT_KNOBS = (*RUNG_KNOBS, KNOB_MICRO_BATCH)
+#: Knobs a ladder rung may name: the footprint's knobs (the contract's, controller/snapshot.py)
+#: but the micro-batch, which the ladder steps within a rung.
+RUNG_KNOBS = tuple(k for k in FOOTPRINT_KNOBS if k != KNOB_MICRO_BATCH)
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: Rung knobs every rung must name once one rung does (they have no natural default);
 #: an offload or activation checkpointing a rung does not name is off.
@@ -121,21 +114,6 @@ CPU_ZERO12_FIXED_BYTES = 47 * 2**20
 #: Bytes per parameter a ZeRO 1/2 engine saves over ZeRO 0 on a CPU at two ranks (measured); the
 #: partitioned share grows as 1 - 1/world, so the saving at N ranks is 2 x this x (1 - 1/N).
 CPU_ZERO12_SAVED_PER_PARAM_2_RANKS = 4.07
-
-
-def config_key(config: Mapping[str, Any]) -> str:
-    """The canonical name of a configuration's footprint: `micro_batch_size=4,offload_optimizer=false,
-    offload_param=false,precision=fp32,zero_stage=1` (the knobs of FOOTPRINT_KNOBS it has, sorted).
-
-    The controller keys `peak_by_config` by it; a rung's key changes when its micro-batch or
-    precision does, which is what lets a rung once seen over the mark be forecast again."""
-    parts = []
-    for knob in sorted(FOOTPRINT_KNOBS):
-        if knob in config and config[knob] is not None:
-            value = config[knob]
-            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-            parts.append(f"{knob}={text}")
-    return ",".join(parts)
 
 
 def describe_rung(rung: Rung | Mapping[str, Any]) -> str:

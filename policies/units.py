@@ -10,7 +10,7 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-from trainwarden.policies.schema import MemoryCap
+from trainwarden.controller.schema import MemoryCap
 
 # A number as people write it in a config file: 24, 1.5, .5, 2e9, 1_000_000.
 _NUMBER = r"[+-]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d+)?"

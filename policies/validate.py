@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from trainwarden.controller.schema import PolicyFile
 from trainwarden.policies.loader import PolicyFileError, Problem, build_policies, load_policy_file
-from trainwarden.policies.schema import PolicyFile
 
 
 def describe(pf: PolicyFile) -> str:

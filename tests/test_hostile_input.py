@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -64,52 +65,27 @@ HOT_GIB = 9.5  # above the high-water mark: at micro-batch 8 the policy asks for
 
 
 def shape() -> JobShape:
-    return JobShape(
-        run_id="run-hostile",
-        adapter="plain",
-        world_size=1,
+    knobs = (
+        KnobSpec(KNOB_MICRO_BATCH, 8, choices=(1, 2, 4, 8)),
+        KnobSpec(KNOB_LR_MULTIPLIER, 1.0, minimum=0.0, maximum=1.0),
+        KnobSpec(KNOB_STOP, False),
+    )
+    return helpers.job_shape(
+        "run-hostile",
+        knobs=knobs,
         param_count=10_000_000,
         global_batch_size=64,
         tokens_per_sample=128,
-        knobs=(
-            KnobSpec(KNOB_MICRO_BATCH, 8, choices=(1, 2, 4, 8)),
-            KnobSpec(KNOB_LR_MULTIPLIER, 1.0, minimum=0.0, maximum=1.0),
-            KnobSpec(KNOB_STOP, False),
-        ),
-        pids=(os.getpid(),),
-        device="cpu",
         device_total_bytes=64 * GiB,
-        sync_every=1,
     )
 
 
 def record(step: int, peak_gib: float = CALM_GIB, **override: Any) -> dict[str, Any]:
     """A step record as the agent sends it (a JSON object), with fields overridden."""
     peak = int(peak_gib * GiB)
-    n = min(step, 10**6)  # huge step numbers keep plausible times and counts
-    rec: dict[str, Any] = {
-        "step": step,
-        "time": 1000.0 + n,
-        "loss": 3.0,
-        "samples": 64 * n,
-        "tokens": 64 * 128 * n,
-        "step_time_s": 1.0,
-        "lr": 1e-3,
-        "config": {KNOB_MICRO_BATCH: 8},
-        "memory": [
-            {
-                "rank": 0,
-                "used_bytes": peak - GiB,
-                "peak_bytes": peak,
-                "total_bytes": 64 * GiB,
-                "device": "cpu",
-                "pid": os.getpid(),
-            }
-        ],
-        "domain_loss": {},
-    }
-    rec.update(override)
-    return rec
+    return helpers.step_record_json(
+        step, used_bytes=peak - GiB, peak_bytes=peak, total_bytes=64 * GiB, tokens_per_sample=128, **override
+    )
 
 
 def exchange_body(records: list[dict[str, Any]], outcomes: list[dict[str, Any]] | None = None) -> bytes:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -54,46 +55,17 @@ policies:
 
 
 def shape(incarnation: str = "first", pid: int | None = None, run_id: str = "run-ingest") -> dict[str, Any]:
-    return JobShape(
-        run_id=run_id,
-        adapter="plain",
-        world_size=1,
-        param_count=1000,
-        global_batch_size=64,
-        tokens_per_sample=16,
-        knobs=(KnobSpec(KNOB_MICRO_BATCH, 8, choices=(1, 2, 4, 8)),),
-        pids=(pid or os.getpid(),),
-        device="cpu",
-        device_total_bytes=4096 * MiB,
-        sync_every=1,
-    ).to_json() | {"incarnation": incarnation}  # which start of the job this is
+    job = helpers.job_shape(
+        run_id, global_batch_size=64, pids=(pid or os.getpid(),), device_total_bytes=4096 * MiB
+    )
+    return job.to_json() | {"incarnation": incarnation}  # which start of the job this is
 
 
 def record(step: int, peak_mib: float = 300.0, **override: Any) -> dict[str, Any]:
-    n = min(step, 10**6)
-    rec: dict[str, Any] = {
-        "step": step,
-        "time": 1000.0 + n,
-        "loss": 3.0,
-        "samples": 64 * n,
-        "tokens": 1024 * n,
-        "step_time_s": 1.0,
-        "lr": 1e-3,
-        "config": {KNOB_MICRO_BATCH: 8},
-        "memory": [
-            {
-                "rank": 0,
-                "used_bytes": int(peak_mib * MiB),
-                "peak_bytes": int(peak_mib * MiB),
-                "total_bytes": 4096 * MiB,
-                "device": "cpu",
-                "pid": os.getpid(),
-            }
-        ],
-        "domain_loss": {},
-    }
-    rec.update(override)
-    return rec
+    peak = int(peak_mib * MiB)
+    return helpers.step_record_json(
+        step, used_bytes=peak, peak_bytes=peak, total_bytes=4096 * MiB, **override
+    )
 
 
 def ticking_clock() -> Any:

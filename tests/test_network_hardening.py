@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import yaml
 from helpers import REPO
@@ -31,10 +32,8 @@ from helpers import REPO
 from trainwarden.adapters.channel import ChannelDown, HttpChannel
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import (
-    KNOB_MICRO_BATCH,
     PROTOCOL_VERSION,
     JobShape,
-    KnobSpec,
     RankMemory,
     StepRecord,
     exchange_message,
@@ -48,33 +47,12 @@ LOGGER = "trainwarden.controller.server"
 
 
 def shape(pid: int | None = None) -> JobShape:
-    return JobShape(
-        run_id="run-net",
-        adapter="plain",
-        world_size=1,
-        param_count=1000,
-        global_batch_size=8,
-        tokens_per_sample=16,
-        knobs=(KnobSpec(KNOB_MICRO_BATCH, 8, choices=(1, 2, 4, 8)),),
-        pids=(pid or os.getpid(),),
-        device="cpu",
-        device_total_bytes=2**34,
-        sync_every=1,
-    )
+    return helpers.job_shape("run-net", pids=(pid or os.getpid(),))
 
 
 def record(step: int) -> StepRecord:
-    return StepRecord(
-        step=step,
-        time=1000.0 + step,
-        loss=2.0,
-        samples=8 * step,
-        tokens=128 * step,
-        step_time_s=1.0,
-        lr=1e-3,
-        config={KNOB_MICRO_BATCH: 8},
-        memory=(RankMemory(0, 2**30, 2**30, 2**34, "cpu", os.getpid()),),
-    )
+    memory = (RankMemory(0, 2**30, 2**30, 2**34, "cpu", os.getpid()),)
+    return helpers.step_record(step, memory, loss=2.0)
 
 
 def wait_for(cond: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:

@@ -15,10 +15,10 @@ import pytest
 
 from trainwarden.controller.protocol import KNOB_MICRO_BATCH
 from trainwarden.policies.loader import load_policy_file
-from trainwarden.policies.replay import replay
-from trainwarden.policies.replay_model import LossCurve, fit_model
-from trainwarden.policies.replay_trace import TraceError, load_trace
-from trainwarden.policies.tune_space import with_params
+from trainwarden.policies.tuning.replay.model import LossCurve, fit_model
+from trainwarden.policies.tuning.replay.simulate import replay
+from trainwarden.policies.tuning.replay.trace import TraceError, load_trace
+from trainwarden.policies.tuning.space import with_params
 
 TRACES = Path(__file__).parent / "traces"
 RECORDED_WITH = TRACES / "recorded_with.yaml"

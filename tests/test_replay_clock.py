@@ -12,9 +12,9 @@ from test_agent import Job, _events, _point_at, _serve, clean_env, wait_for  # n
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import StepRecord
 from trainwarden.policies.loader import load_policy_file
-from trainwarden.policies.replay import replay
-from trainwarden.policies.replay_model import fit_model
-from trainwarden.policies.replay_trace import Trace, load_trace
+from trainwarden.policies.tuning.replay.model import fit_model
+from trainwarden.policies.tuning.replay.simulate import replay
+from trainwarden.policies.tuning.replay.trace import Trace, load_trace
 
 TRACES = Path(__file__).parent / "traces"
 RECORDED_WITH = TRACES / "recorded_with.yaml"

@@ -10,15 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import (
-    KNOB_MICRO_BATCH,
     MAX_BODY_BYTES,
     PROTOCOL_VERSION,
     JobShape,
-    KnobSpec,
     RankMemory,
     StepRecord,
     exchange_message,
@@ -33,33 +32,21 @@ GiB = 2**30
 
 
 def shape() -> JobShape:
-    return JobShape(
-        run_id="run-srv",
-        adapter="plain",
-        world_size=1,
+    return helpers.job_shape(
+        "run-srv",
+        micro_batch=4,
+        choices=(1, 2, 4),
         param_count=10_000_000,
         global_batch_size=16,
         tokens_per_sample=128,
-        knobs=(KnobSpec(KNOB_MICRO_BATCH, 4, choices=(1, 2, 4)),),
         pids=(12345,),
-        device="cpu",
         device_total_bytes=16 * GiB,
-        sync_every=1,
     )
 
 
 def record(step: int) -> StepRecord:
-    return StepRecord(
-        step=step,
-        time=1000.0 + step,
-        loss=3.0,
-        samples=16 * step,
-        tokens=16 * 128 * step,
-        step_time_s=0.5,
-        lr=1e-3,
-        config={KNOB_MICRO_BATCH: 4},
-        memory=(RankMemory(0, GiB, GiB, 16 * GiB, "cpu", 12345),),
-    )
+    memory = (RankMemory(0, GiB, GiB, 16 * GiB, "cpu", 12345),)
+    return helpers.step_record(step, memory, batch=16, tokens_per_sample=128, step_time_s=0.5, micro_batch=4)
 
 
 @pytest.fixture

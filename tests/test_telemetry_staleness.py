@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import helpers
 import pytest
 
 from trainwarden.adapters.agent import Agent
@@ -52,36 +53,18 @@ class Clock:
 
 
 def shape(pids: tuple[int, ...] = (11, 12)) -> JobShape:
-    return JobShape(
-        run_id="stale",
-        adapter="plain",
-        world_size=2,
-        param_count=1000,
-        global_batch_size=8,
-        tokens_per_sample=16,
-        knobs=(
-            KnobSpec(KNOB_MICRO_BATCH, 4, choices=(1, 2, 4)),
-            KnobSpec(KNOB_ZERO_STAGE, 0, choices=(0, 1)),
-        ),
-        pids=pids,
-        device="cpu",
-        device_total_bytes=1024 * MiB,
-        sync_every=2,
+    knobs = (
+        KnobSpec(KNOB_MICRO_BATCH, 4, choices=(1, 2, 4)),
+        KnobSpec(KNOB_ZERO_STAGE, 0, choices=(0, 1)),
+    )
+    return helpers.job_shape(
+        "stale", knobs=knobs, world_size=2, pids=pids, device_total_bytes=1024 * MiB, sync_every=2
     )
 
 
 def record(step: int, t: float, ranks: tuple[int, ...] = (0, 1)) -> StepRecord:
-    return StepRecord(
-        step=step,
-        time=t,
-        loss=3.0,
-        samples=8 * step,
-        tokens=128 * step,
-        step_time_s=0.05,
-        lr=1e-3,
-        config={KNOB_MICRO_BATCH: 4},
-        memory=tuple(RankMemory(r, 100 * MiB, 120 * MiB, 1024 * MiB, "cpu", 11 + r) for r in ranks),
-    )
+    memory = tuple(RankMemory(r, 100 * MiB, 120 * MiB, 1024 * MiB, "cpu", 11 + r) for r in ranks)
+    return helpers.step_record(step, memory, time=t, step_time_s=0.05, micro_batch=4)
 
 
 def test_silent_ranks_are_said_once_with_a_summary_and_a_restart_clears_them(

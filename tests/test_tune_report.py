@@ -17,9 +17,9 @@ from test_tune_study import policy as write
 from trainwarden.controller.cli import main
 from trainwarden.policies.loader import load_policy_file
 from trainwarden.policies.schema import PolicyFile
-from trainwarden.policies.tune_replay import load_traces, replay_evaluator
-from trainwarden.policies.tune_report import replay_comparison, study_comparison
-from trainwarden.policies.tune_space import current_values, distributions, search_space
+from trainwarden.policies.tuning.report import replay_comparison, study_comparison
+from trainwarden.policies.tuning.space import current_values, distributions, search_space
+from trainwarden.policies.tuning.trial_replay import load_traces, replay_evaluator
 
 LINE = re.compile(
     r"best final_loss (\S+) against (\S+) for the file's own values \(replayed on the same traces\)"

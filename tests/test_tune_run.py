@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 from trainwarden.controller.cli import main
 from trainwarden.controller.runlog import read_jsonl
 from trainwarden.policies.loader import load_policy_file
-from trainwarden.policies.tune import open_study, run_study
-from trainwarden.policies.tune_run import run_evaluator
+from trainwarden.policies.tuning.study import open_study, run_study
+from trainwarden.policies.tuning.trial_run import run_evaluator
 
 pytestmark = pytest.mark.slow
 

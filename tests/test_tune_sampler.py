@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from trainwarden.policies.tune_sampler import FailureAwareTPESampler, _FailuresAsInfeasible
+from trainwarden.policies.tuning.sampler import FailureAwareTPESampler, _FailuresAsInfeasible
 
 SPACE = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
 

@@ -14,8 +14,8 @@ from trainwarden.policies import base
 from trainwarden.policies.base import PolicyKind, Range, param
 from trainwarden.policies.loader import load_policy_text
 from trainwarden.policies.schema import Budget
-from trainwarden.policies.tune import TrialResult, open_study, policy_text, run_study
-from trainwarden.policies.tune_space import InvalidParams, distributions, search_space, with_params
+from trainwarden.policies.tuning.space import InvalidParams, distributions, search_space, with_params
+from trainwarden.policies.tuning.study import TrialResult, open_study, policy_text, run_study
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def test_the_first_trial_of_a_new_study_is_the_files_own_values(tmp_path: Path) 
 
 
 def test_a_policy_whose_knobs_the_replay_does_not_model_is_named(tmp_path: Path) -> None:
-    from trainwarden.policies.tune_replay import unmodelled
+    from trainwarden.policies.tuning.trial_replay import unmodelled
 
     pf = load_policy_text(FILE, str(tmp_path / "p.yaml"))
     (line,) = unmodelled(pf)  # compute's knobs are modelled; the new kind's are not

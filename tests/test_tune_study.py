@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 
 from trainwarden.controller.cli import main
 from trainwarden.policies.loader import PolicyFileError, load_policy_file, load_policy_text
-from trainwarden.policies.tune import open_study, run_study
-from trainwarden.policies.tune_replay import load_traces, replay_evaluator
+from trainwarden.policies.tuning.study import open_study, run_study
+from trainwarden.policies.tuning.trial_replay import load_traces, replay_evaluator
 
 TRACES = Path(__file__).parent / "traces"
 TRACE_DIRS = [str(p) for p in sorted(TRACES.glob("demo-*"))]

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from trainwarden.controller.schema import PolicyFile
 from trainwarden.policies.base import Range, kinds, tunable_ranges
-from trainwarden.policies.schema import PolicyFile
 
 
 @dataclass(frozen=True)

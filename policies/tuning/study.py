@@ -1,7 +1,7 @@
 """`trainwarden tune`: search a policy file's tunable parameters with Optuna.
 
-One loop for both ways of scoring a trial (replayed traces, policies/tune_replay.py; short real
-runs, policies/tune_run.py): ask Optuna for parameters, build the trial's policy file, score it,
+One loop for both ways of scoring a trial (replayed traces, policies/tuning/trial_replay.py; short real
+runs, policies/tuning/trial_run.py): ask Optuna for parameters, build the trial's policy file, score it,
 tell Optuna. The study lives in an Optuna storage (SQLite by default; any RDB URL lets many
 machines tune one study, Optuna's own distributed mode), so a tune is resumed by running the
 same command again: `--trials N` is the number of finished trials the study should have.
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainwarden.policies.schema import PolicyFile
-from trainwarden.policies.tune_space import InvalidParams, distributions, search_space, with_params
+from trainwarden.controller.schema import PolicyFile
+from trainwarden.policies.tuning.space import InvalidParams, distributions, search_space, with_params
 
 
 class TuneError(ValueError):
@@ -64,9 +64,9 @@ def open_study(
     storage: str, study_name: str, direction: str, sampler: Any, pruner: Any = None, lock: Any = None
 ) -> Any:
     """The study, created or loaded (`load_if_exists`); TuneError for a storage that cannot be used.
-    `lock` (policies/tune_claim.py) is held meanwhile: workers starting together on a new database
+    `lock` (policies/tuning/claim.py) is held meanwhile: workers starting together on a new database
     otherwise race to create Optuna's tables (PostgreSQL: a duplicate-key error on its enum type)."""
-    from trainwarden.policies.tune_claim import NoLock
+    from trainwarden.policies.tuning.claim import NoLock
 
     with lock or NoLock():
         return _open_study(storage, study_name, direction, sampler, pruner)
@@ -113,7 +113,7 @@ def make_sampler(name: str, seed: int | None) -> Any:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
-        from trainwarden.policies.tune_sampler import FailureAwareTPESampler
+        from trainwarden.policies.tuning.sampler import FailureAwareTPESampler
 
         return FailureAwareTPESampler(seed=seed, n_startup_trials=8)
     raise TuneError(f"--sampler {name!r} is not known; use tpe or random")
@@ -143,11 +143,11 @@ def run_study(
     lock: Any = None,
 ) -> int:
     """Run trials until the study has `n_trials` finished or running (in this or other workers);
-    returns how many this call ran. `lock` (policies/tune_claim.py) serializes the claim of a
+    returns how many this call ran. `lock` (policies/tuning/claim.py) serializes the claim of a
     trial across workers, so the study ends at exactly `n_trials` and no trial runs twice."""
     from optuna.trial import TrialState
 
-    from trainwarden.policies.tune_claim import NoLock
+    from trainwarden.policies.tuning.claim import NoLock
 
     lock = lock or NoLock()
     dims = search_space(pf)
@@ -159,7 +159,7 @@ def run_study(
     while True:
         with lock:
             if not study.get_trials(deepcopy=False):
-                from trainwarden.policies.tune_space import current_values
+                from trainwarden.policies.tuning.space import current_values
 
                 baseline = current_values(pf, dims)
                 if baseline:
@@ -198,7 +198,7 @@ def claim_writing(study: Any, n_trials: int, lock: Any = None) -> bool | None:
     trials still run in other workers (the one that tells the last of them writes it)."""
     from optuna.trial import TrialState
 
-    from trainwarden.policies.tune_claim import WRITTEN_ATTR, NoLock
+    from trainwarden.policies.tuning.claim import WRITTEN_ATTR, NoLock
 
     with lock or NoLock():
         trials = study.get_trials(deepcopy=False)

@@ -18,9 +18,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from trainwarden.policies.schema import PolicyFile
-from trainwarden.policies.tune import Evaluate, finished
-from trainwarden.policies.tune_space import current_values, search_space
+from trainwarden.controller.schema import PolicyFile
+from trainwarden.policies.tuning.space import current_values, search_space
+from trainwarden.policies.tuning.study import Evaluate, finished
 
 
 @dataclass(frozen=True)

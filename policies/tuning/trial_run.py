@@ -29,9 +29,9 @@ from typing import Any
 
 from trainwarden.controller.protocol import ProtocolError, StepRecord
 from trainwarden.controller.runlog import TELEMETRY_FILE
+from trainwarden.controller.schema import Objective, PolicyFile
 from trainwarden.controller.state import JobState
-from trainwarden.policies.schema import Objective, PolicyFile
-from trainwarden.policies.tune import TrialResult, policy_text, write_atomic
+from trainwarden.policies.tuning.study import TrialResult, policy_text, write_atomic
 
 #: Seconds a stopped trial run gets to end on SIGTERM before its process group is killed.
 STOP_GRACE_S = 15.0

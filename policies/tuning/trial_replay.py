@@ -1,7 +1,7 @@
 """Scoring a trial by replaying recorded runs (`trainwarden tune --trace RUN_DIR ...`).
 
 The model is calibrated once on all the traces; each trace is then replayed under the trial's
-policy file (policies/replay.py), and the trial's value is the mean of the objective's metric
+policy file (policies/tuning/replay/simulate.py), and the trial's value is the mean of the objective's metric
 over the traces. A memory cap broken in any trace, beyond what the objective allows, fails
 the trial.
 """
@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_MICRO_BATCH, KNOB_STOP
+from trainwarden.controller.schema import Objective, PolicyFile
 from trainwarden.policies.memory import RUNG_KNOBS
-from trainwarden.policies.replay import ReplayResult, replay
-from trainwarden.policies.replay_model import KnobModel, fit_model
-from trainwarden.policies.replay_trace import Trace, load_trace
-from trainwarden.policies.schema import Objective, PolicyFile
-from trainwarden.policies.tune import TrialResult
+from trainwarden.policies.tuning.replay.model import KnobModel, fit_model
+from trainwarden.policies.tuning.replay.simulate import ReplayResult, replay
+from trainwarden.policies.tuning.replay.trace import Trace, load_trace
+from trainwarden.policies.tuning.study import TrialResult
 
 
 def load_traces(paths: Sequence[str]) -> list[Trace]:
@@ -26,7 +26,7 @@ def load_traces(paths: Sequence[str]) -> list[Trace]:
     traces = [load_trace(p) for p in paths]
     shapes = {(t.shape.param_count, t.shape.global_batch_size, t.shape.world_size) for t in traces}
     if len(shapes) > 1:
-        from trainwarden.policies.replay_trace import TraceError
+        from trainwarden.policies.tuning.replay.trace import TraceError
 
         raise TraceError(
             "the traces are of different jobs (parameters, global batch, world size differ: "

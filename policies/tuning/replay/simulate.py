@@ -34,9 +34,9 @@ from trainwarden.controller.protocol import (
     RankMemory,
     StepRecord,
 )
-from trainwarden.policies.replay_model import KnobModel, LossCurve, Residuals, residuals
-from trainwarden.policies.replay_trace import Trace
-from trainwarden.policies.schema import PolicyFile
+from trainwarden.controller.schema import PolicyFile
+from trainwarden.policies.tuning.replay.model import KnobModel, LossCurve, Residuals, residuals
+from trainwarden.policies.tuning.replay.trace import Trace
 
 #: A run the policy never stops is replayed for at most this many times the recorded steps.
 MAX_STEPS_FACTOR = 4

@@ -42,7 +42,7 @@ from typing import Any
 
 from trainwarden.controller.protocol import KNOB_MICRO_BATCH, StepRecord
 from trainwarden.policies.memory import config_key
-from trainwarden.policies.replay_trace import Trace
+from trainwarden.policies.tuning.replay.trace import Trace
 
 #: Grids of the loss law's two non-linear constants (the rest is a linear least-squares fit).
 _ALPHAS = (0.01, 0.02, 0.03, *(0.05 * i for i in range(1, 31)))

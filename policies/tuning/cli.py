@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainwarden.policies.replay_trace import TraceError
-from trainwarden.policies.schema import PolicyFile
-from trainwarden.policies.tune import (
+from trainwarden.controller.schema import PolicyFile
+from trainwarden.policies.tuning.replay.trace import TraceError
+from trainwarden.policies.tuning.study import (
     TuneError,
     best_trial,
     claim_writing,
@@ -113,7 +113,7 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
     out = Path(args.out or f"{stem}.tuned.yaml")
     sampler = make_sampler(args.sampler, args.seed)
     if mode == "replay":
-        from trainwarden.policies.tune_replay import load_traces, replay_evaluator, unmodelled
+        from trainwarden.policies.tuning.trial_replay import load_traces, replay_evaluator, unmodelled
 
         traces = load_traces(args.trace)
         evaluate, model = replay_evaluator(traces, objective)
@@ -125,12 +125,12 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
             say(f"  note: {note}")
         pruner = optuna.pruners.NopPruner()
     else:
-        from trainwarden.policies.tune_run import run_evaluator
+        from trainwarden.policies.tuning.trial_run import run_evaluator
 
         work = Path(args.work_dir or Path("tune-runs") / study_name)
         evaluate = run_evaluator(command, objective, work, timeout_s=args.trial_timeout, say=say)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=10)
-    from trainwarden.policies.tune_claim import StudyLock
+    from trainwarden.policies.tuning.claim import StudyLock
 
     lock = StudyLock(storage, study_name)
     try:
@@ -168,7 +168,7 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
         )
         return 0
     best = best_trial(study)
-    from trainwarden.policies.tune_report import replay_comparison, study_comparison
+    from trainwarden.policies.tuning.report import replay_comparison, study_comparison
 
     comparison = (
         replay_comparison(pf, best, evaluate) if mode == "replay" else study_comparison(pf, study, best)
