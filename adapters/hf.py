@@ -21,7 +21,7 @@ controller decided; the Trainer's own control flags carry the rest.
   `on_stop` hooks run first, as in the other adapters.
 - the validation loss of each evaluation (`eval_loss` in `on_evaluate`) goes to the controller,
   for the compute policy's stopping rule.
-- the live data mixture (`mixture=`, adapters/data.py): its knobs are carried and its per-domain
+- the live data mixture (`mixture=`, adapters/data/): its knobs are carried and its per-domain
   loss reported. The Trainer must draw from it: give the Trainer a `MixtureSampler` (override
   `_get_train_sampler` to return it) and call `mixture.observe(per_sample_loss, inputs["index"])`
   in `compute_loss`.
@@ -41,8 +41,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from trainwarden.adapters.agent import Agent
-from trainwarden.adapters.batching import counted_tokens
+from trainwarden.adapters.core.agent import Agent
+from trainwarden.adapters.core.batching import counted_tokens
+from trainwarden.adapters.core.link import open_link, start_agent
+from trainwarden.adapters.core.probes import probe_for
+from trainwarden.adapters.core.stop import stop_closes, training_step_begins
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
@@ -51,9 +54,6 @@ from trainwarden.adapters.knobs import (
     check_eval_loss,
     stop_hooks_arg,
 )
-from trainwarden.adapters.link import open_link, start_agent
-from trainwarden.adapters.probes import probe_for
-from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
     KNOB_STOP,
@@ -174,7 +174,7 @@ class TrainwardenCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        # After the step's batches were loaded, before its first forward (adapters/stop.py).
+        # After the step's batches were loaded, before its first forward (adapters/core/stop.py).
         training_step_begins(self, int(state.global_step) + 1)
 
     def on_pre_optimizer_step(

@@ -14,7 +14,7 @@
 
 Knobs: `micro_batch_size` (the global batch is kept: accumulation = global / micro),
 `lr_multiplier` (applied on top of the user's scheduler at every step), and `stop`. With
-`attach(..., mixture=mix)` (adapters/data.py) also the data mixture's: `domain_weights`,
+`attach(..., mixture=mix)` (adapters/data/) also the data mixture's: `domain_weights`,
 `curriculum_level`, `prune_fraction`; `step()` then reports the per-domain loss the loop gave
 `mix.observe` and tells the mixture how many samples the step consumed (its resume position).
 Actions are applied inside `step()`, after the optimizer step: a step boundary. When the stop
@@ -35,8 +35,11 @@ from typing import Any
 
 import torch
 
-from trainwarden.adapters.batching import batch_size, micro_slices, regroup, slice_batch
-from trainwarden.adapters.connect import AttachError
+from trainwarden.adapters.core.batching import batch_size, micro_slices, regroup, slice_batch
+from trainwarden.adapters.core.connect import AttachError
+from trainwarden.adapters.core.link import open_link, start_agent
+from trainwarden.adapters.core.probes import probe_for
+from trainwarden.adapters.core.stop import stop_closes, training_step_begins
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
@@ -46,9 +49,6 @@ from trainwarden.adapters.knobs import (
     lr_scaled,
     stop_hooks_arg,
 )
-from trainwarden.adapters.link import open_link, start_agent
-from trainwarden.adapters.probes import probe_for
-from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
@@ -119,7 +119,7 @@ class Handle:
             )
         self.model = model
         self.optimizer = optimizer
-        # The live data mixture (adapters/data.py), whose knobs this handle carries and whose
+        # The live data mixture (adapters/data/), whose knobs this handle carries and whose
         # per-domain loss it reports.
         self.mixture = mixture
         self.scheduler = scheduler
@@ -286,7 +286,7 @@ class Handle:
         atexit.unregister(self.close)
 
     def _tw_checkpoint(self, directory: os.PathLike[str]) -> str:
-        """The state at the stop, for trainwarden's end of the job (adapters/stop.py): model,
+        """The state at the stop, for trainwarden's end of the job (adapters/core/stop.py): model,
         optimizer and scheduler state dicts in `directory`/trainwarden.pt (rank 0 writes)."""
         path = os.path.join(directory, "trainwarden.pt")
         if self.rank == 0:

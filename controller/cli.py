@@ -290,7 +290,7 @@ NO_CONNECT_AFTER_S = float(os.environ.get("TRAINWARDEN_NO_CONNECT_AFTER_S", "20"
 def no_connect_line(elapsed_s: float, run_dir: Path, attach: bool) -> str:
     """Why no job has connected yet, and how to attach: which frameworks the job imported (known
     in attach mode: the import hook writes them to the run directory)."""
-    from trainwarden.adapters.attach_hook import imported_frameworks
+    from trainwarden.adapters.attach import imported_frameworks
 
     head = f"no job connected after {elapsed_s:.0f} s"
     if not attach:
@@ -390,7 +390,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("no command to run: trainwarden run --policy P.yaml -- python train.py ...")
     pf = _load_policy(args.policy)  # fail here, before anything starts, on a bad file
     _parse_listen(args.listen)  # a bad --listen is said here, not by the controller's log
-    from trainwarden.adapters.connect import new_run_id
+    from trainwarden.adapters.core.connect import new_run_id
     from trainwarden.controller.budget_end import ENV_BUDGET_END, BudgetEnd
     from trainwarden.controller.launch import DEFAULT_GRACE_S, Job
     from trainwarden.controller.supervise import ControllerStartError, Supervisor, say_on_stderr
@@ -448,7 +448,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if end is not None:  # the job keeps the budget's end by itself if no controller can be had
         env[ENV_BUDGET_END] = json.dumps(end.to_json())
     if getattr(args, "attach", False):
-        from trainwarden.adapters.attach_hook import job_env
+        from trainwarden.adapters.attach import job_env
 
         env.update(job_env(run_dir, env))
     grace = getattr(args, "stop_grace", DEFAULT_GRACE_S)

@@ -17,7 +17,7 @@ import torch
 from ds_helpers import deepspeed_env, ds_config  # noqa: F401 - deepspeed_env is a fixture
 
 from trainwarden.adapters import deepspeed as twds
-from trainwarden.adapters import ds_state
+from trainwarden.adapters.deepspeed import state as ds_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_env")]
 

@@ -23,8 +23,9 @@ from ds_helpers import (  # noqa: F401 - deepspeed_env is a fixture
 )
 
 from trainwarden.adapters import deepspeed as twds
-from trainwarden.adapters import ds_oom, ds_state
-from trainwarden.adapters.ds_config import Setting
+from trainwarden.adapters.deepspeed import oom as ds_oom
+from trainwarden.adapters.deepspeed import state as ds_state
+from trainwarden.adapters.deepspeed.config import Setting
 from trainwarden.controller.runlog import DECISIONS_FILE, read_jsonl
 
 OOM = torch.cuda.OutOfMemoryError

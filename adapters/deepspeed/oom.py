@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from trainwarden.adapters.ds_config import Setting, micro_batch_choices, with_micro_batch
+from trainwarden.adapters.deepspeed.config import Setting, micro_batch_choices, with_micro_batch
 
 
 def default_oom_errors() -> tuple[type[BaseException], ...]:

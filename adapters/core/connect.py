@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainwarden.adapters.channel import Channel, HttpChannel, LocalChannel
+from trainwarden.adapters.core.channel import Channel, HttpChannel, LocalChannel
 from trainwarden.controller.protocol import (
     ENV_DISABLE,
     ENV_ENDPOINT,

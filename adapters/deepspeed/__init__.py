@@ -12,9 +12,9 @@ Why: DeepSpeed changes ZeRO stage, precision or offload only through a checkpoin
 offline conversion and a restart, and for many pairs (stage 1/2 <-> 3, fp32 -> bf16) its
 checkpoints cannot carry the optimizer state at all. Here the switch happens inside the
 running job at a step boundary: the whole training state is read into one host-side fp32
-copy (adapters/ds_state.py), the old engine is destroyed and its memory released, a new engine
+copy (adapters/deepspeed/state.py), the old engine is destroyed and its memory released, a new engine
 is built over the same module from the user's config with only the switched keys rewritten
-(adapters/ds_config.py), and the state is written into it bit for bit. If anything fails once
+(adapters/deepspeed/config.py), and the state is written into it bit for bit. If anything fails once
 the old engine is gone, the previous configuration is rebuilt from the same host copy.
 
 What it costs: a switch takes the time of one `deepspeed.initialize` plus memory copies of
@@ -58,7 +58,7 @@ attribute.
 Out of memory inside a step (`torch.cuda.OutOfMemoryError`, or the types given as
 `oom_errors=`) raised from the handle's forward, backward or step: the handle drops the step
 (the partial gradients go with the engine, which is rebuilt from the state as it was when the
-step began: counters and RNG included), moves one rung down the OOM ladder (adapters/ds_oom.py:
+step began: counters and RNG included), moves one rung down the OOM ladder (adapters/deepspeed/oom.py:
 micro-batch halved with the global batch kept, then activation checkpointing, ZeRO stage up with
 several ranks, optimizer offload, parameter offload), and raises `StepRetry` so that the step is
 trained again from its first sample. Each retry reaches the controller as an adapter event (one
@@ -98,7 +98,7 @@ step, a copy of the torch RNG state (~5 KB) and a read of the optimizer's step c
 12 us together, measured here); an OOM costs one engine rebuild (as a switch, above).
 
 `trainwarden run --attach` makes `deepspeed.initialize` return this handle in a job whose code is
-not changed (adapters/attach_hook.py).
+not changed (adapters/attach/).
 """
 
 from __future__ import annotations
@@ -116,9 +116,14 @@ from typing import Any
 
 import torch
 
-from trainwarden.adapters import attach_hook, ds_oom, ds_state
-from trainwarden.adapters.batching import counted_tokens
-from trainwarden.adapters.ds_config import (
+from trainwarden.adapters import attach as attach_hook
+from trainwarden.adapters.core.batching import counted_tokens
+from trainwarden.adapters.core.link import open_link, start_agent
+from trainwarden.adapters.core.probes import probe_for
+from trainwarden.adapters.core.stop import stop_closes, training_step_begins
+from trainwarden.adapters.deepspeed import oom as ds_oom
+from trainwarden.adapters.deepspeed import state as ds_state
+from trainwarden.adapters.deepspeed.config import (
     PRECISIONS,
     ConfigError,
     Setting,
@@ -138,9 +143,6 @@ from trainwarden.adapters.knobs import (
     lr_scaled,
     stop_hooks_arg,
 )
-from trainwarden.adapters.link import open_link, start_agent
-from trainwarden.adapters.probes import probe_for
-from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_ACTIVATION_CHECKPOINTING,
     KNOB_LR_MULTIPLIER,
@@ -509,7 +511,7 @@ class SchedulerProxy(_Proxy):
         return self._tw_target().load_state_dict(state)
 
 
-class MicroBatchLoader:
+class SamplerLoader:
     """Micro-batches in DeepSpeed's order (its sampler), cut at the engine's current micro-batch size.
 
     Reads in the training process (no worker processes): a worker would already have cut the
@@ -531,7 +533,7 @@ class MicroBatchLoader:
         self._indices: Iterator[int] | None = None
         self._consumed: list[int] = []
 
-    def __iter__(self) -> MicroBatchLoader:
+    def __iter__(self) -> SamplerLoader:
         self._indices = iter(self.data_sampler)
         return self
 
@@ -755,10 +757,10 @@ class DeepSpeedHandle:
             ),
         )
         if own_loader and engine.training_dataloader is not None:
-            loader = MicroBatchLoader(engine.training_dataloader, lambda: self._setting.micro_batch_size)
+            loader = SamplerLoader(engine.training_dataloader, lambda: self._setting.micro_batch_size)
             s(self, "_loader", loader)
             engine.training_dataloader = loader
-        #: The live data mixture (adapters/data.py): it draws the indices of `training_data` in
+        #: The live data mixture (adapters/data/): it draws the indices of `training_data` in
         #: DeepSpeed's sampler's place; its knobs are this handle's too.
         s(self, "mixture", mixture)
         if mixture is not None:
@@ -1611,7 +1613,7 @@ class DeepSpeedHandle:
         atexit.unregister(self.close)
 
     def _tw_checkpoint(self, directory: os.PathLike[str]) -> str:
-        """The state at the stop through DeepSpeed's own `save_checkpoint` (every rank; adapters/stop.py)."""
+        """The state at the stop through DeepSpeed's own `save_checkpoint` (every rank; adapters/core/stop.py)."""
         self._engine.save_checkpoint(str(directory))
         return str(directory)
 
@@ -1682,7 +1684,7 @@ def initialize(
     oom_retry: bool = True,
     on_stop: StopHook | list[StopHook] | None = None,
     mixture: Any = None,
-) -> tuple[DeepSpeedHandle, OptimizerProxy | None, MicroBatchLoader | None, SchedulerProxy | None]:
+) -> tuple[DeepSpeedHandle, OptimizerProxy | None, SamplerLoader | None, SchedulerProxy | None]:
     """`deepspeed.initialize`, returning (engine handle, optimizer, loader, scheduler) that stay
     valid across switches. Same arguments; trainwarden's own are keyword-only:
 
@@ -1695,7 +1697,7 @@ def initialize(
     oom_errors: the exception types that mean out of memory (default torch.cuda.OutOfMemoryError);
     oom_retry=False: an OOM is raised as it is, with no step down (module docstring).
     on_stop: save hook(s) run once when trainwarden stops the run (`DeepSpeedHandle.on_stop`).
-    mixture: the live data mixture (adapters/data.py) drawing `training_data`, a MixtureDataset: the
+    mixture: the live data mixture (adapters/data/) drawing `training_data`, a MixtureDataset: the
     loader reads its indices from it instead of DeepSpeed's sampler, and the handle carries its knobs.
     """
     if model is None:

@@ -19,10 +19,10 @@ step (loss, samples, tokens, step time, memory, per-domain loss given to `log_do
 carries the controller's actions at step boundaries:
 
 - `precision` (fp32 / bf16 / fp16 where Accelerate really applies it: not fp16 on a CPU, where
-  Accelerate's fp16 is a silent no-op): adapters/accelerate_precision.py, no tensor copied;
+  Accelerate's fp16 is a silent no-op): adapters/accelerate/precision.py, no tensor copied;
 - `micro_batch_size`: the gradient accumulation follows with the global batch kept; offered when
   the training loader was prepared here (the first DataLoader given to `prepare`; it is returned
-  as a `MicroBatchLoader`, adapters/accelerate_loader.py) and the loop uses `accumulate()`;
+  as a `MicroBatchLoader`, adapters/accelerate/loader.py) and the loop uses `accumulate()`;
 - `lr_multiplier` (on top of the user's scheduler, for the optimizer step only) and `stop`
   (`should_stop`), as every adapter does them (adapters/knobs.py).
 
@@ -36,7 +36,7 @@ raised into the loop. The agent starts at the `prepare` that brings the optimize
 training loader with it, or before it: the micro-batch knob is known from the loader).
 
 With a DeepSpeed plugin, the engine Accelerate builds is the DeepSpeed adapter's live handle
-(adapters/accelerate_deepspeed.py): `zero_stage`, `offload_optimizer`, `offload_param`,
+(adapters/accelerate/deepspeed_plugin.py): `zero_stage`, `offload_optimizer`, `offload_param`,
 `precision` (DeepSpeed's) and `activation_checkpointing` switch through its in-memory state
 transfer; the step boundary is then `accelerator.backward` on a synced micro-batch (DeepSpeed
 steps inside it). Not carried: FSDP's and Megatron's engine knobs, fp8; the micro-batch under
@@ -58,10 +58,13 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
-from trainwarden.adapters import accelerate_deepspeed
-from trainwarden.adapters import accelerate_precision as precision_switch
-from trainwarden.adapters.accelerate_loader import MicroBatchLoader
-from trainwarden.adapters.agent import Agent
+from trainwarden.adapters.accelerate import deepspeed_plugin as accelerate_deepspeed
+from trainwarden.adapters.accelerate import precision as precision_switch
+from trainwarden.adapters.accelerate.loader import MicroBatchLoader
+from trainwarden.adapters.core.agent import Agent
+from trainwarden.adapters.core.link import open_link, start_agent
+from trainwarden.adapters.core.probes import probe_for
+from trainwarden.adapters.core.stop import stop_closes, training_step_begins
 from trainwarden.adapters.knobs import (
     MAX_LR_MULTIPLIER,
     StopHook,
@@ -71,9 +74,6 @@ from trainwarden.adapters.knobs import (
     lr_scaled,
     stop_hooks_arg,
 )
-from trainwarden.adapters.link import open_link, start_agent
-from trainwarden.adapters.probes import probe_for
-from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
@@ -129,7 +129,7 @@ class Accelerator(accelerate.Accelerator):
     trainwarden's own arguments are keyword-only: `policy`, `run_dir`, `sync_every` (as for the
     other adapters' attach), `tokens_per_sample` (default: counted from each micro-batch's
     `input_ids`, or its first 2-D tensor), `on_stop` (save hooks run when trainwarden stops the
-    run, as `accelerator.on_stop(fn)`), `mixture` (the live data mixture, adapters/data.py: its
+    run, as `accelerator.on_stop(fn)`), `mixture` (the live data mixture, adapters/data/: its
     knobs are carried and its per-domain loss reported), `attach_agent=False` (no controller, no
     telemetry; `reconfigure` still works).
     """
@@ -231,7 +231,7 @@ class Accelerator(accelerate.Accelerator):
         processes: the mixture already draws one stream per rank, so Accelerate must not shard
         its batches across processes as well (each rank would keep every other batch of its own
         stream, and the mixture's position would count the ones it skipped)."""
-        from trainwarden.adapters.data_control import MixtureControl
+        from trainwarden.adapters.data.control import MixtureControl
 
         sampler = getattr(data_loader, "sampler", None)
         if self.num_processes == 1 or not isinstance(sampler, MixtureControl):
@@ -588,7 +588,7 @@ class Accelerator(accelerate.Accelerator):
         atexit.unregister(self.close)
 
     def _tw_checkpoint(self, directory: os.PathLike[str]) -> str:
-        """The state at the stop through Accelerate's own `save_state` (adapters/stop.py)."""
+        """The state at the stop through Accelerate's own `save_state` (adapters/core/stop.py)."""
         self.save_state(str(directory))
         return str(directory)
 
