@@ -117,10 +117,12 @@ from typing import Any
 import torch
 
 from trainwarden.adapters import attach as attach_hook
-from trainwarden.adapters.core.batching import counted_tokens
+from trainwarden.adapters.core.agreement import agree
+from trainwarden.adapters.core.batching import batch_size, counted_tokens, recut, slice_batch
+from trainwarden.adapters.core.boundary import StepBoundary
 from trainwarden.adapters.core.link import open_link, start_agent
 from trainwarden.adapters.core.probes import probe_for
-from trainwarden.adapters.core.stop import stop_closes, training_step_begins
+from trainwarden.adapters.core.stop import training_step_begins
 from trainwarden.adapters.deepspeed import oom as ds_oom
 from trainwarden.adapters.deepspeed import state as ds_state
 from trainwarden.adapters.deepspeed.config import (
@@ -134,23 +136,17 @@ from trainwarden.adapters.deepspeed.config import (
     setting_of,
 )
 from trainwarden.adapters.knobs import (
-    MAX_LR_MULTIPLIER,
     StopHook,
     StopHooks,
-    advance_lr_ramp,
-    apply_shared_knob,
-    check_eval_loss,
     lr_scaled,
     stop_hooks_arg,
 )
 from trainwarden.controller.protocol import (
     KNOB_ACTIVATION_CHECKPOINTING,
-    KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
     KNOB_OFFLOAD_OPTIMIZER,
     KNOB_OFFLOAD_PARAM,
     KNOB_PRECISION,
-    KNOB_STOP,
     KNOB_ZERO_STAGE,
     MAX_EVENT_REASON_CHARS,
     Action,
@@ -709,7 +705,6 @@ class DeepSpeedHandle:
         s(self, "_pending_backward", False)
         s(self, "_loss_sum", None)
         s(self, "_loss_count", 0)
-        s(self, "_step_started", time.perf_counter())
         s(self, "_closed", False)
         s(self, "_precisions", available_precisions())
         s(self, "_micro_knob", micro_batch_knob or own_loader)
@@ -725,6 +720,7 @@ class DeepSpeedHandle:
         s(self, "_tokens_counted", 0)
         s(self, "agent", None)
         s(self, "controller", None)
+        s(self, "boundary", StepBoundary(self))
         #: Exceptions that mean "out of memory" (see the module docstring); `oom_retry=False`
         #: lets them through untouched.
         s(self, "oom_errors", tuple(oom_errors) if oom_errors else ds_oom.default_oom_errors())
@@ -959,7 +955,7 @@ class DeepSpeedHandle:
         object.__setattr__(self, "_carry", None)
         if carry is not None and carry[0] is it:
             got.append(carry[1])
-            n = ds_oom.batch_len(carry[1])
+            n = batch_size(carry[1])
         while n < need:
             try:
                 batch = next(it)
@@ -967,18 +963,18 @@ class DeepSpeedHandle:
                 if n:
                     log.info("trainwarden: the data ended inside a step; its %d samples are dropped", n)
                 raise
-            k = ds_oom.batch_len(batch)
+            k = batch_size(batch)
             if n + k > need:
                 cut = need - n
-                object.__setattr__(self, "_carry", (it, ds_oom.slice_batch(batch, cut, k)))
-                batch, k = ds_oom.slice_batch(batch, 0, cut), cut
+                object.__setattr__(self, "_carry", (it, slice_batch(batch, cut, k)))
+                batch, k = slice_batch(batch, 0, cut), cut
             if k:
                 got.append(batch)
                 n += k
         return got
 
     def _run_step(self, batches: list[Any], loss_fn: Callable[[Any], torch.Tensor] | None) -> float | None:
-        for micro in ds_oom.recut(batches, self._setting.micro_batch_size):
+        for micro in recut(batches, self._setting.micro_batch_size):
             # No local name holds the loss: after an OOM in backward its graph is freed at once.
             self.backward(self._micro_loss(micro, loss_fn))
             self.step()
@@ -1167,35 +1163,21 @@ class DeepSpeedHandle:
 
     def _on_boundary(self, applied_lr: float | None) -> None:
         engine = self._engine
-        advance_lr_ramp(self)  # the next step's multiplier, on the cooldown's ramp
         loss = float(self._loss_sum) / self._loss_count if self._loss_sum is not None else None
         self._loss_sum, self._loss_count = None, 0
-        self.last_loss, self.last_lr = loss, applied_lr
-        now = time.perf_counter()
-        step_time, self._step_started = now - self._step_started, now
-        domain_loss = None
-        if self.mixture is not None:
-            # The step consumed its samples (this rank's): the mixture's resume position moves past them.
-            self.mixture.on_step(int(engine.global_steps), engine.train_batch_size() // engine.dp_world_size)
-            domain_loss = self.mixture.take_domain_loss()
-        if self.agent is None:
-            return
         samples = int(engine.global_samples)
         # Counted from the batches (attach mode, no tokens_per_sample declared): this rank's count
         # times the data-parallel ranks; else the declared tokens per sample.
         counted = self._tokens_counted * engine.dp_world_size
-        due = self.agent.on_step(
-            step=int(engine.global_steps),
+        self.boundary.cross(
+            int(engine.global_steps),
             loss=loss,
+            lr=applied_lr,
             samples=samples,
             tokens=counted if counted else samples * self.tokens_per_sample,
-            step_time_s=step_time,
-            lr=applied_lr,
-            config=self.config(),
-            domain_loss=domain_loss,
+            step_samples=engine.train_batch_size() // engine.dp_world_size,
+            apply_all=self.apply_all,
         )
-        for outcome in self.apply_all(due):
-            self.agent.report(outcome)
 
     # ---- knobs -----------------------------------------------------------------------------------
     @property
@@ -1213,9 +1195,7 @@ class DeepSpeedHandle:
             KNOB_MICRO_BATCH: s.micro_batch_size,
             "gradient_accumulation_steps": s.gradient_accumulation_steps,
             "train_batch_size": s.train_batch_size,
-            KNOB_LR_MULTIPLIER: self.lr_multiplier,
-            KNOB_STOP: self.should_stop,
-            **(self.mixture.config() if self.mixture is not None else {}),
+            **self.boundary.shared_config(),
             **({KNOB_ACTIVATION_CHECKPOINTING: self._ckpt()} if self._ckpt_api else {}),
         }
 
@@ -1279,28 +1259,20 @@ class DeepSpeedHandle:
         if self._ckpt_api is not None:
             specs.append(KnobSpec(KNOB_ACTIVATION_CHECKPOINTING, self._ckpt(), choices=(False, True)))
         specs += [
-            KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
-            KnobSpec(KNOB_STOP, False, choices=(True,)),
+            *self.boundary.shared_specs(),
         ]
-        if self.mixture is not None:
-            specs += self.mixture.knob_specs()
         return tuple(specs)
 
     def apply(self, action: Action) -> Outcome:
         """Carry one action at this step boundary; never raises into the user's loop (except
         SwitchFailed: a failed rollback leaves no engine to train with)."""
-        t = time.perf_counter()
-        try:
-            outcome, detail = self._apply(action)
-        except SwitchFailed:
-            raise
-        except ReconfigureError as exc:
-            outcome, detail = "rolled_back", str(exc)
-        except Exception as exc:
-            log.exception("trainwarden: applying %s failed", action.kind)
-            outcome, detail = "rejected", f"{type(exc).__name__}: {exc}"
-        step = int(self._engine.global_steps)
-        return Outcome(action.id, outcome, step, time.perf_counter() - t, detail)
+        return self.boundary.carry(
+            action,
+            lambda: int(self._engine.global_steps),
+            self._apply,
+            fatal=(SwitchFailed,),
+            rolled_back=(ReconfigureError,),
+        )
 
     def apply_all(self, actions: list[Action]) -> list[Outcome]:
         """Carry the actions due at this step boundary, in order; those that set the configuration
@@ -1356,12 +1328,9 @@ class DeepSpeedHandle:
             except ConfigError as exc:
                 return "rejected", str(exc)
             return ("applied" if result.changes else "noop"), result.describe()
-        shared = apply_shared_knob(self, action, int(self._engine.global_steps))
+        shared = self.boundary.carry_shared(action, int(self._engine.global_steps))
         if shared is not None:
             return shared
-        data = self.mixture.apply(action) if self.mixture is not None else None
-        if data is not None:
-            return data
         return "rejected", f"the deepspeed adapter has no knob {kind!r}"
 
     # ---- the switch ----------------------------------------------------------------------------
@@ -1509,7 +1478,7 @@ class DeepSpeedHandle:
             self._install(self._build(target, state), target)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-        error = self._agree(error)
+        error = agree(error, self._meter.device)
         if error is None:
             return state.nbytes, None
         log.warning(
@@ -1527,17 +1496,6 @@ class DeepSpeedHandle:
                 f"failed too ({type(exc2).__name__}: {exc2}); there is no engine to train with"
             ) from exc2
         return state.nbytes, error
-
-    def _agree(self, error: str | None) -> str | None:
-        """This rank's error, or one saying another rank failed; None only if every rank succeeded."""
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return error
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self._meter.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and error is None:
-            return "the switch failed on another rank; every rank rolls back"
-        return error
 
     def _build(self, setting: Setting, state: ds_state.HostState) -> Any:
         """A new engine for `setting` over the same module, holding exactly `state`."""
@@ -1594,26 +1552,22 @@ class DeepSpeedHandle:
         """Call `fn(info)` once when trainwarden stops the run, at that step boundary, on every
         rank, before `should_stop` turns true: `engine.save_checkpoint` there is the final,
         annealed checkpoint (adapters/knobs.py). Usable as a decorator."""
-        self.stop_hooks.add(fn)
-        return fn
+        return self.boundary.on_stop(fn)
 
     def report(self, *, eval_loss: Any) -> None:
         """A validation loss measured now (rank 0's is sent, with the next step)."""
-        if self.agent is not None:
-            self.agent.report_eval(check_eval_loss(eval_loss))
+        self.boundary.report(eval_loss)
 
     def close(self) -> None:
         """Flush telemetry, tell the controller the job is done; idempotent. The engine stays usable."""
         if self._closed:
             return
         self._closed = True
-        stop_closes(self)
-        if self.agent is not None:
-            self.agent.close()
+        self.boundary.close()
         atexit.unregister(self.close)
 
     def _tw_checkpoint(self, directory: os.PathLike[str]) -> str:
-        """The state at the stop through DeepSpeed's own `save_checkpoint` (every rank; adapters/core/stop.py)."""
+        """The state at the stop through DeepSpeed's own `save_checkpoint` (every rank; core/stop.py)."""
         self._engine.save_checkpoint(str(directory))
         return str(directory)
 

@@ -24,9 +24,7 @@ a copy of one step's input batch at most (only when the micro-batch size changed
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
@@ -88,80 +86,4 @@ def next_rung(
     return None
 
 
-# ---- one optimizer step's samples, cut into micro-batches ---------------------------------------
-# A batch is a tensor whose first dimension counts samples, or a tuple, list or mapping of them
-# (nested); anything else in it (a string, a number) is shared by every slice.
-
-
-def batch_len(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its first tensor."""
-    if torch.is_tensor(batch):
-        if batch.dim() == 0:
-            raise TypeError("a batch tensor needs a first (sample) dimension")
-        return int(batch.shape[0])
-    if isinstance(batch, Mapping):
-        items: list[Any] = list(batch.values())
-    elif isinstance(batch, (tuple, list)):
-        items = list(batch)
-    else:
-        items = []
-    for item in items:
-        try:
-            return batch_len(item)
-        except TypeError:
-            continue
-    raise TypeError(
-        f"cannot tell how many samples a {type(batch).__name__} holds: a batch must be a tensor "
-        "(samples first) or a tuple, list or dict of them"
-    )
-
-
-def _rebuild(batch: Any, parts: Any) -> Any:
-    if isinstance(batch, Mapping):
-        try:
-            return type(batch)(parts)
-        except Exception:
-            return dict(parts)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*parts)
-    return type(batch)(parts)
-
-
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Samples [start, stop) of a batch (views of its tensors: no copy)."""
-    if torch.is_tensor(batch):
-        return batch[start:stop] if batch.dim() > 0 else batch
-    if isinstance(batch, Mapping):
-        return _rebuild(batch, {k: slice_batch(v, start, stop) for k, v in batch.items()})
-    if isinstance(batch, (tuple, list)):
-        return _rebuild(batch, [slice_batch(v, start, stop) for v in batch])
-    return batch
-
-
-def concat_batches(batches: Sequence[Any]) -> Any:
-    """One batch of all the samples of `batches` (of the same structure), in order."""
-    first = batches[0]
-    if len(batches) == 1:
-        return first
-    if torch.is_tensor(first):
-        return torch.cat(list(batches)) if first.dim() > 0 else first
-    if isinstance(first, Mapping):
-        return _rebuild(first, {k: concat_batches([b[k] for b in batches]) for k in first})
-    if isinstance(first, (tuple, list)):
-        return _rebuild(first, [concat_batches([b[i] for b in batches]) for i in range(len(first))])
-    return first
-
-
-def recut(batches: Sequence[Any], micro_batch_size: int) -> list[Any]:
-    """The samples of `batches` in micro-batches of `micro_batch_size` (the last may be short).
-
-    No copy when every batch already has that size (the usual case); otherwise one copy of the
-    step's samples, then views."""
-    if all(batch_len(b) == micro_batch_size for b in batches):
-        return list(batches)
-    whole = concat_batches(batches)
-    n = batch_len(whole)
-    return [slice_batch(whole, i, min(i + micro_batch_size, n)) for i in range(0, n, micro_batch_size)]
-
-
-__all__ = ["Rung", "batch_len", "concat_batches", "default_oom_errors", "next_rung", "recut", "slice_batch"]
+__all__ = ["Rung", "default_oom_errors", "next_rung"]
