@@ -3,7 +3,7 @@ below what keeping the old engines would cost.
 
 The cause of DeepSpeed's leak when engines are re-created in one process: `engine.destroy()`
 leaves the engine's forward hooks on the user's module, and their closures keep the whole engine
-alive (optimizer, fp32 masters, moments). The adapter removes them (adapters/deepspeed._destroy,
+alive (optimizer, fp32 masters, moments). The adapter removes them (adapters/deepspeed/build.py destroy,
 ds_state.clean_module)."""
 
 from __future__ import annotations
