@@ -104,7 +104,8 @@ Where it lives: `initialize` here; the handle (handle.py) composes the engine sw
 rollback (switch.py; engines built by build.py, memory read by memory.py), the OOM recovery and
 its ladder (oom.py), the knobs (knobs.py) and `train_batch` (train_batch.py); the loader
 (loader.py), the optimizer and scheduler proxies (proxies.py), the result and error types
-(errors.py), the config rewrite (config.py) and the host copy of the state (state.py).
+(errors.py), the config rewrite (config.py), the host copy of the state (state.py) and the
+user's module between two engines (module.py).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from trainwarden.adapters import attach as attach_hook
-from trainwarden.adapters.deepspeed import state as ds_state
 from trainwarden.adapters.deepspeed.config import Setting, load_config, rewrite
+from trainwarden.adapters.deepspeed.module import ModuleSnapshot, module_params
 
 log = logging.getLogger("trainwarden")
 
@@ -46,17 +46,17 @@ class Builder:
         sched = kwargs.get("lr_scheduler")
         # An object is used as is by DeepSpeed (a callable is called with the optimizer).
         self.scheduler_object = sched if sched is not None and not callable(sched) else None
-        self.snapshot = ds_state.ModuleSnapshot.take(self.model)
+        self.snapshot = ModuleSnapshot.take(self.model)
         #: Why engines of this job cannot be rebuilt in another configuration (None: they can).
         self.cannot_rebuild: str | None = None
-        if any(hasattr(p, "ds_id") for p in ds_state.module_params(self.model)):
+        if any(hasattr(p, "ds_id") for p in module_params(self.model)):
             self.cannot_rebuild = (
                 "the model was built under deepspeed.zero.Init (its parameters are partitioned from "
                 "the start); build it without zero.Init to switch its configuration"
             )
         elif type(self.model).__name__ == "PipelineModule":
             self.cannot_rebuild = "pipeline-parallel engines (PipelineModule) cannot be switched yet"
-        self.param_count = sum(p.numel() for p in ds_state.module_params(self.model))
+        self.param_count = sum(p.numel() for p in module_params(self.model))
 
     def build(self, setting: Setting | None) -> Any:
         """One engine: the user's own arguments the first time (`setting` None), then a rewrite."""
@@ -134,7 +134,7 @@ def destroy(engine: Any) -> None:
     fp32 masters and moments, stays reachable from the module for as long as the module lives:
     that is the leak of re-creating engines in one process (measured here: 20 engines of a
     3.2M-parameter GPT kept 1.2 GiB; with the hooks removed, RSS stays flat). They are removed
-    here; `ds_state.clean_module` removes any other DeepSpeed hook left on the module.
+    here; `clean_module` (adapters/deepspeed/module.py) removes any other DeepSpeed hook left on the module.
     """
     try:
         engine.destroy()

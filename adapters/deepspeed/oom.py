@@ -37,7 +37,7 @@ import torch
 
 from trainwarden.adapters.deepspeed import state as ds_state
 from trainwarden.adapters.deepspeed.config import Setting, micro_batch_choices, with_micro_batch
-from trainwarden.adapters.deepspeed.errors import OomRetry, ReconfigureResult, StepRetry
+from trainwarden.adapters.deepspeed.errors import OomRetry, StepRetry
 from trainwarden.adapters.deepspeed.switch import changes_between
 from trainwarden.controller.protocol import MAX_EVENT_REASON_CHARS, AdapterEvent
 
@@ -265,9 +265,8 @@ class OomRecovery:
         old, old_ckpt = switch.setting, checkpointing.get()
         in_train_batch = h.whole_steps.running
         can_recut = h.knobs.micro_batch or in_train_batch
-        meter = switch.meter
         t0 = time.perf_counter()
-        before = meter.start()
+        before = switch.meter.start()
 
         def at_step_start(state: ds_state.HostState) -> None:
             state.counters.update(start.counters)
@@ -312,19 +311,15 @@ class OomRecovery:
             replayed = False
         if h.agent is not None:
             h.agent.probe.release()
-        result = ReconfigureResult(
-            changes=changes_between(old, rung.setting, old_ckpt, checkpointing.get()),
-            implied=(),
+        result = switch.result(
+            changes_between(old, rung.setting, old_ckpt, checkpointing.get()),
+            (),
             rebuilt=True,
-            rolled_back=False,
             error=None,
             step=step - 1,
-            duration_s=time.perf_counter() - t0,
-            memory_kind=meter.kind,
-            memory_before_bytes=before,
-            memory_after_bytes=meter.now(),
-            memory_peak_bytes=meter.peak(),
-            bytes_moved=moved,
+            t0=t0,
+            before=before,
+            moved=moved,
         )
         retry = OomRetry(step, where, micro + 1, first_line, rung.why, result, replayed)
         h.oom_retries.append(retry)

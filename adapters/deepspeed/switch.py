@@ -27,6 +27,7 @@ from trainwarden.adapters.deepspeed.config import ConfigError, Setting, resolve,
 from trainwarden.adapters.deepspeed.errors import ReconfigureError, ReconfigureResult, SwitchFailed
 from trainwarden.adapters.deepspeed.knobs import available_precisions
 from trainwarden.adapters.deepspeed.memory import MemoryMeter, release_memory
+from trainwarden.adapters.deepspeed.module import clean_module, module_params
 from trainwarden.controller.protocol import KNOB_ACTIVATION_CHECKPOINTING
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class EngineSwitch:
         #: The current DeepSpeed engine (None only inside a switch, between destroy and build).
         self.engine: Any = engine
         self.module: torch.nn.Module = engine.module
-        self.params = ds_state.module_params(engine.module)
+        self.params = module_params(engine.module)
         self.precisions = available_precisions()
         base = setting_of(builder.config, engine.dp_world_size)
         self.setting: Setting = replace(
@@ -142,19 +143,15 @@ class EngineSwitch:
             checkpointing.set(new_ckpt)
         if h.agent is not None:
             h.agent.probe.release()
-        result = ReconfigureResult(
-            changes=changes,
-            implied=tuple(implied),
+        result = self.result(
+            changes,
+            tuple(implied),
             rebuilt=rebuild,
-            rolled_back=error is not None,
             error=error,
             step=step,
-            duration_s=time.perf_counter() - t0,
-            memory_kind=meter.kind,
-            memory_before_bytes=before,
-            memory_after_bytes=meter.now(),
-            memory_peak_bytes=meter.peak(),
-            bytes_moved=moved,
+            t0=t0,
+            before=before,
+            moved=moved,
         )
         h.last_reconfigure = result
         if error is not None:
@@ -165,6 +162,35 @@ class EngineSwitch:
         log.info("trainwarden: %s", result.describe())
         h.oom.mark_step_start()
         return result
+
+    def result(
+        self,
+        changes: tuple[tuple[str, Any, Any], ...],
+        implied: tuple[str, ...],
+        *,
+        rebuilt: bool,
+        error: str | None,
+        step: int,
+        t0: float,
+        before: int,
+        moved: int,
+    ) -> ReconfigureResult:
+        """What a switch begun at `t0` (perf_counter) with `before` bytes in use did, measured now."""
+        meter = self.meter
+        return ReconfigureResult(
+            changes=changes,
+            implied=implied,
+            rebuilt=rebuilt,
+            rolled_back=error is not None,
+            error=error,
+            step=step,
+            duration_s=time.perf_counter() - t0,
+            memory_kind=meter.kind,
+            memory_before_bytes=before,
+            memory_after_bytes=meter.now(),
+            memory_peak_bytes=meter.peak(),
+            bytes_moved=moved,
+        )
 
     # ---- without a new engine -----------------------------------------------------------------
     def set_batch(self, target: Setting) -> None:
@@ -225,7 +251,7 @@ class EngineSwitch:
     def _build(self, setting: Setting, state: ds_state.HostState) -> Any:
         """A new engine for `setting` over the same module, holding exactly `state`."""
         mode = self.module.training
-        ds_state.clean_module(self.module, self.builder.snapshot, state.values)
+        clean_module(self.module, self.builder.snapshot, state.values)
         engine = self.builder.build(setting)
         try:
             same_scheduler = self.builder.scheduler_object is not None
