@@ -21,7 +21,7 @@ controller decided; the Trainer's own control flags carry the rest.
   `on_stop` hooks run first, as in the other adapters.
 - the validation loss of each evaluation (`eval_loss` in `on_evaluate`) goes to the controller,
   for the compute policy's stopping rule.
-- the live data mixture (`mixture=`, adapters/data.py): its knobs are carried and its per-domain
+- the live data mixture (`mixture=`, adapters/data/): its knobs are carried and its per-domain
   loss reported. The Trainer must draw from it: give the Trainer a `MixtureSampler` (override
   `_get_train_sampler` to return it) and call `mixture.observe(per_sample_loss, inputs["index"])`
   in `compute_loss`.
@@ -41,24 +41,20 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from trainwarden.adapters.agent import Agent
-from trainwarden.adapters.batching import counted_tokens
+from trainwarden.adapters.core.agent import Agent
+from trainwarden.adapters.core.batching import counted_tokens
+from trainwarden.adapters.core.boundary import StepBoundary
+from trainwarden.adapters.core.link import open_link, start_agent
+from trainwarden.adapters.core.probes import probe_for
+from trainwarden.adapters.core.stop import training_step_begins
 from trainwarden.adapters.knobs import (
-    MAX_LR_MULTIPLIER,
     StopHook,
-    advance_lr_ramp,
-    apply_shared_knob,
     check_eval_loss,
     stop_hooks_arg,
 )
-from trainwarden.adapters.link import open_link, start_agent
-from trainwarden.adapters.probes import probe_for
-from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
-    KNOB_STOP,
     Action,
-    KnobSpec,
     Outcome,
 )
 
@@ -106,7 +102,6 @@ class TrainwardenCallback(TrainerCallback):
         self.controller: Any = None
         self.last_loss: float | None = None
         self.last_lr: float | None = None
-        self.last_domain_loss: dict[str, float] = {}
         self._hook: Any = None
         self._scheduled: list[float] | None = None
         self._applied_lr: float | None = None
@@ -120,7 +115,7 @@ class TrainwardenCallback(TrainerCallback):
         self._samples_seen = 0
         self._tokens_seen = 0
         self._domain: dict[str, list[float]] = {}
-        self._step_started = time.perf_counter()
+        self.boundary = StepBoundary(self)
         self._world = 1
         self._deepspeed = False
         self._closed = False
@@ -167,14 +162,14 @@ class TrainwardenCallback(TrainerCallback):
             self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self._world = max(1, int(args.world_size))
         self._deepspeed = bool(getattr(args, "deepspeed", None))
-        self._step_started = time.perf_counter()
+        self.boundary.started = time.perf_counter()
         if self.agent is None and not self._closed:
             self._attach(args, model)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        # After the step's batches were loaded, before its first forward (adapters/stop.py).
+        # After the step's batches were loaded, before its first forward (adapters/core/stop.py).
         training_step_begins(self, int(state.global_step) + 1)
 
     def on_pre_optimizer_step(
@@ -222,31 +217,17 @@ class TrainwardenCallback(TrainerCallback):
         self._samples = self._tokens = 0
         domain = {k: s / n for k, (s, n) in self._domain.items() if n}
         self._domain = {}
-        if self.mixture is not None:
-            self.mixture.on_step(int(state.global_step), step_samples)
-            domain = domain or self.mixture.take_domain_loss()
-        self.last_domain_loss = domain
-        now = time.perf_counter()
-        step_time, self._step_started = now - self._step_started, now
-        self.last_loss, self.last_lr = loss, self._applied_lr
-        due: list[Action] = []
-        if self.agent is not None:
-            due = self.agent.on_step(
-                step=int(state.global_step),
-                loss=loss,
-                samples=self._samples_seen * self._world,
-                tokens=self._tokens_seen * self._world,
-                step_time_s=step_time,
-                lr=self._applied_lr,
-                config=self.config(),
-                domain_loss=domain,
-            )
-        # After the record (it carries the multiplier this step ran at), before new actions (a
-        # new ramp starts at its own value): the next step's multiplier, on the cooldown's ramp.
-        advance_lr_ramp(self)
-        if self.agent is not None:
-            for action in due:
-                self.agent.report(self.apply(action, int(state.global_step)))
+        step = int(state.global_step)
+        self.boundary.cross(
+            step,
+            loss=loss,
+            lr=self._applied_lr,
+            samples=self._samples_seen * self._world,
+            tokens=self._tokens_seen * self._world,
+            step_samples=step_samples,
+            domain_loss=domain or None,
+            apply_all=lambda due: [self.apply(a, step) for a in due],
+        )
         if self.should_stop and not control.should_training_stop:
             control.should_training_stop = True
             if self.save_on_stop:
@@ -270,42 +251,35 @@ class TrainwardenCallback(TrainerCallback):
 
     # ---- knobs ------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        out: dict[str, Any] = {KNOB_LR_MULTIPLIER: self.lr_multiplier, KNOB_STOP: self.should_stop}
-        if self.mixture is not None:
-            out.update(self.mixture.config())
-        return out
+        return self.boundary.shared_config()
+
+    @property
+    def last_domain_loss(self) -> dict[str, float]:
+        """The per-domain loss reported with the last step."""
+        return self.boundary.last_domain_loss
 
     def on_stop(self, fn: StopHook) -> StopHook:
         """Call `fn(info)` once when trainwarden stops the run, before the Trainer is told."""
-        self.stop_hooks.add(fn)
-        return fn
+        return self.boundary.on_stop(fn)
 
     current = config
 
     def apply(self, action: Action, step: int = 0) -> Outcome:
         """Carry one action at this step boundary; never raises into the Trainer."""
-        t = time.perf_counter()
-        try:
-            shared: tuple[str, str] | None
-            if action.kind == KNOB_LR_MULTIPLIER and self._deepspeed:
-                shared = (
-                    "rejected",
-                    "the Trainer runs DeepSpeed's optimizer step inside backward, before any callback "
-                    "event: the LR multiplier is not carried under DeepSpeed (docs/hf.md)",
-                )
-            else:
-                shared = apply_shared_knob(self, action, step)
-            if shared is None and self.mixture is not None:
-                shared = self.mixture.apply(action)
-            outcome, detail = shared or (
+        return self.boundary.carry(action, lambda: step, lambda a: self._apply(a, step))
+
+    def _apply(self, action: Action, step: int) -> tuple[str, str]:
+        if action.kind == KNOB_LR_MULTIPLIER and self._deepspeed:
+            return (
                 "rejected",
-                f"the HF Trainer adapter has no knob {action.kind!r} (docs/hf.md says what the Trainer "
-                "cannot switch mid-run)",
+                "the Trainer runs DeepSpeed's optimizer step inside backward, before any callback "
+                "event: the LR multiplier is not carried under DeepSpeed (docs/hf.md)",
             )
-        except Exception as exc:
-            log.exception("trainwarden: applying %s failed", action.kind)
-            outcome, detail = "rejected", f"{type(exc).__name__}: {exc}"
-        return Outcome(action.id, outcome, step, time.perf_counter() - t, detail)
+        return self.boundary.carry_shared(action, step) or (
+            "rejected",
+            f"the HF Trainer adapter has no knob {action.kind!r} (docs/hf.md says what the Trainer "
+            "cannot switch mid-run)",
+        )
 
     # ---- the agent --------------------------------------------------------------------------
     def _attach(self, args: TrainingArguments, model: torch.nn.Module | None) -> None:
@@ -322,21 +296,9 @@ class TrainwardenCallback(TrainerCallback):
             param_count=sum(p.numel() for p in params),
             global_batch_size=per_device * link.world_size,
             tokens_per_sample=self.tokens_per_sample or 1,
-            knobs=(
-                # Under DeepSpeed the optimizer steps inside backward, before the Trainer's
-                # pre-optimizer event: a multiplier set there would miss the step it was for.
-                *(
-                    ()
-                    if self._deepspeed
-                    else (
-                        KnobSpec(
-                            KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER
-                        ),
-                    )
-                ),
-                KnobSpec(KNOB_STOP, False, choices=(True,)),
-                *(self.mixture.knob_specs() if self.mixture is not None else ()),
-            ),
+            # Under DeepSpeed the optimizer steps inside backward, before the Trainer's
+            # pre-optimizer event: a multiplier set there would miss the step it was for.
+            knobs=self.boundary.shared_specs(lr_multiplier=not self._deepspeed),
         )
 
     def close(self) -> None:
@@ -347,9 +309,7 @@ class TrainwardenCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        stop_closes(self)
-        if self.agent is not None:
-            self.agent.close()
+        self.boundary.close()
 
 
 __all__ = ["TrainwardenCallback"]

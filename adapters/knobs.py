@@ -6,7 +6,8 @@ refuse and apply them identically. An adapter's handle has `lr_multiplier`, `sho
 user's save hooks (`handle.on_stop(fn)`) at the step boundary where it applies, before
 `should_stop` turns true, on every rank (a DeepSpeed checkpoint is a collective).
 `report_eval` and `check_budget_at_start` are the other two pieces every handle shares, and
-`advance_lr_ramp(handle)`, called once after every optimizer step, moves the multiplier along
+`advance_lr_ramp(handle)`, called once after every optimizer step (by core/boundary.py, before the
+step is recorded), moves the multiplier along
 the cooldown's ramp between two actions.
 """
 
@@ -119,9 +120,9 @@ def apply_shared_knob(handle: _Carrier, action: Action, step: int = -1) -> tuple
             problem = hooks.fire(StopInfo(step, action.reason, cause if isinstance(cause, str) else "budget"))
         handle.should_stop = True
         log.warning("trainwarden: stop requested: %s", action.reason)
-        from trainwarden.adapters.stop import arm
+        from trainwarden.adapters.core.stop import arm
 
-        arm(handle, action, step, problem)  # what happens if the job trains on: adapters/stop.py
+        arm(handle, action, step, problem)  # what happens if the job trains on: adapters/core/stop.py
         return "applied", "should_stop is now true" + (f" ({problem})" if problem else "")
     return None
 
@@ -193,7 +194,7 @@ def check_budget_at_start(controller: Any, shape: JobShape) -> None:
     not a job stopped at step 1 (a sidecar answers the agent's hello with the same message)."""
     if controller is None:
         return
-    from trainwarden.adapters.connect import AttachError
+    from trainwarden.adapters.core.connect import AttachError
     from trainwarden.controller.loop import BudgetSpentError
 
     try:

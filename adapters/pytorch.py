@@ -14,7 +14,7 @@
 
 Knobs: `micro_batch_size` (the global batch is kept: accumulation = global / micro),
 `lr_multiplier` (applied on top of the user's scheduler at every step), and `stop`. With
-`attach(..., mixture=mix)` (adapters/data.py) also the data mixture's: `domain_weights`,
+`attach(..., mixture=mix)` (adapters/data/) also the data mixture's: `domain_weights`,
 `curriculum_level`, `prune_fraction`; `step()` then reports the per-domain loss the loop gave
 `mix.observe` and tells the mixture how many samples the step consumed (its resume position).
 Actions are applied inside `step()`, after the optimizer step: a step boundary. When the stop
@@ -29,40 +29,21 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
-from trainwarden.adapters.batching import batch_size, micro_slices, regroup, slice_batch
-from trainwarden.adapters.connect import AttachError
-from trainwarden.adapters.knobs import (
-    MAX_LR_MULTIPLIER,
-    StopHook,
-    advance_lr_ramp,
-    apply_shared_knob,
-    check_eval_loss,
-    lr_scaled,
-    stop_hooks_arg,
-)
-from trainwarden.adapters.link import open_link, start_agent
-from trainwarden.adapters.probes import probe_for
-from trainwarden.adapters.stop import stop_closes, training_step_begins
-from trainwarden.controller.protocol import (
-    KNOB_LR_MULTIPLIER,
-    KNOB_MICRO_BATCH,
-    KNOB_STOP,
-    Action,
-    KnobSpec,
-    Outcome,
-)
+from trainwarden.adapters.core.batching import batch_size, divisors, micro_slices, regroup, slice_batch
+from trainwarden.adapters.core.boundary import StepBoundary
+from trainwarden.adapters.core.connect import AttachError
+from trainwarden.adapters.core.link import open_link, start_agent
+from trainwarden.adapters.core.probes import probe_for
+from trainwarden.adapters.core.stop import training_step_begins
+from trainwarden.adapters.knobs import StopHook, lr_scaled, stop_hooks_arg
+from trainwarden.controller.protocol import KNOB_MICRO_BATCH, Action, KnobSpec, Outcome
 
 log = logging.getLogger("trainwarden")
-
-
-def _divisors(n: int) -> tuple[int, ...]:
-    return tuple(d for d in range(1, n + 1) if n % d == 0)
 
 
 class StepBatch:
@@ -115,11 +96,11 @@ class Handle:
         if micro < 1 or global_batch_size % micro:
             raise AttachError(
                 f"micro_batch_size {micro} must divide global_batch_size {global_batch_size} "
-                f"(valid: {', '.join(map(str, _divisors(global_batch_size)))})"
+                f"(valid: {', '.join(map(str, divisors(global_batch_size)))})"
             )
         self.model = model
         self.optimizer = optimizer
-        # The live data mixture (adapters/data.py), whose knobs this handle carries and whose
+        # The live data mixture (adapters/data/), whose knobs this handle carries and whose
         # per-domain loss it reports.
         self.mixture = mixture
         self.scheduler = scheduler
@@ -134,8 +115,8 @@ class Handle:
         self._step_samples = global_batch_size
         self._micro_samples = micro
         self._loss_sum: torch.Tensor | None = None
-        self._step_started = time.perf_counter()
         self._closed = False
+        self.boundary = StepBoundary(self)
         self.last_lr = float(optimizer.param_groups[0]["lr"])
         self.last_loss: float | None = None
 
@@ -164,32 +145,23 @@ class Handle:
 
     def _knob_specs(self) -> tuple[KnobSpec, ...]:
         return (
-            KnobSpec(KNOB_MICRO_BATCH, self._micro, choices=_divisors(self.global_batch_size)),
-            KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
-            KnobSpec(KNOB_STOP, False, choices=(True,)),
-        ) + (self.mixture.knob_specs() if self.mixture is not None else ())
+            KnobSpec(KNOB_MICRO_BATCH, self._micro, choices=divisors(self.global_batch_size)),
+            *self.boundary.shared_specs(),
+        )
 
     def config(self) -> dict[str, Any]:
         """The configuration applied now (what `current()` of an adapter returns)."""
         return {
             KNOB_MICRO_BATCH: self._micro,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            KNOB_LR_MULTIPLIER: self.lr_multiplier,
-            KNOB_STOP: self.should_stop,
-            **(self.mixture.config() if self.mixture is not None else {}),
+            **self.boundary.shared_config(),
         }
 
     current = config
 
     def apply(self, action: Action) -> Outcome:
         """Carry one action at this step boundary; never raises into the user's loop."""
-        t = time.perf_counter()
-        try:
-            outcome, detail = self._apply(action)
-        except Exception as exc:  # the job keeps its configuration
-            log.exception("trainwarden: applying %s failed", action.kind)
-            outcome, detail = "rejected", f"{type(exc).__name__}: {exc}"
-        return Outcome(action.id, outcome, self.step_count, time.perf_counter() - t, detail)
+        return self.boundary.carry(action, lambda: self.step_count, self._apply)
 
     def _apply(self, action: Action) -> tuple[str, str]:
         value = action.params.get("value")
@@ -208,23 +180,19 @@ class Handle:
             self._micro = value
             self.agent.probe.release()
             return "applied", f"gradient accumulation now {self.gradient_accumulation_steps}"
-        shared = apply_shared_knob(self, action, self.step_count)
+        shared = self.boundary.carry_shared(action, self.step_count)
         if shared is not None:
             return shared
-        data = self.mixture.apply(action) if self.mixture is not None else None
-        if data is not None:
-            return data
         return "rejected", f"the pytorch adapter has no knob {action.kind!r}"
 
     def on_stop(self, fn: StopHook) -> StopHook:
         """Call `fn(info)` once when trainwarden stops the run, at that step boundary, before
         `should_stop` turns true (save the final checkpoint there). Usable as a decorator."""
-        self.stop_hooks.add(fn)
-        return fn
+        return self.boundary.on_stop(fn)
 
     def report(self, *, eval_loss: Any) -> None:
         """A validation loss measured now; it goes to the controller with the next step."""
-        self.agent.report_eval(check_eval_loss(eval_loss))
+        self.boundary.report(eval_loss)
 
     # ---- the loop ----------------------------------------------------------------------------
     def steps(self, loader: Iterable[Any]) -> Iterator[StepBatch]:
@@ -244,7 +212,6 @@ class Handle:
         with lr_scaled(self.optimizer.param_groups, self.lr_multiplier):
             self.optimizer.step()
             applied_lr = self.optimizer.param_groups[0]["lr"]
-        advance_lr_ramp(self)  # the next step's multiplier, on the cooldown's ramp
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -253,40 +220,27 @@ class Handle:
         self.samples_seen += self._step_samples
         loss = float(self._loss_sum) if self._loss_sum is not None else None
         self._loss_sum = None
-        self.last_loss = loss
-        now = time.perf_counter()
-        step_time, self._step_started = now - self._step_started, now
         job_samples = self.samples_seen * self.world_size
-        if self.mixture is not None:
-            # The step consumed its samples: the mixture's checkpoint position moves past them.
-            self.mixture.on_step(self.step_count, self._step_samples)
-            if domain_loss is None:
-                domain_loss = self.mixture.take_domain_loss()
-        due = self.agent.on_step(
-            step=self.step_count,
+        self.boundary.cross(
+            self.step_count,
             loss=loss,
+            lr=applied_lr,
             samples=job_samples,
             tokens=job_samples * self.tokens_per_sample,
-            step_time_s=step_time,
-            lr=applied_lr,
-            config=self.config(),
+            step_samples=self._step_samples,
             domain_loss=domain_loss,
         )
-        for action in due:
-            self.agent.report(self.apply(action))
-        self.last_lr: float = applied_lr
 
     def close(self) -> None:
         """Flush telemetry, tell the controller the job is done; idempotent."""
         if self._closed:
             return
         self._closed = True
-        stop_closes(self)
-        self.agent.close()
+        self.boundary.close()
         atexit.unregister(self.close)
 
     def _tw_checkpoint(self, directory: os.PathLike[str]) -> str:
-        """The state at the stop, for trainwarden's end of the job (adapters/stop.py): model,
+        """The state at the stop, for trainwarden's end of the job (adapters/core/stop.py): model,
         optimizer and scheduler state dicts in `directory`/trainwarden.pt (rank 0 writes)."""
         path = os.path.join(directory, "trainwarden.pt")
         if self.rank == 0:

@@ -25,9 +25,7 @@ IMPORTED_FILE = "imported.txt"
 
 #: The job's sitecustomize.py. Standard library only until TRAINWARDEN_ATTACH says to attach;
 #: never raises (site would print "Error in sitecustomize" and go on, but a job should not
-#: see trainwarden fail at start-up). The hook is `trainwarden.adapters.attach`; an install whose
-#: adapters still have it as the module `attach_hook` (before the adapter packages) is served by
-#: that, at the cost of one find_spec at start-up.
+#: see trainwarden fail at start-up). The hook is `trainwarden.adapters.attach`.
 SITECUSTOMIZE = '''\
 """Written by `trainwarden run --attach` (trainwarden.controller.attach_env): makes
 deepspeed.initialize return trainwarden's live handle, then runs the sitecustomize this one
@@ -42,10 +40,7 @@ def _trainwarden_attach() -> None:
 
     if os.environ.get("TRAINWARDEN_ATTACH", "") not in ("", "0"):
         try:
-            if importlib.util.find_spec("trainwarden.adapters.attach") is not None:
-                from trainwarden.adapters import attach
-            else:
-                from trainwarden.adapters import attach_hook as attach
+            from trainwarden.adapters import attach
 
             attach.install()
         except Exception as exc:  # trainwarden not importable in this interpreter, or broken

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from trainwarden.examples.corpus import MixtureSampler, load_domains
+from trainwarden.examples.corpus import WindowSampler, load_domains
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,7 +31,7 @@ class CorpusWindows(torch.utils.data.Dataset):
     """`n` fixed byte windows of the demo's corpus, as HF batches: input_ids and the domain index."""
 
     def __init__(self, n: int, block_size: int, seed: int = 0, max_bytes_per_domain: int = 2_000_000) -> None:
-        sampler = MixtureSampler(load_domains(max_bytes_per_domain), block_size - 1, n, seed=seed)
+        sampler = WindowSampler(load_domains(max_bytes_per_domain), block_size - 1, n, seed=seed)
         batch = sampler.next_batch()
         # x and its last target make block_size tokens; GPT-2 shifts the labels itself.
         self.input_ids = torch.cat([batch.x, batch.y[:, -1:]], dim=1)
@@ -47,7 +47,7 @@ class CorpusWindows(torch.utils.data.Dataset):
 
 class DomainWindows(torch.utils.data.Dataset):
     """The windows of one domain of `windows`, as HF batches of input_ids: one domain of a
-    trainwarden data mixture (adapters/data.py)."""
+    trainwarden data mixture (adapters/data/)."""
 
     def __init__(self, windows: CorpusWindows, domain: int) -> None:
         self.ids = windows.input_ids[windows.domain == domain]

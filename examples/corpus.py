@@ -8,9 +8,9 @@ No downloads: the two domains come from the interpreter itself.
   prints), its values joined in sorted key order and encoded as UTF-8.
 
 Bytes are tokens (vocabulary 256), so no tokenizer is needed. The last 5% of each domain is the
-validation split. :class:`MixtureSampler` draws training windows with per-domain mixture weights
-that a data policy can change mid-run (:meth:`MixtureSampler.set_weights`), and its position can be
-saved and restored exactly (:meth:`MixtureSampler.state_dict`).
+validation split. :class:`WindowSampler` draws training windows with per-domain mixture weights
+that a data policy can change mid-run (:meth:`WindowSampler.set_weights`), and its position can be
+saved and restored exactly (:meth:`WindowSampler.state_dict`).
 
 The stdlib differs between Python versions, so the corpus is deterministic per interpreter, not
 across interpreters.
@@ -33,7 +33,7 @@ __all__ = [
     "DOMAIN_NAMES",
     "VAL_FRACTION",
     "Batch",
-    "MixtureSampler",
+    "WindowSampler",
     "eval_batches",
     "load_code_domain",
     "load_domains",
@@ -180,7 +180,7 @@ def _windows(flat: torch.Tensor, starts: torch.Tensor, block_size: int) -> tuple
     return win[:, :-1], win[:, 1:]
 
 
-class MixtureSampler:
+class WindowSampler:
     """Deterministic infinite sampler of training windows from several domains.
 
     Each batch holds ``global_batch_size`` windows of ``block_size + 1`` bytes. Each sample's

@@ -20,7 +20,7 @@ import time
 import torch
 
 from trainwarden.adapters import pytorch as trainwarden_pytorch
-from trainwarden.examples.corpus import MixtureSampler, eval_batches, load_domains
+from trainwarden.examples.corpus import WindowSampler, eval_batches, load_domains
 from trainwarden.examples.gpt import GPT, GPTConfig
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
 
     domains = load_domains()
-    sampler = MixtureSampler(domains, args.block_size, args.global_batch, seed=args.seed)
+    sampler = WindowSampler(domains, args.block_size, args.global_batch, seed=args.seed)
     val = eval_batches(domains, block_size=args.block_size, batch_size=16, n_batches=2)
     model = GPT(
         GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from trainwarden.adapters import deepspeed as trainwarden_deepspeed
-from trainwarden.examples.corpus import MixtureSampler, eval_batches, load_domains
+from trainwarden.examples.corpus import WindowSampler, eval_batches, load_domains
 from trainwarden.examples.gpt import GPT, GPTConfig
 
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
 
     domains = load_domains()
-    sampler = MixtureSampler(domains, args.block_size, args.micro_batch, seed=args.seed + 1000 * rank)
+    sampler = WindowSampler(domains, args.block_size, args.micro_batch, seed=args.seed + 1000 * rank)
     val = eval_batches(domains, block_size=args.block_size, batch_size=4, n_batches=1)
     model = GPT(
         GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)

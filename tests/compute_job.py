@@ -13,7 +13,7 @@ import torch
 
 from trainwarden.adapters import pytorch as tw
 from trainwarden.controller.protocol import Action
-from trainwarden.examples.corpus import MixtureSampler, eval_batches, load_domains
+from trainwarden.examples.corpus import WindowSampler, eval_batches, load_domains
 from trainwarden.examples.gpt import GPT, GPTConfig
 
 BLOCK = 32
@@ -28,8 +28,8 @@ def model_and_optimizer(seed: int = 0, n_embd: int = 64) -> tuple[GPT, torch.opt
     return model, model.configure_optimizer(lr=3e-3)
 
 
-def sampler(seed: int = 0) -> MixtureSampler:
-    return MixtureSampler(load_domains(CORPUS_BYTES), BLOCK, BATCH, seed=seed)
+def sampler(seed: int = 0) -> WindowSampler:
+    return WindowSampler(load_domains(CORPUS_BYTES), BLOCK, BATCH, seed=seed)
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ class Run:
     handle: tw.Handle
     model: GPT
     optimizer: torch.optim.Optimizer
-    data: MixtureSampler
+    data: WindowSampler
     run_dir: Path
     lr_multipliers: list[float] = field(default_factory=list)
     """The multiplier each step ran at, step 1 first."""
@@ -77,7 +77,7 @@ def run_job(
     run_dir: Path | None = None,
     model: GPT | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    data: MixtureSampler | None = None,
+    data: WindowSampler | None = None,
 ) -> Run:
     """Train until trainwarden says stop (or `max_steps`); `each_step(run)` after every step."""
     if model is None:

@@ -149,7 +149,7 @@ def assert_engine(
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from trainwarden.adapters import ds_state
+    from trainwarden.adapters.deepspeed import state as ds_state
 
     e = handle.engine
     assert e.zero_optimization_stage() == stage

@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate_helpers import fresh_accelerate_state
 
 from trainwarden.adapters.accelerate import Accelerator, TrackedOptimizer
-from trainwarden.adapters.accelerate_loader import MicroBatchLoader
+from trainwarden.adapters.accelerate.loader import MicroBatchLoader
 from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_MICRO_BATCH, KNOB_PRECISION, Action
 from trainwarden.examples.accelerate_train import CorpusWindows, gpt2, per_sample_loss
 

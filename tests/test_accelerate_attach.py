@@ -1,5 +1,5 @@
 """`trainwarden run --attach` makes `accelerate.Accelerator` in an unchanged job trainwarden's
-drop-in (adapters/accelerate_attach.py); libraries building their own Accelerator (the HF Trainer)
+drop-in (adapters/attach/accelerate.py); libraries building their own Accelerator (the HF Trainer)
 get Accelerate's own, and without --attach nothing changes. Checked in a fresh interpreter with
 the sitecustomize `trainwarden run --attach` writes, against the real Accelerate."""
 
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from accelerate_helpers import fresh_job_env
 
-from trainwarden.adapters import attach_hook
+from trainwarden.adapters import attach as attach_hook
 
 PROBE = """\
 import json, sys

@@ -1,4 +1,4 @@
-"""The live data mixture (adapters/data.py) through the Accelerate drop-in: its knobs are reported
+"""The live data mixture (adapters/data/) through the Accelerate drop-in: its knobs are reported
 and carried at a step boundary, the per-domain loss it observes goes out with each step, and the
 loader Accelerate prepared draws the new mixture."""
 

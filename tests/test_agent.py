@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from trainwarden.adapters import pytorch as tw
-from trainwarden.adapters.channel import HttpChannel
+from trainwarden.adapters.core.channel import HttpChannel
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import KNOB_MICRO_BATCH
 from trainwarden.controller.runlog import read_jsonl

@@ -55,7 +55,7 @@ def _run(tmp_path: Path, budget: str, command: list[str], extra: str = "", **env
 
 def _stop(run_dir: Path) -> dict:
     # One stop applied: a stop of the controller's that the job's own (a counted budget's end,
-    # adapters/agent.py) superseded is an `unanswered` line.
+    # adapters/core/agent.py) superseded is an `unanswered` line.
     lines = read_jsonl(run_dir / "decisions.jsonl")
     [stop] = [d for d in lines if d["kind"] == "stop" and d["outcome"] != "unanswered"]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -168,7 +168,7 @@ def test_a_job_that_never_connects_is_said_with_what_it_imported(tmp_path: Path)
 
 def test_an_environment_variable_attaches_a_job_another_launcher_started(tmp_path: Path) -> None:
     site = subprocess.run(
-        [sys.executable, "-m", "trainwarden.adapters.attach_hook", str(tmp_path / "site")],
+        [sys.executable, "-m", "trainwarden.adapters.attach", str(tmp_path / "site")],
         capture_output=True,
         text=True,
         check=True,

@@ -8,7 +8,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from trainwarden.adapters.batching import batch_size, concat_batches, micro_slices, regroup, slice_batch
+from trainwarden.adapters.core.batching import batch_size, concat_batches, micro_slices, regroup, slice_batch
 from trainwarden.examples.corpus import Batch
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from trainwarden.adapters.agent import Agent
-from trainwarden.adapters.probes import CpuProbe
+from trainwarden.adapters.core.agent import Agent
+from trainwarden.adapters.core.probes import CpuProbe
 from trainwarden.controller.protocol import KNOB_STOP, Action, JobShape, Outcome, StepRecord
 
 SHAPE = JobShape("r", "pytorch", 1, 10, 8, 1, (), (1,), "cpu", 2**34, 4)

@@ -23,7 +23,7 @@ from compute_job import (
     sampler,
 )
 
-from trainwarden.adapters.connect import AttachError
+from trainwarden.adapters.core.connect import AttachError
 from trainwarden.adapters.knobs import StopInfo
 from trainwarden.controller.protocol import KNOB_MICRO_BATCH
 

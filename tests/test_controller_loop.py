@@ -489,7 +489,7 @@ def test_events_cross_the_http_channel_and_a_hostile_one_gets_a_400(tmp_path: Pa
     refused with 400 naming the field, and the controller goes on."""
     import http.client
 
-    from trainwarden.adapters.channel import HttpChannel
+    from trainwarden.adapters.core.channel import HttpChannel
     from trainwarden.controller.protocol import PROTOCOL_VERSION, AdapterEvent
     from trainwarden.controller.server import ChannelServer
 

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from trainwarden.examples import corpus  # noqa: E402
 from trainwarden.examples.corpus import (  # noqa: E402
     Batch,
-    MixtureSampler,
+    WindowSampler,
     eval_batches,
     load_code_domain,
     load_domains,
@@ -76,9 +76,9 @@ def test_split_is_last_five_percent(domains: dict[str, torch.Tensor]) -> None:
 
 
 def test_sampler_is_deterministic_and_shifts_targets(domains: dict[str, torch.Tensor]) -> None:
-    a = MixtureSampler(domains, block_size=64, global_batch_size=8, seed=7)
-    b = MixtureSampler(domains, block_size=64, global_batch_size=8, seed=7)
-    c = MixtureSampler(domains, block_size=64, global_batch_size=8, seed=8)
+    a = WindowSampler(domains, block_size=64, global_batch_size=8, seed=7)
+    b = WindowSampler(domains, block_size=64, global_batch_size=8, seed=7)
+    c = WindowSampler(domains, block_size=64, global_batch_size=8, seed=8)
     for _ in range(3):
         ba, bb, bc = next(a), next(b), next(c)
         assert ba.x.shape == ba.y.shape == (8, 64) and ba.domain.shape == (8,)
@@ -90,7 +90,7 @@ def test_sampler_is_deterministic_and_shifts_targets(domains: dict[str, torch.Te
 
 
 def test_sampler_state_dict_round_trip(domains: dict[str, torch.Tensor]) -> None:
-    a = MixtureSampler(domains, block_size=32, global_batch_size=4, seed=1)
+    a = WindowSampler(domains, block_size=32, global_batch_size=4, seed=1)
     for _ in range(5):
         next(a)
     a.set_weights({"code": 3.0, "prose": 1.0})
@@ -99,7 +99,7 @@ def test_sampler_state_dict_round_trip(domains: dict[str, torch.Tensor]) -> None
     torch.save(a.state_dict(), buf)  # the state must survive a real checkpoint file
     expected = [next(a) for _ in range(4)]
 
-    b = MixtureSampler(domains, block_size=32, global_batch_size=2, seed=99)
+    b = WindowSampler(domains, block_size=32, global_batch_size=2, seed=99)
     buf.seek(0)
     b.load_state_dict(torch.load(buf, weights_only=True))
     assert b.weights == pytest.approx({"code": 0.75, "prose": 0.25})
@@ -110,14 +110,14 @@ def test_sampler_state_dict_round_trip(domains: dict[str, torch.Tensor]) -> None
         assert torch.equal(got.domain, want.domain)
     assert torch.equal(a.samples_drawn, b.samples_drawn)
 
-    wrong = MixtureSampler(domains, block_size=16, global_batch_size=2)
+    wrong = WindowSampler(domains, block_size=16, global_batch_size=2)
     with pytest.raises(ValueError):
         wrong.load_state_dict(a.state_dict())
 
 
 def test_domain_tags_match_window_source(domains: dict[str, torch.Tensor]) -> None:
     train = {name: _bytes(split_domain(d, "train")) for name, d in domains.items()}
-    s = MixtureSampler(domains, block_size=48, global_batch_size=32, seed=3)
+    s = WindowSampler(domains, block_size=48, global_batch_size=32, seed=3)
     batch = next(s)
     assert set(batch.domain.tolist()) == {0, 1}  # both domains drawn at equal weights
     for x, y, d in zip(batch.x, batch.y, batch.domain, strict=True):
@@ -131,7 +131,7 @@ def test_mixture_weights_steer_sampling() -> None:
         "low": torch.randint(0, 100, (5000,), dtype=torch.uint8),
         "high": torch.randint(150, 250, (5000,), dtype=torch.uint8),
     }
-    s = MixtureSampler(synthetic, block_size=16, global_batch_size=4000, seed=0)
+    s = WindowSampler(synthetic, block_size=16, global_batch_size=4000, seed=0)
     s.set_weights({"low": 0.8, "high": 0.2})
     batch = next(s)
     from_high = (batch.x >= 150).all(dim=1)
@@ -145,7 +145,7 @@ def test_mixture_weights_steer_sampling() -> None:
 
 
 def test_micro_batches_partition_the_batch(domains: dict[str, torch.Tensor]) -> None:
-    batch = next(MixtureSampler(domains, block_size=16, global_batch_size=10))
+    batch = next(WindowSampler(domains, block_size=16, global_batch_size=10))
     parts = batch.micro_batches(4)
     assert [len(p) for p in parts] == [4, 4, 2]
     assert torch.equal(torch.cat([p.x for p in parts]), batch.x)
@@ -209,7 +209,7 @@ def test_training_steps_lower_the_loss(domains: dict[str, torch.Tensor]) -> None
     torch.manual_seed(0)
     model = GPT(TINY)
     opt = model.configure_optimizer(lr=3e-3, weight_decay=0.0)
-    batch = next(MixtureSampler(domains, block_size=32, global_batch_size=8, seed=0))
+    batch = next(WindowSampler(domains, block_size=32, global_batch_size=8, seed=0))
     with torch.no_grad():
         before = float(model(batch.x, batch.y)[1])
     for _ in range(25):

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from helpers import TRAINWARDEN, free_port, job_env
 
-from trainwarden.adapters import attach_hook
+from trainwarden.adapters import attach as attach_hook
 from trainwarden.controller.runlog import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ out = {
 }
 import deepspeed
 from deepspeed import initialize
-from trainwarden.adapters import attach_hook
+from trainwarden.adapters import attach as attach_hook
 out["dropin"] = hasattr(initialize, attach_hook.ORIGINAL_ATTR)
 out["looks_like"] = [initialize.__module__, initialize.__name__]
 out["same"] = initialize is deepspeed.initialize

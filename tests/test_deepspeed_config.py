@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainwarden.adapters.ds_config import (
+from trainwarden.adapters.deepspeed.config import (
     ConfigError,
     Setting,
     load_config,

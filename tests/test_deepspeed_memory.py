@@ -3,8 +3,8 @@ below what keeping the old engines would cost.
 
 The cause of DeepSpeed's leak when engines are re-created in one process: `engine.destroy()`
 leaves the engine's forward hooks on the user's module, and their closures keep the whole engine
-alive (optimizer, fp32 masters, moments). The adapter removes them (adapters/deepspeed._destroy,
-ds_state.clean_module)."""
+alive (optimizer, fp32 masters, moments). The adapter removes them (adapters/deepspeed/build.py destroy,
+adapters/deepspeed/module.py clean_module)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from ds_helpers import deepspeed_env, ds_config  # noqa: F401 - deepspeed_env is a fixture
 
 from trainwarden.adapters import deepspeed as twds
-from trainwarden.adapters import ds_state
+from trainwarden.adapters.deepspeed import module as ds_module
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_env")]
 
@@ -71,7 +71,7 @@ def test_twenty_switches_free_every_old_engine() -> None:
         assert growth < 4 * engine_bytes, f"RSS grew {growth >> 20} MiB over 20 switches"
         for m in model.modules():
             for hooks in (m._forward_pre_hooks, m._forward_hooks):
-                stale = [fn for fn in hooks.values() if ds_state._is_deepspeed_hook(fn)]
+                stale = [fn for fn in hooks.values() if ds_module._is_deepspeed_hook(fn)]
                 assert len(stale) <= 1  # only the live engine's own hooks
     finally:
         h.destroy()

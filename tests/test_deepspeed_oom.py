@@ -23,8 +23,10 @@ from ds_helpers import (  # noqa: F401 - deepspeed_env is a fixture
 )
 
 from trainwarden.adapters import deepspeed as twds
-from trainwarden.adapters import ds_oom, ds_state
-from trainwarden.adapters.ds_config import Setting
+from trainwarden.adapters.core.batching import batch_size, recut
+from trainwarden.adapters.deepspeed import oom as ds_oom
+from trainwarden.adapters.deepspeed import state as ds_state
+from trainwarden.adapters.deepspeed.config import Setting
 from trainwarden.controller.runlog import DECISIONS_FILE, read_jsonl
 
 OOM = torch.cuda.OutOfMemoryError
@@ -72,15 +74,15 @@ def test_the_oom_ladder_goes_from_fastest_to_leanest() -> None:
 def test_batches_are_cut_again_whatever_their_structure() -> None:
     x = torch.arange(12).view(6, 2)
     batches = [{"x": x[:4], "y": (x[:4] + 1, "tag")}, {"x": x[4:], "y": (x[4:] + 1, "tag")}]
-    assert ds_oom.batch_len(batches[0]) == 4
-    cut = ds_oom.recut(batches, 3)
-    assert [ds_oom.batch_len(b) for b in cut] == [3, 3]
+    assert batch_size(batches[0]) == 4
+    cut = recut(batches, 3)
+    assert [batch_size(b) for b in cut] == [3, 3]
     assert torch.equal(torch.cat([b["x"] for b in cut]), x)
     assert all(b["y"][1] == "tag" and torch.equal(b["y"][0], b["x"] + 1) for b in cut)
     same = [x[:2], x[2:4]]
-    assert ds_oom.recut(same, 2) == same  # already that size: the same objects, no copy
+    assert recut(same, 2) == same  # already that size: the same objects, no copy
     with pytest.raises(TypeError, match="how many samples"):
-        ds_oom.batch_len("text")
+        batch_size("text")
 
 
 # ---- on real DeepSpeed ---------------------------------------------------------------------------------

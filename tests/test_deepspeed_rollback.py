@@ -18,7 +18,7 @@ from ds_helpers import (  # noqa: F401 - deepspeed_env is a fixture
 )
 
 from trainwarden.adapters import deepspeed as twds
-from trainwarden.adapters import ds_state
+from trainwarden.adapters.deepspeed import state as ds_state
 from trainwarden.controller.protocol import KNOB_PRECISION, KNOB_ZERO_STAGE, Action
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_env")]

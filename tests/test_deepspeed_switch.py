@@ -158,7 +158,7 @@ def test_deepspeed_adam_offload_uses_cpu_adam_and_stays_close(handles: list[twds
     is carried exactly, the trajectory stays within 1e-5 of the run that never offloaded."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
-    from trainwarden.adapters import ds_state
+    from trainwarden.adapters.deepspeed import state as ds_state
 
     batches = token_batches(40)
     ref, *_ = _start(ds_config(stage=1, torch_adam=False))

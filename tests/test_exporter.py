@@ -98,7 +98,7 @@ def record(step: int, mb: int) -> StepRecord:
             KNOB_MICRO_BATCH: mb,
             KNOB_LR_MULTIPLIER: 1.0,
             "precision": "bf16",
-            # The data mixture's (adapters/data.py): weights by domain, curriculum, pruned fraction.
+            # The data mixture's (adapters/data/): weights by domain, curriculum, pruned fraction.
             "domain_weights": {"web": 0.75, "code": 0.25},
             "curriculum_level": 0.5,
             "pruned_fraction": 0.125,

@@ -1,4 +1,4 @@
-"""The live data mixture (adapters/data.py) under the HF Trainer: the callback carries its knobs
+"""The live data mixture (adapters/data/) under the HF Trainer: the callback carries its knobs
 at a step boundary, the Trainer's loader (drawing from the MixtureSampler) follows them, and the
 per-domain loss observed in `compute_loss` goes to the controller with each step."""
 

@@ -369,9 +369,9 @@ def test_an_agent_drops_a_refused_batch_and_its_telemetry_flows_on(
     """A batch the controller refuses (400: here a record naming more domains than the cap) can
     never pass: the real agent drops it, says so once, and the steps after it reach the controller
     (on main it was put back and retried forever, and all telemetry after it stalled)."""
-    from trainwarden.adapters.agent import Agent
-    from trainwarden.adapters.channel import HttpChannel
-    from trainwarden.adapters.probes import CpuProbe
+    from trainwarden.adapters.core.agent import Agent
+    from trainwarden.adapters.core.channel import HttpChannel
+    from trainwarden.adapters.core.probes import CpuProbe
 
     caplog.set_level(logging.WARNING)
     job = JobShape.from_json(shape())

@@ -29,7 +29,7 @@ import pytest
 import yaml
 from helpers import REPO
 
-from trainwarden.adapters.channel import ChannelDown, HttpChannel
+from trainwarden.adapters.core.channel import ChannelDown, HttpChannel
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import (
     PROTOCOL_VERSION,

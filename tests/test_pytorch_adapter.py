@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from trainwarden.adapters import pytorch as tw
-from trainwarden.adapters.connect import AttachError
-from trainwarden.adapters.probes import CpuProbe
+from trainwarden.adapters.core.connect import AttachError
+from trainwarden.adapters.core.probes import CpuProbe
 from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_MICRO_BATCH, KNOB_STOP, Action
 from trainwarden.examples.gpt import GPT, GPTConfig
 

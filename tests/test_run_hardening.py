@@ -25,7 +25,7 @@ import psutil
 import pytest
 from helpers import REPO, TRAINWARDEN, job_env, tiny_job, wait_for
 
-from trainwarden.adapters.channel import ChannelDown, HttpChannel
+from trainwarden.adapters.core.channel import ChannelDown, HttpChannel
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import PROTOCOL_VERSION, JobShape, KnobSpec
 from trainwarden.controller.runlog import read_jsonl
@@ -237,7 +237,7 @@ class Impostor:
 #: A job that talks to the controller `run` hands it, through the agent's own channel (no torch:
 #: what matters is the endpoint and token it is given): a hello and one step.
 REPORTS_ONE_STEP = """\
-from trainwarden.adapters.connect import sidecar_channel
+from trainwarden.adapters.core.connect import sidecar_channel
 from trainwarden.controller.protocol import JobShape, KnobSpec, StepRecord
 ch = sidecar_channel()
 ch.hello(JobShape("r", "plain", 1, 10, 8, 8, (KnobSpec("stop", False, choices=(True,)),), (1,), "cpu", 1, 1))

@@ -1,4 +1,4 @@
-"""What a stop does to a job that never reads `should_stop` (adapters/stop.py), in-process with the
+"""What a stop does to a job that never reads `should_stop` (adapters/core/stop.py), in-process with the
 plain-PyTorch adapter and a real embedded controller: `end_job` ends it at the start of the first
 training step past the grace, with a checkpoint that loads and exit code 0; `cooperative` lets it
 train on and says the stop was ignored. Also the training-only step peak, the token count from
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from trainwarden.adapters import pytorch as tw
-from trainwarden.adapters.batching import counted_tokens
+from trainwarden.adapters.core.batching import counted_tokens
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import KNOB_LR_MULTIPLIER, KNOB_STOP, JobShape, KnobSpec, StepRecord
 from trainwarden.controller.runlog import read_jsonl

@@ -15,9 +15,9 @@ from pathlib import Path
 import helpers
 import pytest
 
-from trainwarden.adapters.agent import Agent
-from trainwarden.adapters.channel import LocalChannel
-from trainwarden.adapters.probes import CpuProbe
+from trainwarden.adapters.core.agent import Agent
+from trainwarden.adapters.core.channel import LocalChannel
+from trainwarden.adapters.core.probes import CpuProbe
 from trainwarden.controller.loop import SWITCH_GRACE_S, Controller
 from trainwarden.controller.protocol import (
     KNOB_MICRO_BATCH,

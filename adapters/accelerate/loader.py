@@ -4,7 +4,7 @@ Accelerate's gradient accumulation counts micro-batches (`accumulate()` syncs ev
 `gradient_accumulation_steps`-th), and the micro-batch is the loader's batch. Changing the
 accumulation alone would change the global batch; to keep it, the loader must cut smaller (or
 larger) micro-batches at the same moment. This wrapper owns that cut, as the plain-PyTorch adapter
-does (adapters/batching.py): the prepared loader's batches are regrouped into optimizer steps of
+does (adapters/core/batching.py): the prepared loader's batches are regrouped into optimizer steps of
 exactly `step_samples` samples (its batch size x the accumulation it was prepared with), in
 order, and each step is cut at the current micro-batch size. A switch therefore changes only
 how a step is cut, never which samples it holds.
@@ -22,7 +22,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
-from trainwarden.adapters.batching import batch_size, counted_tokens, micro_slices, regroup, slice_batch
+from trainwarden.adapters.core.batching import batch_size, counted_tokens, micro_slices, regroup, slice_batch
 
 
 class _Owner(Protocol):
@@ -40,7 +40,7 @@ def tokens_in(batch: Any, samples: int, tokens_per_sample: int | None) -> int:
     counted = counted_tokens(dict(batch)) if isinstance(batch, Mapping) else None
     if counted is not None:
         return counted
-    from trainwarden.adapters.batching import _leaves
+    from trainwarden.adapters.core.batching import _leaves
 
     for leaf in _leaves(batch):
         if leaf.dim() >= 2:

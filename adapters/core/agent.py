@@ -2,7 +2,7 @@
 
 At each optimizer-step boundary the adapter calls `on_step`. It costs a memory sample and a
 few appends; it never touches the network. Adapters that mark where a training step begins
-(`step_begins`, through adapters/stop.py) pay one more peak read per step (a /proc read, a write
+(`step_begins`, through adapters/core/stop.py) pay one more peak read per step (a /proc read, a write
 to clear_refs on a CPU: tens of microseconds), so the peak covers the training step only.
 Rank 0 has a background thread that sends the queued telemetry and outcomes to the controller
 and keeps the actions it answers with.
@@ -32,8 +32,8 @@ import time
 from collections import deque
 from typing import Any
 
-from trainwarden.adapters.channel import Channel, ChannelDown, ChannelRefused
-from trainwarden.adapters.probes import MemoryProbe
+from trainwarden.adapters.core.channel import Channel, ChannelDown, ChannelRefused
+from trainwarden.adapters.core.probes import MemoryProbe
 from trainwarden.controller.budget_end import ENV_BUDGET_END, BudgetEnd
 from trainwarden.controller.protocol import (
     EVENT_BUDGET_STOP,
@@ -82,10 +82,10 @@ class Agent:
         # What the adapter did on its own (an OOM retry): few, kept until the controller has them.
         self._events: deque[AdapterEvent] = deque(maxlen=MAX_QUEUED_RECORDS)
         self._outcomes: list[Outcome] = []
-        # Actions whose outcome is not known when applied (a stop: adapters/stop.py reports it
+        # Actions whose outcome is not known when applied (a stop: adapters/core/stop.py reports it
         # once the job stopped, was ended, or trained on).
         self._held: set[str] = set()
-        # The training step's memory peak (adapters/stop.py's training_step_begins starts it):
+        # The training step's memory peak (adapters/core/stop.py's training_step_begins starts it):
         # the largest peak of the steps since the last sync; None while no adapter marks steps.
         self._step_peak: int | None = None
         self._in_step = False

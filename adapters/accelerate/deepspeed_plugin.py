@@ -2,10 +2,10 @@
 
 Accelerate builds the DeepSpeed engine in `prepare` (`_prepare_deepspeed` calls
 `deepspeed.initialize`). For the length of that `prepare`, `deepspeed.initialize` is the DeepSpeed
-adapter's drop-in (adapters/deepspeed.py, with no agent of its own: the accelerator's agent
+adapter's drop-in (adapters/deepspeed/, with no agent of its own: the accelerator's agent
 reports), so Accelerate receives a `DeepSpeedHandle` and wraps it as it would an engine. The
 ZeRO stage, offload and precision switches are then the DeepSpeed adapter's own, unchanged: the
-whole training state read into a host copy (adapters/ds_state.py), the engine rebuilt from
+whole training state read into a host copy (adapters/deepspeed/state.py), the engine rebuilt from
 Accelerate's DeepSpeed config with only the switched keys rewritten, the state written back
 exactly, a rollback on failure. Everything Accelerate holds keeps working across a switch: its
 `DeepSpeedEngineWrapper` and optimizer wrapper point at the handle and its optimizer proxy, which
@@ -49,7 +49,7 @@ def dropin_initialize() -> Iterator[None]:
     """`deepspeed.initialize` returns the DeepSpeed adapter's handle inside this block."""
     import deepspeed
 
-    from trainwarden.adapters import attach_hook
+    from trainwarden.adapters import attach as attach_hook
     from trainwarden.adapters import deepspeed as twds
 
     previous = deepspeed.initialize
@@ -87,7 +87,7 @@ def config(handle: Any) -> dict[str, Any]:
 
 def after_switch(accelerator: Any, handle: Any) -> None:
     """Bring what Accelerate holds in line with the handle's new engine (see the docstring)."""
-    from trainwarden.adapters.ds_config import rewrite
+    from trainwarden.adapters.deepspeed.config import rewrite
 
     builder = handle._builder
     now = rewrite(builder.config, handle.setting, client_optimizer=builder.client_optimizer)

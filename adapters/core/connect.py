@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainwarden.adapters.channel import Channel, HttpChannel, LocalChannel
+from trainwarden.adapters.core.channel import Channel, HttpChannel, LocalChannel
 from trainwarden.controller.identity import new_run_id
 from trainwarden.controller.protocol import (
     ENV_DISABLE,

@@ -1,5 +1,5 @@
 """`trainwarden run --attach` for Accelerate: `accelerate.Accelerator` in a job nobody changed is
-trainwarden's drop-in (adapters/accelerate.py).
+trainwarden's drop-in (adapters/accelerate/).
 
 Installed by `attach_hook.install()` (the sitecustomize `trainwarden run --attach` puts on the
 job's PYTHONPATH), the same way as the DeepSpeed hook there: a finder in `sys.meta_path` answers
@@ -22,7 +22,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from trainwarden.adapters.import_patch import PatchingFinder
+from trainwarden.adapters.attach.finder import PatchingFinder
 
 log = logging.getLogger("trainwarden")
 
@@ -89,7 +89,7 @@ def patch(module: ModuleType) -> None:
             caller = sys._getframe(1).f_globals.get("__name__", "") or ""
             if caller.split(".")[0] in LIBRARY_CALLERS:
                 return original(*args, **kwargs)
-            from trainwarden.adapters.attach_hook import announce
+            from trainwarden.adapters.attach import announce
 
             announce("accelerate.Accelerator", "the job's Accelerator is trainwarden's drop-in")
             return super().__new__(cls)

@@ -16,7 +16,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from trainwarden.adapters.import_patch import PatchingFinder
+from trainwarden.adapters.attach.finder import PatchingFinder
 
 ORIGINAL_ATTR = "__trainwarden_original__"
 MODULE = "transformers.trainer"
@@ -53,7 +53,7 @@ def patch(module: ModuleType) -> None:
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        from trainwarden.adapters.attach_hook import announce
+        from trainwarden.adapters.attach import announce
         from trainwarden.adapters.hf import TrainwardenCallback
 
         callbacks = getattr(getattr(self, "callback_handler", None), "callbacks", [])

@@ -1,7 +1,7 @@
 """A meta-path finder that lets one top-level package import as usual, then patches it.
 
-`trainwarden run --attach` uses it twice (adapters/attach_hook.py for `deepspeed`,
-adapters/accelerate_attach.py for `accelerate`). The finder answers only for its one name: it
+`trainwarden run --attach` uses it twice (adapters/attach/ for `deepspeed`,
+adapters/attach/accelerate.py for `accelerate`). The finder answers only for its one name: it
 asks the finders after it for the real spec and wraps the real loader, which executes the
 package and then calls `patch(module)` before the import returns (so `from pkg import X` already
 sees the patched X). Standard library only: it is imported by the job's sitecustomize, before

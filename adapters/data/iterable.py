@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from trainwarden.adapters.data_control import DataMixtureError, MixtureControl
-from trainwarden.adapters.data_sampler import _mix64, _uniform
+from trainwarden.adapters.data.control import DataMixtureError, MixtureControl
+from trainwarden.adapters.data.sampler import _mix64, _uniform
 
 #: Most DataLoader workers whose positions are kept in shared memory.
 MAX_WORKERS = 64

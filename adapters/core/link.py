@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from trainwarden.adapters.agent import Agent
-from trainwarden.adapters.channel import Channel
-from trainwarden.adapters.connect import connect, run_id_from_env
+from trainwarden.adapters.core.agent import Agent
+from trainwarden.adapters.core.channel import Channel
+from trainwarden.adapters.core.connect import connect, run_id_from_env
+from trainwarden.adapters.core.probes import MemoryProbe
 from trainwarden.adapters.knobs import check_budget_at_start
-from trainwarden.adapters.probes import MemoryProbe
 from trainwarden.controller.protocol import ENV_SYNC_EVERY, JobShape
 from trainwarden.controller.schema import ControllerSettings
 

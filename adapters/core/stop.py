@@ -6,7 +6,7 @@ Trainer callback) calls the two functions here, so the rule is written once:
 - `training_step_begins(handle, step)`: at the start of each training step, after its data was
   loaded (the first micro-batch the adapter hands out, or the first training forward). It starts
   the step's memory-peak window (an evaluation pass, a checkpoint save or the data loading
-  between steps is not a training step's peak: adapters/agent.py), and it is where a stop that
+  between steps is not a training step's peak: adapters/core/agent.py), and it is where a stop that
   was not obeyed is seen: a job that reads `should_stop` never starts another step.
 - `stop_closes(handle)`: from the handle's `close()`, before the agent's: a job that ended after
   the stop obeyed it.

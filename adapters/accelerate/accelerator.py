@@ -19,10 +19,10 @@ step (loss, samples, tokens, step time, memory, per-domain loss given to `log_do
 carries the controller's actions at step boundaries:
 
 - `precision` (fp32 / bf16 / fp16 where Accelerate really applies it: not fp16 on a CPU, where
-  Accelerate's fp16 is a silent no-op): adapters/accelerate_precision.py, no tensor copied;
+  Accelerate's fp16 is a silent no-op): adapters/accelerate/precision.py, no tensor copied;
 - `micro_batch_size`: the gradient accumulation follows with the global batch kept; offered when
   the training loader was prepared here (the first DataLoader given to `prepare`; it is returned
-  as a `MicroBatchLoader`, adapters/accelerate_loader.py) and the loop uses `accumulate()`;
+  as a `MicroBatchLoader`, adapters/accelerate/loader.py) and the loop uses `accumulate()`;
 - `lr_multiplier` (on top of the user's scheduler, for the optimizer step only) and `stop`
   (`should_stop`), as every adapter does them (adapters/knobs.py).
 
@@ -36,7 +36,7 @@ raised into the loop. The agent starts at the `prepare` that brings the optimize
 training loader with it, or before it: the micro-batch knob is known from the loader).
 
 With a DeepSpeed plugin, the engine Accelerate builds is the DeepSpeed adapter's live handle
-(adapters/accelerate_deepspeed.py): `zero_stage`, `offload_optimizer`, `offload_param`,
+(adapters/accelerate/deepspeed_plugin.py): `zero_stage`, `offload_optimizer`, `offload_param`,
 `precision` (DeepSpeed's) and `activation_checkpointing` switch through its in-memory state
 transfer; the step boundary is then `accelerator.backward` on a synced micro-batch (DeepSpeed
 steps inside it). Not carried: FSDP's and Megatron's engine knobs, fp8; the micro-batch under
@@ -58,22 +58,21 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
-from trainwarden.adapters import accelerate_deepspeed
-from trainwarden.adapters import accelerate_precision as precision_switch
-from trainwarden.adapters.accelerate_loader import MicroBatchLoader
-from trainwarden.adapters.agent import Agent
+from trainwarden.adapters.accelerate import deepspeed_plugin as accelerate_deepspeed
+from trainwarden.adapters.accelerate import precision as precision_switch
+from trainwarden.adapters.accelerate.loader import MicroBatchLoader
+from trainwarden.adapters.core.agent import Agent
+from trainwarden.adapters.core.agreement import agree
+from trainwarden.adapters.core.batching import divisors
+from trainwarden.adapters.core.boundary import StepBoundary
+from trainwarden.adapters.core.link import open_link, start_agent
+from trainwarden.adapters.core.probes import probe_for
+from trainwarden.adapters.core.stop import training_step_begins
 from trainwarden.adapters.knobs import (
-    MAX_LR_MULTIPLIER,
     StopHook,
-    advance_lr_ramp,
-    apply_shared_knob,
-    check_eval_loss,
     lr_scaled,
     stop_hooks_arg,
 )
-from trainwarden.adapters.link import open_link, start_agent
-from trainwarden.adapters.probes import probe_for
-from trainwarden.adapters.stop import stop_closes, training_step_begins
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
     KNOB_MICRO_BATCH,
@@ -98,10 +97,6 @@ _AUTOCAST_TYPES = frozenset(
         DistributedType.MULTI_MLU,
     }
 )
-
-
-def _divisors(n: int) -> tuple[int, ...]:
-    return tuple(d for d in range(1, n + 1) if n % d == 0)
 
 
 class TrackedOptimizer(AcceleratedOptimizer):
@@ -129,7 +124,7 @@ class Accelerator(accelerate.Accelerator):
     trainwarden's own arguments are keyword-only: `policy`, `run_dir`, `sync_every` (as for the
     other adapters' attach), `tokens_per_sample` (default: counted from each micro-batch's
     `input_ids`, or its first 2-D tensor), `on_stop` (save hooks run when trainwarden stops the
-    run, as `accelerator.on_stop(fn)`), `mixture` (the live data mixture, adapters/data.py: its
+    run, as `accelerator.on_stop(fn)`), `mixture` (the live data mixture, adapters/data/: its
     knobs are carried and its per-domain loss reported), `attach_agent=False` (no controller, no
     telemetry; `reconfigure` still works).
     """
@@ -164,7 +159,6 @@ class Accelerator(accelerate.Accelerator):
         self.controller: Any = None
         self.last_loss: float | None = None
         self.last_lr: float | None = None
-        self.last_domain_loss: dict[str, float] = {}
         self.last_switch_s: float | None = None
         self._tw_loader: MicroBatchLoader | None = None
         self._tw_ds: Any = None  # the DeepSpeed adapter's handle, with a DeepSpeed plugin
@@ -177,8 +171,10 @@ class Accelerator(accelerate.Accelerator):
         self._tw_domain: dict[str, list[float]] = {}
         self._tw_slice_last: bool | None = None
         self._tw_accumulate_used = False
-        self._tw_step_started: float | None = None  # the first step's clock starts with its data
         self._tw_closed = False
+        # The first step's clock starts with its data, not at construction: it would include
+        # building the model and data.
+        self._tw_boundary_core = StepBoundary(self, clock_started=False)
         if precision_switch.refusal(self.mixed_precision, self.device) and self.mixed_precision == "fp16":
             log.warning(
                 "trainwarden: mixed_precision='fp16' has no effect on the CPU in Accelerate (no autocast, "
@@ -231,7 +227,7 @@ class Accelerator(accelerate.Accelerator):
         processes: the mixture already draws one stream per rank, so Accelerate must not shard
         its batches across processes as well (each rank would keep every other batch of its own
         stream, and the mixture's position would count the ones it skipped)."""
-        from trainwarden.adapters.data_control import MixtureControl
+        from trainwarden.adapters.data.control import MixtureControl
 
         sampler = getattr(data_loader, "sampler", None)
         if self.num_processes == 1 or not isinstance(sampler, MixtureControl):
@@ -317,12 +313,14 @@ class Accelerator(accelerate.Accelerator):
 
     # ---- the step boundary ----------------------------------------------------------------
     def _tw_start_clock(self) -> None:
-        # Not at construction: the first step's time would include building the model and data.
-        if self._tw_step_started is None:
-            self._tw_step_started = time.perf_counter()
+        self._tw_boundary_core.start_clock()
+
+    @property
+    def last_domain_loss(self) -> dict[str, float]:
+        """The per-domain loss reported with the last step."""
+        return self._tw_boundary_core.last_domain_loss
 
     def _tw_boundary(self, applied_lr: float) -> None:
-        advance_lr_ramp(self)  # the next step's multiplier, on the cooldown's ramp
         self.step_count += 1
         loss = float(self._tw_loss_sum) / self._tw_loss_n if self._tw_loss_sum is not None else None
         self._tw_loss_sum, self._tw_loss_n = None, 0
@@ -332,29 +330,17 @@ class Accelerator(accelerate.Accelerator):
         self._tw_samples = self._tw_tokens = 0
         domain = {k: s / n for k, (s, n) in self._tw_domain.items() if n}
         self._tw_domain = {}
-        if self.mixture is not None:
-            # The step consumed its samples: the mixture's checkpoint position moves past them.
-            self.mixture.on_step(self.step_count, step_samples)
-            domain = domain or self.mixture.take_domain_loss()
-        self.last_domain_loss = domain
-        now = time.perf_counter()
-        step_time, self._tw_step_started = now - (self._tw_step_started or now), now
-        self.last_loss, self.last_lr = loss, applied_lr
-        if self.agent is None or self._tw_closed:
-            return
-        world = self.agent.world_size
-        due = self.agent.on_step(
-            step=self.step_count,
+        world = self.agent.world_size if self.agent is not None else 1
+        self._tw_boundary_core.cross(
+            self.step_count,
             loss=loss,
+            lr=applied_lr,
             samples=self._tw_samples_seen * world,
             tokens=self._tw_tokens_seen * world,
-            step_time_s=step_time,
-            lr=applied_lr,
-            config=self.config(),
-            domain_loss=domain,
+            step_samples=step_samples,
+            domain_loss=domain or None,
+            record=not self._tw_closed,
         )
-        for action in due:
-            self.agent.report(self.apply(action))
 
     # ---- knobs --------------------------------------------------------------------------------
     @property
@@ -388,8 +374,7 @@ class Accelerator(accelerate.Accelerator):
             out[KNOB_MICRO_BATCH] = self.micro_batch_size
         if self._tw_ds is not None:
             out.update(accelerate_deepspeed.config(self._tw_ds))
-        if self.mixture is not None:
-            out.update(self.mixture.config())
+        out.update(self._tw_boundary_core.shared_config())
         return out
 
     current = config
@@ -408,28 +393,16 @@ class Accelerator(accelerate.Accelerator):
             assert self._tw_loader is not None and self._tw_loader.step_samples is not None
             specs.append(
                 KnobSpec(
-                    KNOB_MICRO_BATCH, self.micro_batch_size, choices=_divisors(self._tw_loader.step_samples)
+                    KNOB_MICRO_BATCH, self.micro_batch_size, choices=divisors(self._tw_loader.step_samples)
                 )
             )
-        specs += [
-            KnobSpec(KNOB_LR_MULTIPLIER, self.lr_multiplier, minimum=0.0, maximum=MAX_LR_MULTIPLIER),
-            KnobSpec(KNOB_STOP, False, choices=(True,)),
-        ]
         if self._tw_ds is not None:
             specs[:0] = accelerate_deepspeed.knob_specs(self._tw_ds)
-        if self.mixture is not None:
-            specs += self.mixture.knob_specs()
-        return tuple(specs)
+        return (*specs, *self._tw_boundary_core.shared_specs())
 
     def apply(self, action: Action) -> Outcome:
         """Carry one action now (call it at a step boundary); never raises into the user's loop."""
-        t = time.perf_counter()
-        try:
-            outcome, detail = self._apply(action)
-        except Exception as exc:
-            log.exception("trainwarden: applying %s failed", action.kind)
-            outcome, detail = "rejected", f"{type(exc).__name__}: {exc}"
-        return Outcome(action.id, outcome, self.step_count, time.perf_counter() - t, detail)
+        return self._tw_boundary_core.carry(action, lambda: self.step_count, self._apply)
 
     def _apply(self, action: Action) -> tuple[str, str]:
         value = action.params.get("value")
@@ -439,12 +412,9 @@ class Accelerator(accelerate.Accelerator):
             return self._set_precision(value)
         if action.kind == KNOB_MICRO_BATCH:
             return self._set_micro_batch(value)
-        shared = apply_shared_knob(self, action, self.step_count)
+        shared = self._tw_boundary_core.carry_shared(action, self.step_count)
         if shared is not None:
             return shared
-        data = self.mixture.apply(action) if self.mixture is not None else None
-        if data is not None:
-            return data
         return "rejected", f"the accelerate adapter has no knob {action.kind!r}"
 
     def reconfigure(
@@ -506,7 +476,7 @@ class Accelerator(accelerate.Accelerator):
             precision_switch.switch(self, target, *self._tw_init)
         except Exception as exc:  # everything was put back by switch()
             error = f"{type(exc).__name__}: {exc}"
-        error = self._agree(error)
+        error = agree(error, self.device)
         if error is not None:
             if self.precision != old:  # another rank failed: undo ours too
                 precision_switch.switch(self, old, *self._tw_init)
@@ -536,27 +506,14 @@ class Accelerator(accelerate.Accelerator):
             self.agent.probe.release()
         return "applied", f"gradient accumulation now {step // value}"
 
-    def _agree(self, error: str | None) -> str | None:
-        """This rank's error, or one saying another rank failed; None only if every rank succeeded."""
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return error
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and error is None:
-            return "the switch failed on another rank; every rank rolls back"
-        return error
-
     def on_stop(self, fn: StopHook) -> StopHook:
         """Call `fn(info)` once when trainwarden stops the run, at that step boundary, before
         `should_stop` turns true (save the final state there). Usable as a decorator."""
-        self.stop_hooks.add(fn)
-        return fn
+        return self._tw_boundary_core.on_stop(fn)
 
     def report(self, *, eval_loss: Any) -> None:
         """A validation loss measured now; it goes to the controller with the next step."""
-        if self.agent is not None:
-            self.agent.report_eval(check_eval_loss(eval_loss))
+        self._tw_boundary_core.report(eval_loss)
 
     # ---- the agent ----------------------------------------------------------------------------
     def _tw_attach(self) -> None:
@@ -582,13 +539,11 @@ class Accelerator(accelerate.Accelerator):
         if self._tw_closed:
             return
         self._tw_closed = True
-        stop_closes(self)
-        if self.agent is not None:
-            self.agent.close()
+        self._tw_boundary_core.close()
         atexit.unregister(self.close)
 
     def _tw_checkpoint(self, directory: os.PathLike[str]) -> str:
-        """The state at the stop through Accelerate's own `save_state` (adapters/stop.py)."""
+        """The state at the stop through Accelerate's own `save_state` (adapters/core/stop.py)."""
         self.save_state(str(directory))
         return str(directory)
 

@@ -29,9 +29,9 @@ from collections.abc import Sequence
 
 import torch
 
-from trainwarden.adapters.data_control import DataMixtureError, MixtureControl
-from trainwarden.adapters.data_iterable import MixtureIterableDataset
-from trainwarden.adapters.data_sampler import MixtureDataset, MixtureSampler, tag_sample
+from trainwarden.adapters.data.control import DataMixtureError, MixtureControl
+from trainwarden.adapters.data.iterable import MixtureIterableDataset
+from trainwarden.adapters.data.sampler import MixtureDataset, MixtureSampler, tag_sample
 
 __all__ = [
     "DataMixtureError",

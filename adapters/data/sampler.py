@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from trainwarden.adapters.data_control import DataMixtureError, MixtureControl, check_names
-from trainwarden.adapters.data_prune import ExampleTracker
+from trainwarden.adapters.data.control import DataMixtureError, MixtureControl, check_names
+from trainwarden.adapters.data.prune import ExampleTracker
 
 _MASK = (1 << 64) - 1
 

@@ -1,0 +1,154 @@
+"""Building DeepSpeed engines for one job again and again, and destroying them for good.
+
+`Builder` keeps everything `deepspeed.initialize` was given, so that a switch builds the same
+job with only the switched config keys rewritten (adapters/deepspeed/config.py); a client
+optimizer object is re-created for each engine (`optimizer_factory`). `destroy` removes what
+keeps a destroyed engine's memory alive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from trainwarden.adapters import attach as attach_hook
+from trainwarden.adapters.deepspeed.config import Setting, load_config, rewrite
+from trainwarden.adapters.deepspeed.module import ModuleSnapshot, module_params
+
+log = logging.getLogger("trainwarden")
+
+
+class Builder:
+    """Everything `deepspeed.initialize` was given, to build the same job again with another setting."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.kwargs = dict(kwargs)
+        self.model: torch.nn.Module = kwargs["model"]
+        self.config = load_config(kwargs.pop("config", None), kwargs.get("args"))
+        self.kwargs.pop("config", None)
+        self.kwargs.pop("config_params", None)
+        args = kwargs.get("args")
+        if args is not None and getattr(args, "deepspeed_config", None) is not None:
+            self.kwargs["args"] = _ArgsWithoutConfig(args)
+        params = kwargs.get("model_parameters")
+        self.model_parameters = list(params) if params is not None else None
+        self.kwargs["model_parameters"] = self.model_parameters
+        opt = kwargs.get("optimizer")
+        self.client_optimizer = opt is not None
+        self.optimizer_factory: Callable[[Any], Any] | None = None
+        if isinstance(opt, torch.optim.Optimizer):
+            self.optimizer_factory = optimizer_factory(opt)
+        elif callable(opt):
+            self.optimizer_factory = opt
+        sched = kwargs.get("lr_scheduler")
+        # An object is used as is by DeepSpeed (a callable is called with the optimizer).
+        self.scheduler_object = sched if sched is not None and not callable(sched) else None
+        self.snapshot = ModuleSnapshot.take(self.model)
+        #: Why engines of this job cannot be rebuilt in another configuration (None: they can).
+        self.cannot_rebuild: str | None = None
+        if any(hasattr(p, "ds_id") for p in module_params(self.model)):
+            self.cannot_rebuild = (
+                "the model was built under deepspeed.zero.Init (its parameters are partitioned from "
+                "the start); build it without zero.Init to switch its configuration"
+            )
+        elif type(self.model).__name__ == "PipelineModule":
+            self.cannot_rebuild = "pipeline-parallel engines (PipelineModule) cannot be switched yet"
+        self.param_count = sum(p.numel() for p in module_params(self.model))
+
+    def build(self, setting: Setting | None) -> Any:
+        """One engine: the user's own arguments the first time (`setting` None), then a rewrite."""
+        import deepspeed
+
+        kw = dict(self.kwargs)
+        if setting is None:
+            kw["config"] = load_config(self.config)
+        else:
+            kw["config"] = rewrite(self.config, setting, client_optimizer=self.client_optimizer)
+            kw["training_data"] = None
+            kw["collate_fn"] = None
+            if self.optimizer_factory is not None:
+                if isinstance(kw.get("optimizer"), torch.optim.Optimizer):
+                    kw["optimizer"] = self.optimizer_factory(None)
+                else:
+                    kw["optimizer"] = self.optimizer_factory
+        engine, _, _, _ = attach_hook.original_initialize(deepspeed)(**kw)
+        if setting is not None and self.scheduler_object is not None:
+            # The user's scheduler object steps the new engine's optimizer from now on.
+            self.scheduler_object.optimizer = engine.basic_optimizer
+            engine.lr_scheduler = self.scheduler_object
+        return engine
+
+
+#: Constructor arguments DeepSpeed's optimizers keep under another attribute name.
+_INIT_ARG_ATTRIBUTES = {"adamw_mode": "adam_w_mode"}
+
+
+def optimizer_factory(opt: torch.optim.Optimizer) -> Callable[[Any], torch.optim.Optimizer]:
+    """A maker of fresh copies of a client optimizer: same class, same param groups (recorded now,
+    before DeepSpeed replaces them with its flat partitions), same constructor arguments (from
+    `defaults`, and from attributes of the same name for those not kept there)."""
+    import inspect
+
+    cls = type(opt)
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
+        for g in opt.param_groups
+    ]
+    sig = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
+    names = [n for n in list(sig)[2:] if sig[n].kind not in (inspect.Parameter.VAR_POSITIONAL,)]
+    kwargs = {k: v for k, v in opt.defaults.items() if takes_any or k in sig}
+    for name in names:
+        attr = _INIT_ARG_ATTRIBUTES.get(name, name)
+        if name not in kwargs and sig[name].kind is not inspect.Parameter.VAR_KEYWORD and hasattr(opt, attr):
+            value = getattr(opt, attr)
+            if not callable(value):
+                kwargs[name] = value
+
+    def remake(_params: Any = None) -> torch.optim.Optimizer:
+        return cls([{**g, "params": list(g["params"])} for g in groups], **kwargs)
+
+    return remake
+
+
+class _ArgsWithoutConfig:
+    """`args` with deepspeed_config hidden (trainwarden passes the rewritten config itself)."""
+
+    def __init__(self, args: Any) -> None:
+        self._args = args
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("deepspeed_config", "deepscale_config"):
+            return None
+        return getattr(self._args, name)
+
+
+def destroy(engine: Any) -> None:
+    """Destroy an engine and drop what keeps its memory alive.
+
+    `DeepSpeedEngine.destroy()` (0.19) leaves the engine's forward pre- and post-hooks on the
+    user's module. Their closures hold the engine, so every destroyed engine, with its optimizer,
+    fp32 masters and moments, stays reachable from the module for as long as the module lives:
+    that is the leak of re-creating engines in one process (measured here: 20 engines of a
+    3.2M-parameter GPT kept 1.2 GiB; with the hooks removed, RSS stays flat). They are removed
+    here; `clean_module` (adapters/deepspeed/module.py) removes any other DeepSpeed hook left on the module.
+    """
+    try:
+        engine.destroy()
+    except Exception:  # a half-built engine may not destroy cleanly; its memory goes with it
+        log.debug("trainwarden: engine.destroy() failed", exc_info=True)
+    for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = engine.__dict__.get(name)
+        if handle is not None:
+            handle.remove()
+    for name in ("optimizer", "basic_optimizer", "lr_scheduler", "training_dataloader"):
+        try:
+            engine.__dict__.pop(name, None)
+        except Exception:
+            pass
+
+
+__all__ = ["Builder", "destroy", "optimizer_factory"]
