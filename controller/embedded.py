@@ -2,7 +2,7 @@
 by the same strict loader the sidecar's `trainwarden run` uses.
 
 Adapters import nothing from trainwarden.policies (tests/test_layers.py); the controller may, so
-the adapter that embeds a controller (adapters/connect.py) reaches the loader through here.
+the adapter that embeds a controller (adapters/core/connect.py) reaches the loader through here.
 """
 
 from trainwarden.policies.loader import PolicyFileError, load_policy_file

@@ -15,7 +15,7 @@ Map-style (curriculum and pruning too; exact resume with DataLoader workers):
             handle.backward(per_sample.mean())
         handle.step()                                                # reports domain_loss, applies knobs
 
-Iterable (weights only): `MixtureIterableDataset({name: iterable, ...})` (data_iterable.py).
+Iterable (weights only): `MixtureIterableDataset({name: iterable, ...})` (iterable.py).
 
 Knobs (controller/protocol.py): `domain_weights` (name -> weight), `curriculum_level` (with a
 difficulty per example), `prune_fraction` (with max_prune_fraction > 0). The policy that drives
