@@ -326,21 +326,22 @@ def test_cpu_probe_sees_a_peak_between_two_samples() -> None:
 
 def test_a_forked_childs_probe_reads_its_own_process() -> None:
     """The probe keeps /proc/self open: a forked child (a DataLoader worker) must not read its
-    parent's memory through the inherited descriptor."""
+    parent's memory through the inherited descriptor. The child grows by 96 MiB while the parent
+    waits: the child's probe sees it (the parent's would not)."""
     probe = CpuProbe()
     probe.sample()
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: 96 MiB of its own, then its own RSS
+    if pid == 0:  # the child (no torch here: its threads do not survive a fork)
         os.close(r)
-        big = torch.ones(96 * 2**20 // 4)
-        used, _ = probe.sample()
-        os.write(w, str(used).encode())
+        before, _ = probe.sample()
+        big = b"\x01" * (96 * 2**20)
+        after, _ = probe.sample()
+        os.write(w, f"{before} {after}".encode())
         del big
         os._exit(0)
     os.close(w)
-    child_used = int(os.read(r, 64))
+    before, after = map(int, os.read(r, 64).split())
     os.close(r)
     os.waitpid(pid, 0)
-    parent_used, _ = probe.sample()
-    assert child_used - parent_used >= 80 * 2**20, (child_used, parent_used)
+    assert after - before >= 80 * 2**20, (before, after)
