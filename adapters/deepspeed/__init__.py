@@ -18,10 +18,8 @@ is built over the same module from the user's config with only the switched keys
 the old engine is gone, the previous configuration is rebuilt from the same host copy.
 
 What it costs: a switch takes the time of one `deepspeed.initialize` plus memory copies of
-12 bytes per parameter (Adam) each way. Measured on the 2-core CPU machines here: 0.2-0.7 s on
-a 34k-parameter GPT, 0.7-2.3 s on a 25M-parameter one (290 MiB of state moved; ZeRO-3 and
-offload targets are the slow end), about 1.4 s more when DeepSpeed's CPU Adam op is loaded.
-Peak memory during it is the old engine plus that host copy: the old engine is destroyed
+12 bytes per parameter (Adam) each way (bench/switch_latency.py measures it against the
+checkpoint path; its figures are in bench/README.md). Peak memory during it is the old engine plus that host copy: the old engine is destroyed
 before the new one is built, never kept beside it, and its memory is really released
 (`_destroy` removes the hooks through which DeepSpeed keeps destroyed engines alive). A
 micro-batch change needs no new engine: the gradient accumulation steps follow, the global
@@ -94,8 +92,8 @@ to hit the OOM in the same call (the rebuild is collective); a rank that OOMs al
 others waiting in their next collective, as without trainwarden. In your own loop, the `loss`
 your loop still holds after an OOM in backward keeps what autograd had not yet freed of its
 graph until it is rebound (train_batch holds no such reference). What it costs: per optimizer
-step, a copy of the torch RNG state (~5 KB) and a read of the optimizer's step counts (about
-12 us together, measured here); an OOM costs one engine rebuild (as a switch, above).
+step, a copy of the torch RNG state (~5 KB) and a read of the optimizer's step counts (tens of
+microseconds); an OOM costs one engine rebuild (as a switch, above).
 
 `trainwarden run --attach` makes `deepspeed.initialize` return this handle in a job whose code is
 not changed (adapters/attach/).
