@@ -19,8 +19,9 @@ the old engine is gone, the previous configuration is rebuilt from the same host
 
 What it costs: a switch takes the time of one `deepspeed.initialize` plus memory copies of
 12 bytes per parameter (Adam) each way (bench/switch_latency.py measures it against the
-checkpoint path; its figures are in bench/README.md). Peak memory during it is the old engine plus that host copy: the old engine is destroyed
-before the new one is built, never kept beside it, and its memory is really released
+checkpoint path; its figures are in bench/README.md). Peak memory during it is the old engine
+plus that host copy: the old engine is destroyed before the new one is built, never kept beside
+it, and its memory is really released
 (`_destroy` removes the hooks through which DeepSpeed keeps destroyed engines alive). A
 micro-batch change needs no new engine: the gradient accumulation steps follow, the global
 batch is kept (milliseconds).
