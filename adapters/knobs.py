@@ -6,9 +6,9 @@ refuse and apply them identically. An adapter's handle has `lr_multiplier`, `sho
 user's save hooks (`handle.on_stop(fn)`) at the step boundary where it applies, before
 `should_stop` turns true, on every rank (a DeepSpeed checkpoint is a collective).
 `report_eval` and `check_budget_at_start` are the other two pieces every handle shares, and
-`advance_lr_ramp(handle)`, called once after every optimizer step (by core/boundary.py, before the
-step is recorded), moves the multiplier along
-the cooldown's ramp between two actions.
+`advance_lr_ramp(handle)`, called once after every optimizer step (by core/boundary.py, after the
+step is recorded and before what is due applies), moves the multiplier along the cooldown's ramp
+between two actions.
 """
 
 from __future__ import annotations

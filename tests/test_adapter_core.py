@@ -26,8 +26,9 @@ pytestmark = pytest.mark.slow
 #: At the end of step 2 the cooldown starts (1.0 -> 0.0 over 4 steps, the compute policy's
 #: action); at the end of step 5 the stop applies.
 RAMP_AT, STOP_AT = 2, 5
-#: The record of step N carries the multiplier step N+1 runs at (the ramp advances first).
-EXPECTED = [1.0, 1.0, 0.75, 0.5, 0.25]
+#: The record of step N carries the multiplier step N ran at: the ramp starts at its value (1.0)
+#: at step 3 and moves after each record.
+EXPECTED = [1.0, 1.0, 1.0, 0.75, 0.5]
 MAX_STEPS = 12
 
 _ids = itertools.count()

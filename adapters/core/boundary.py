@@ -4,13 +4,18 @@ Each adapter (plain PyTorch `Handle`, `DeepSpeedHandle`, the Accelerate `Acceler
 Trainer callback) composes one `StepBoundary` over itself and calls `cross(...)` once per
 optimizer step, after the update. In this order, the same in all four:
 
-1. the LR multiplier moves one step along the cooldown's ramp (adapters/knobs.py), so the
-   record of step N carries the multiplier step N+1 will run at (the `lr` field carries the LR
-   step N ran at);
-2. the live data mixture (adapters/data/) moves past the step's samples and gives its
+1. the live data mixture (adapters/data/) moves past the step's samples and gives its
    per-domain loss, unless the loop gave one;
-3. the step is recorded: `agent.on_step` (rank 0 sends it; every rank agrees on what is due);
-4. what is due applies now, at this boundary, on every rank, and the outcomes are reported.
+2. the step is recorded: `agent.on_step` (rank 0 sends it; every rank agrees on what is due).
+   Everything in the record is step N's: its loss, its LR, and the configuration it ran with,
+   the LR multiplier included (so `lr` is the scheduled LR times the record's multiplier);
+3. the LR multiplier moves one step along the cooldown's ramp (adapters/knobs.py): the next
+   step runs at the ramp's next value;
+4. what is due applies now, at this boundary, on every rank, and the outcomes are reported (a
+   new ramp starts at its own `value`, which the next step runs at).
+Training is the same whichever of 2 and 3 comes first; only the record differs, and before issue
+16 the HF Trainer callback recorded the multiplier step N ran at while the three others recorded
+the next step's.
 
 What differs between adapters (where the step's loss, samples and LR come from; which knobs
 exist) stays in the adapter. The handle carries `agent`, `mixture`, `lr_multiplier`,
@@ -80,7 +85,6 @@ class StepBoundary:
         position). `apply_all` carries the due actions (default: `handle.apply` one by one);
         `record=False`: the agent is gone (closed), nothing is sent. Returns the due actions."""
         h = self.handle
-        advance_lr_ramp(h)
         mixture = h.mixture
         if mixture is not None:
             # The step consumed its samples: the mixture's resume position moves past them.
@@ -92,6 +96,7 @@ class StepBoundary:
         step_time = self.lap()
         agent = h.agent
         if agent is None or not record:
+            advance_lr_ramp(h)
             return []
         due = agent.on_step(
             step=step,
@@ -103,6 +108,7 @@ class StepBoundary:
             config=h.config(),
             domain_loss=domain_loss,
         )
+        advance_lr_ramp(h)  # after the record (step N's multiplier), before a new ramp's start
         outcomes = apply_all(due) if apply_all is not None else [h.apply(a) for a in due]
         for outcome in outcomes:
             agent.report(outcome)
