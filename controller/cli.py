@@ -452,17 +452,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         env.update(job_env(run_dir, env))
     grace = getattr(args, "stop_grace", DEFAULT_GRACE_S)
+    # The job has a session of its own: Ctrl-C, SIGINT and SIGTERM reach `run`, which passes them
+    # on to the job's whole process group, and SIGKILLs it after the grace period (launch.py).
+    # Installed before the job starts: a signal in between is passed on once it exists, and the job
+    # starts with SIGINT at its default (a handler resets at exec; `run` started in the background
+    # of a shell script inherits SIGINT ignored, and so would its job, deaf to the INT passed on).
+    the_job: list[Job] = []
+    early: list[int] = []
+    forward = lambda sig, _f: the_job[0].forward(sig) if the_job else early.append(sig)  # noqa: E731
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
     try:
         job = Job(command, env, say_on_stderr, grace, spare=lambda: {sup.proc.pid} if sup.proc else set())
     except OSError as exc:
         sup.stop()
         token_file.unlink(missing_ok=True)
         raise UsageError(f"cannot start {command[0]!r}: {exc}") from exc
-
-    # The job has a session of its own: Ctrl-C, SIGINT and SIGTERM reach `run`, which passes them
-    # on to the job's whole process group, and SIGKILLs it after the grace period (launch.py).
-    signal.signal(signal.SIGINT, lambda sig, _f: job.forward(sig))
-    signal.signal(signal.SIGTERM, lambda sig, _f: job.forward(sig))
+    the_job.append(job)
+    for sig in early:
+        job.forward(sig)
     tty = sys.stderr.isatty() and not args.quiet
     last_print = 0.0
     started = time.monotonic()

@@ -336,6 +336,31 @@ def test_kill_int_to_run_reaches_the_job(tmp_path: Path) -> None:
     assert gone(job_pid)
 
 
+def test_kill_int_reaches_the_job_of_a_run_started_with_sigint_ignored(tmp_path: Path) -> None:
+    """`trainwarden run ... &` in a shell script starts `run` with SIGINT ignored (the shell does
+    that to background commands), and an ignored signal stays ignored across exec: the job must
+    still start with SIGINT at its default, or the INT passed on would not reach it."""
+    pidf = tmp_path / "job.pid"
+    run = subprocess.Popen(
+        [*TRAINWARDEN, "run", "--", sys.executable, "-c", LOOP, str(pidf)],
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        (job_pid,) = _pids(pidf)
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=30)
+    finally:
+        cleanup(run)
+    assert "interrupted" in out and run.returncode == 3, err[-2000:]
+    assert gone(job_pid)
+
+
 def test_sigterm_to_run_reaches_a_bash_wrappers_children_and_leftovers_are_reaped(tmp_path: Path) -> None:
     a, b, c = (tmp_path / f"{n}.pid" for n in "abc")
     script = (
