@@ -81,9 +81,9 @@ def make_models(seed: int) -> tuple[Any, Any]:
 
 
 def make_batches(n: int, batch: int, seed: int) -> list[Any]:
-    from trainwarden.examples.corpus import MixtureSampler, load_domains
+    from trainwarden.examples.corpus import WindowSampler, load_domains
 
-    sampler = MixtureSampler(load_domains(), BLOCK_SIZE, batch, seed=seed)
+    sampler = WindowSampler(load_domains(), BLOCK_SIZE, batch, seed=seed)
     return [sampler.next_batch() for _ in range(n)]
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from trainwarden.adapters import pytorch as tw
-from trainwarden.examples.corpus import MixtureSampler, eval_batches, load_domains
+from trainwarden.examples.corpus import WindowSampler, eval_batches, load_domains
 from trainwarden.examples.gpt import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,10 +88,10 @@ class Task:
         self.val = eval_batches(self.domains, block_size=block, batch_size=16, n_batches=4)
         self.quick_val = eval_batches(self.domains, block_size=block, batch_size=16, n_batches=1, seed=99)
 
-    def build(self, seed: int) -> tuple[GPT, torch.optim.Optimizer, MixtureSampler]:
+    def build(self, seed: int) -> tuple[GPT, torch.optim.Optimizer, WindowSampler]:
         torch.manual_seed(seed)
         model = GPT(self.cfg)
-        sampler = MixtureSampler(self.domains, self.cfg.block_size, self.batch, seed=seed)
+        sampler = WindowSampler(self.domains, self.cfg.block_size, self.batch, seed=seed)
         return model, model.configure_optimizer(lr=self.lr), sampler
 
     @torch.no_grad()

@@ -211,7 +211,7 @@ def child(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
 
-    from trainwarden.adapters import ds_state
+    from trainwarden.adapters.deepspeed import state as ds_state
     from trainwarden.examples.gpt import GPT
 
     torch.set_num_threads(args.threads)
