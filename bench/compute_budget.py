@@ -244,13 +244,23 @@ def part_cooldown(args: argparse.Namespace, tmp: Path, seeds: list[int], kind: s
                 r = run(task, seed, warmup_then(lambda s: 1.0), d, policy=policy, budget_s=budget)
             else:
                 total = max(WARMUP + 1, round(right * GUESSES[arm]))
-                r = run(task, seed, cosine(total), d, policy=None, budget_s=budget, max_steps=total,
-                        budget_steps=cap)
+                r = run(
+                    task,
+                    seed,
+                    cosine(total),
+                    d,
+                    policy=None,
+                    budget_s=budget,
+                    max_steps=total,
+                    budget_steps=cap,
+                )
                 r["planned_steps"] = total
             if cap is not None:
                 r["end_minus_budget_steps"] = r["steps"] - cap
-            log(f"  seed {seed} {arm:13s} {r['steps']:4d} steps, held-out {r['held_out_loss']:.4f}, "
-                f"end {r['end_minus_budget_s']:+.2f} s")
+            log(
+                f"  seed {seed} {arm:13s} {r['steps']:4d} steps, held-out {r['held_out_loss']:.4f}, "
+                f"end {r['end_minus_budget_s']:+.2f} s"
+            )
             arms[arm].append(r)
     summary = {
         arm: {
@@ -275,8 +285,13 @@ def part_cooldown(args: argparse.Namespace, tmp: Path, seeds: list[int], kind: s
         for arm in GUESSES
     }
     return {
-        "task": {"model": "GPT 2 layers x 64, context 64", "global_batch": task.batch, "peak_lr": task.lr,
-                 "warmup_steps": WARMUP, "corpus_bytes_per_domain": 1_000_000},
+        "task": {
+            "model": "GPT 2 layers x 64, context 64",
+            "global_batch": task.batch,
+            "peak_lr": task.lr,
+            "warmup_steps": WARMUP,
+            "corpus_bytes_per_domain": 1_000_000,
+        },
         "budget": {"kind": "wall_time", "seconds": budget}
         if kind == "wall_time"
         else {"kind": "tokens", "tokens": tokens, "steps": right, "seconds_it_was_sized_for": budget},
@@ -300,13 +315,22 @@ def part_plateau(args: argparse.Namespace, tmp: Path, seeds: list[int]) -> dict[
     arms: dict[str, list[dict[str, Any]]] = {"whole_budget": [], "stopping_rule": []}
     for seed in seeds:
         for arm, policy in (("whole_budget", base), ("stopping_rule", rule)):
-            r = run(task, seed, warmup_then(lambda s: 1.0), tmp / f"p2-{arm}-{seed}", policy=policy,
-                    budget_s=budget, eval_every=10)
+            r = run(
+                task,
+                seed,
+                warmup_then(lambda s: 1.0),
+                tmp / f"p2-{arm}-{seed}",
+                policy=policy,
+                budget_s=budget,
+                eval_every=10,
+            )
             saved = (r.get("stop") or {}).get("saved") or {}
             r["budget_saved_fraction"] = round(saved.get("fraction", 0.0), 4)
             r["budget_saved_s"] = round(saved.get("seconds") or 0.0, 3)
-            log(f"  seed {seed} {arm:13s} {r['steps']:4d} steps, held-out {r['held_out_loss']:.4f}, "
-                f"saved {r['budget_saved_fraction']:.0%} ({(r.get('stop') or {}).get('cause')})")
+            log(
+                f"  seed {seed} {arm:13s} {r['steps']:4d} steps, held-out {r['held_out_loss']:.4f}, "
+                f"saved {r['budget_saved_fraction']:.0%} ({(r.get('stop') or {}).get('cause')})"
+            )
             arms[arm].append(r)
     summary = {
         arm: {
@@ -317,8 +341,12 @@ def part_plateau(args: argparse.Namespace, tmp: Path, seeds: list[int]) -> dict[
         }
         for arm, rs in arms.items()
     }
-    given_up = verdict("whole_budget", "stopping_rule", summary["whole_budget"]["held_out_loss"],
-                       summary["stopping_rule"]["held_out_loss"])
+    given_up = verdict(
+        "whole_budget",
+        "stopping_rule",
+        summary["whole_budget"]["held_out_loss"],
+        summary["stopping_rule"]["held_out_loss"],
+    )
     given_up["paired"] = paired(arms["whole_budget"], arms["stopping_rule"])
     return {
         "task": {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from trainwarden.controller.budget_end import BudgetEnd
 from trainwarden.controller.identity import pid_namespace
 from trainwarden.controller.protocol import (
     EVENT_BUDGET_STOP,
+    EXCHANGE_INTERVAL_S,
     KNOB_DOMAIN_WEIGHTS,
     KNOB_MICRO_BATCH,
     KNOB_OFFLOAD_OPTIMIZER,
@@ -67,7 +69,7 @@ class BudgetSpentError(ProtocolError):
 
 #: A job whose pids this controller can see is lost once they are all gone and it has been silent
 #: this long; one whose pids it cannot see (another pid namespace: a pod, a container) once its
-#: heartbeat (an exchange every 0.5 s, retried at most every 5 s) has been silent this long.
+#: heartbeat (an exchange every 0.5-2 s, retried at most every 5 s) has been silent this long.
 PIDS_GONE_SILENCE_S = 1.0
 HEARTBEAT_LOST_S = 30.0
 #: Most steps a record may run ahead of the last one of the same job start: a record far beyond
@@ -138,6 +140,8 @@ class Controller:
         self._lock = threading.RLock()
         self._pending: dict[str, Decision] = {}
         self._last_decide = float("-inf")
+        # How soon the policies need fresher telemetry (their `watch_s`, at the last decision).
+        self._watch_s = EXCHANGE_INTERVAL_S
         self._observed: dict[int, int] = {}
         self._rejected: set[tuple[str, str]] = set()
         self._backoff = KindBackoff(log)
@@ -361,12 +365,13 @@ class Controller:
         with self._lock:
             now = self.clock()
             self.last_seen = now
+            lines = []
             for rec in records:
                 if self.state.step >= 0 and rec.step > self.state.step + MAX_STEP_JUMP:
                     self._refuse_jump(rec.step)
                     continue
                 if rec.step > self.state.step:
-                    self.telemetry.write({"event": "step", **rec.to_json()})
+                    lines.append({"event": "step", **rec.to_json()})
                     if rec.step == 1:
                         self._check_first_step(rec)
                 self.state.ingest(rec)
@@ -374,6 +379,7 @@ class Controller:
                 # from a checkpoint reports steps the controller has seen): the ranks are alive.
                 for m in rec.memory:
                     self._watch.seen(m.rank, now, rec.step)
+            self.telemetry.write_many(lines)  # one write and flush an exchange
             for event in events:  # first: a budget_stop's outcome may come in the same message
                 self._record_event(event, now)
             for out in outcomes:
@@ -385,6 +391,18 @@ class Controller:
                 self._last_decide = now
                 self._decide(now)
             return [d.action for d in self._pending.values()]
+
+    @property
+    def next_exchange_s(self) -> float:
+        """When the job should exchange next (the reply's `next_exchange_s`): every
+        EXCHANGE_INTERVAL_S while an action is pending (its outcome, and the next action after it,
+        are waited on) or a policy watches closely; else as late as the soonest policy needs
+        (`watch_s`), at most `max_exchange_interval_s`. Fewer exchanges when nothing is near a
+        threshold is CPU the agent's thread and the sidecar no longer take from training."""
+        with self._lock:
+            if self._pending or self.state.shape is None:
+                return EXCHANGE_INTERVAL_S
+            return max(EXCHANGE_INTERVAL_S, min(self._watch_s, self.settings.max_exchange_interval_s))
 
     def _new_incarnation(self, old: JobShape) -> None:
         """A new start of the job said hello: its steps are its own (state.new_incarnation); the
@@ -398,6 +416,7 @@ class Controller:
         )
         self.state.new_incarnation()
         self._last_decide = float("-inf")
+        self._watch_s = EXCHANGE_INTERVAL_S
 
     def _end_pending(self, why: str) -> None:
         """Each pending action becomes an `unanswered` line of the decision log, saying `why`."""
@@ -452,14 +471,22 @@ class Controller:
         if self.state.shape is None or self.state.step < 0:
             return
         snap = self.observe()
+        watch = math.inf
         for policy in self.policies:
+            try:
+                watch = min(watch, float(policy.watch_s(snap, self.budget)))
+            except Exception:  # a bug there costs CPU, never a late decision: watched closely
+                log.exception("policy %s failed to say how soon it decides; watching it closely", policy.name)
+                watch = 0.0
             try:
                 actions = policy.decide(snap, self.budget)
             except Exception:  # a policy bug must not take the controller down
                 log.exception("policy %s failed to decide; skipping it this round", policy.name)
+                watch = 0.0
                 continue
             for action in actions:
                 self._issue(action, policy.name, snap, now)
+        self._watch_s = watch if watch == watch else 0.0  # a NaN from a policy: watch closely
 
     def _issue(self, action: Action, policy: str, snap: Snapshot, now: float) -> None:
         action = Action(

@@ -650,6 +650,24 @@ def exchange_message(
     return msg
 
 
+#: How often the job exchanges while the controller watches closely, and with a controller that
+#: does not say (an exchange reply without `next_exchange_s`).
+EXCHANGE_INTERVAL_S = 0.5
+#: Longest interval the job takes from a reply's `next_exchange_s` (a controller's bound, or a
+#: corrupt value, must not silence the job's heartbeat past the controller's liveness limits).
+MAX_EXCHANGE_INTERVAL_S = 10.0
+
+
+def next_exchange_of(reply: dict[str, Any]) -> float:
+    """Seconds until the job's next exchange, from an exchange reply's optional `next_exchange_s`
+    (the controller's policies say how soon they need fresher telemetry): within
+    [EXCHANGE_INTERVAL_S, MAX_EXCHANGE_INTERVAL_S]; EXCHANGE_INTERVAL_S when absent or not a number."""
+    value = reply.get("next_exchange_s")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return EXCHANGE_INTERVAL_S
+    return min(MAX_EXCHANGE_INTERVAL_S, max(EXCHANGE_INTERVAL_S, float(value)))
+
+
 def events_of(message: dict[str, Any]) -> list[AdapterEvent]:
     """The adapter events of an exchange message ([] when it has none), strictly decoded."""
     items = message.get("events", [])

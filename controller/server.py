@@ -48,6 +48,10 @@ _POST_PATHS = ("/v1/hello", "/v1/exchange")
 class _Handler(BaseHTTPRequestHandler):
     server: ChannelServer
     protocol_version = "HTTP/1.1"
+    # Buffered: a reply's status line, headers and body leave in one send (flushed in _reply), not
+    # one send for the headers and one for the body (a quarter of the sidecar's CPU per exchange
+    # went to the two sends).
+    wbufsize = 64 * 1024
 
     def handle(self) -> None:
         # One request per connection: the deadline is per request, and a kept-alive connection
@@ -82,6 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(PROOF_HEADER, token_proof(self.server.token, challenge))
         self.end_headers()
         self.wfile.write(data)
+        self.wfile.flush()
 
     def _refuse(self, status: HTTPStatus, why: str) -> None:
         self.server.refusals.warning(
@@ -120,7 +125,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "POST" or self.path not in _POST_PATHS:
             self._refuse(HTTPStatus.NOT_FOUND, "no such endpoint")
             return False
-        return super().handle_expect_100()
+        ok = super().handle_expect_100()
+        self.wfile.flush()  # the client waits for the 100 before it sends the body
+        return ok
 
     def _body(self) -> dict[str, Any] | None:
         if "Transfer-Encoding" in self.headers:
@@ -190,7 +197,14 @@ class _Handler(BaseHTTPRequestHandler):
                 finished = body.get("finished", False) is True
                 events = events_of(body)
                 actions = ctl.exchange(records, outcomes, finished, events=events)
-                self._reply(200, {"v": PROTOCOL_VERSION, "actions": [a.to_json() for a in actions]})
+                self._reply(
+                    200,
+                    {
+                        "v": PROTOCOL_VERSION,
+                        "actions": [a.to_json() for a in actions],
+                        "next_exchange_s": ctl.next_exchange_s,
+                    },
+                )
                 if finished:
                     self.server.job_finished.set()
         except ProtocolError as exc:

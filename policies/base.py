@@ -68,6 +68,15 @@ class PolicyKind(abc.ABC):
     def decide(self, snapshot: Snapshot, budget: Budget) -> list[Action]:
         """Actions to take now, given the snapshot; the same inputs give the same actions."""
 
+    def watch_s(self, snapshot: Snapshot, budget: Budget) -> float:
+        """How soon this policy needs a fresher snapshot than `snapshot` to decide in time, in
+        seconds (0: at every exchange; `math.inf`: nothing it could decide is close). The controller
+        asks the job for its next exchange by the soonest of its policies', within its settings'
+        bounds: a job far from every threshold exchanges less often, which is CPU the sidecar and
+        the agent's thread no longer take from training (issue 18). Pure, like `decide`. A kind that
+        does not say is watched at every exchange."""
+        return 0.0
+
 
 #: kind name -> class; filled by `register`.
 KINDS: dict[str, type[PolicyKind]] = {}

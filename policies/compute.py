@@ -235,6 +235,18 @@ class ComputePolicy(PolicyKind):
                 )
         return actions
 
+    def watch_s(self, snapshot: Snapshot, budget: Budget) -> float:
+        """At every exchange from the cooldown on (the LR ramp and the stop are placed from fresh
+        telemetry); before it, a quarter of the time left until it starts, so the start is seen
+        from four snapshots at least. At every exchange while the spend rate is not yet measured."""
+        binding = snapshot.binding_budget
+        if binding is None:
+            return math.inf
+        if not binding.rate_per_s or binding.limit <= 0:
+            return 0.0
+        start = plan(snapshot, self.params).start
+        return max(0.0, (start - binding.fraction) * binding.limit / binding.rate_per_s / 4)
+
     def _stop(
         self, snapshot: Snapshot, b: BudgetUse, pl: Plan, per_step: float | None, lead: int
     ) -> Action | None:

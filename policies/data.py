@@ -293,6 +293,36 @@ class DataPolicy(PolicyKind):
                 actions.append(act)
         return actions
 
+    def watch_s(self, snapshot: Snapshot, budget: Budget) -> float:
+        """The time, at the job's step time, until the soonest of its next decisions (mixing every
+        `every_steps`, a curriculum check every `plateau_steps`, pruning every `every_steps`): a
+        decision is read from the first exchange past its step."""
+        p: DataParams = self.params
+        state = snapshot.config.get(CONFIG_DATA_STATE)
+        state = state if isinstance(state, Mapping) else {}
+        due: list[int] = []
+        for on, knob, every in (
+            (p.mixing, KNOB_DOMAIN_WEIGHTS, max(p.every_steps, 1)),
+            (p.curriculum, KNOB_CURRICULUM_LEVEL, p.plateau_steps),
+            (p.pruning, KNOB_PRUNE_FRACTION, p.every_steps),
+        ):
+            if not on or knob not in snapshot.knobs:
+                continue
+            mine = state.get(knob)
+            last = max(
+                snapshot.last_action_step.get(knob, -(10**18)),
+                mine.get("step", -(10**18)) if isinstance(mine, Mapping) else -(10**18),
+            )
+            if last < 0:
+                return 0.0  # not started: the first decision is due now
+            due.append(last + every)  # in the warm-up too: its baseline is read before it ends
+        if not due:
+            return math.inf
+        step_s = snapshot.seconds_per_step or snapshot.step_time_s
+        if not step_s:
+            return 0.0
+        return max(0.0, (min(due) - snapshot.step) * step_s)
+
     def _ready(self, snap: Snapshot, knob: str, every: int, state_step: Any) -> bool:
         if knob not in snap.knobs or knob in snap.pending:
             return False

@@ -37,6 +37,7 @@ over the mark (`peak_by_micro_batch`, a run-wide high-water record): it never fl
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -511,6 +512,15 @@ class MemoryPolicy(PolicyKind):
             grown = self._micro_batch(snapshot) if KNOB_MICRO_BATCH in snapshot.knobs else []
             return grown or self._up(view)
         return []
+
+    def watch_s(self, snapshot: Snapshot, budget: Budget) -> float:
+        """At every exchange once a rank's peak reaches the low-water mark (from there the next
+        step may cross the high-water mark); below it there is the whole band up to the high-water
+        mark to grow through, and a step up (the only move there) is not urgent."""
+        cap = snapshot.memory_cap_bytes
+        if cap is None or not snapshot.memory:
+            return math.inf  # no cap, or no sample yet: nothing to decide on
+        return 0.0 if snapshot.memory_peak_bytes >= self.params.low_water * cap else math.inf
 
     # ---- reading the snapshot -------------------------------------------------------------
     def _view(self, snapshot: Snapshot) -> _View | None:

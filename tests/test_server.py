@@ -128,7 +128,8 @@ def valid_round_trip(srv: ChannelServer, step: int = 1) -> None:
     assert ack["v"] == PROTOCOL_VERSION and ack["run_id"] == "run-srv"
     status, reply = request(srv, "POST", "/v1/exchange", exchange_message([record(step)], []))
     assert status == 200, reply
-    assert reply == {"v": PROTOCOL_VERSION, "actions": []}
+    # When to exchange next: as late as the controller's policies allow (test_exchange_cadence.py).
+    assert reply == {"v": PROTOCOL_VERSION, "actions": [], "next_exchange_s": srv.controller.next_exchange_s}
     assert srv.controller.state.step == step
 
 

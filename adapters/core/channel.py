@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from trainwarden.controller.channel_security import channel_opener
 from trainwarden.controller.identity import CHALLENGE_HEADER, PROOF_HEADER, new_challenge, proof_ok
 from trainwarden.controller.protocol import (
+    EXCHANGE_INTERVAL_S,
     PROTOCOL_VERSION,
     Action,
     AdapterEvent,
@@ -27,6 +28,7 @@ from trainwarden.controller.protocol import (
     dumps,
     exchange_message,
     hello_message,
+    next_exchange_of,
 )
 
 
@@ -40,6 +42,9 @@ class ChannelRefused(ChannelDown):
 
 
 class Channel(Protocol):
+    """What the agent talks to. A channel may also carry `next_exchange_s` (seconds, from the
+    controller's last reply); the agent exchanges every EXCHANGE_INTERVAL_S where it does not."""
+
     def hello(self, shape: JobShape) -> dict[str, Any]: ...
 
     def exchange(
@@ -63,6 +68,8 @@ class HttpChannel:
         self.token = token
         self.timeout_s = timeout_s
         self._opener = channel_opener(self.endpoint)
+        #: When the controller wants the next exchange (its last reply's `next_exchange_s`).
+        self.next_exchange_s = EXCHANGE_INTERVAL_S
 
     def _check_proof(self, challenge: str, proof: str | None) -> None:
         if not proof_ok(self.token, challenge, proof):
@@ -128,6 +135,7 @@ class HttpChannel:
         events: list[AdapterEvent] | None = None,
     ) -> list[Action]:
         reply = self._post("/v1/exchange", exchange_message(records, outcomes, finished, events))
+        self.next_exchange_s = next_exchange_of(reply)
         try:
             return [Action.from_json(a) for a in reply.get("actions", [])]
         except ProtocolError as exc:
@@ -143,6 +151,7 @@ class LocalChannel:
     def __init__(self, controller: Any, on_close: Any = None) -> None:
         self.controller = controller
         self._on_close = on_close
+        self.next_exchange_s = EXCHANGE_INTERVAL_S
 
     def hello(self, shape: JobShape) -> dict[str, Any]:
         return {"v": PROTOCOL_VERSION, **self.controller.hello(shape)}
@@ -154,7 +163,9 @@ class LocalChannel:
         finished: bool,
         events: list[AdapterEvent] | None = None,
     ) -> list[Action]:
-        return self.controller.exchange(records, outcomes, finished, events=events or ())
+        actions = self.controller.exchange(records, outcomes, finished, events=events or ())
+        self.next_exchange_s = next_exchange_of({"next_exchange_s": self.controller.next_exchange_s})
+        return actions
 
     def close(self) -> None:
         if self._on_close is not None:

@@ -52,6 +52,7 @@ _COST_KEYS = ("max", "per_device_hour")
 _CONTROLLER_KEYS = (
     "sync_every",
     "decide_interval_s",
+    "max_exchange_interval_s",
     "stale_after_s",
     "stop",
     "stop_grace_steps",
@@ -138,7 +139,7 @@ def _read_controller(ctx: _Ctx, node: Node | None) -> ControllerSettings:
         values["sync_every"] = _number(
             ctx, entries["sync_every"][1], path, integer=True, minimum=1, above=False
         )
-    for key in ("decide_interval_s", "stale_after_s"):
+    for key in ("decide_interval_s", "max_exchange_interval_s", "stale_after_s"):
         if key not in entries:
             continue
         node = entries[key][1]
