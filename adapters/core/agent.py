@@ -6,8 +6,9 @@ few appends; it never touches the network. Adapters that mark where a training s
 to clear_refs on a CPU: tens of microseconds), so the peak covers the training step only.
 Rank 0 has a background thread that sends the queued telemetry and outcomes to the controller
 and keeps the actions it answers with.
-Every `sync_every` steps the ranks run one collective (all_gather_object): each contributes
-its memory, rank 0 also the actions now due, so every rank learns the same actions at the
+Every `sync_every` steps the ranks run one collective (adapters/core/rank_sync.py: an all_gather
+of a few integers, and a broadcast when there are actions): each contributes its memory, rank 0
+also the actions now due, so every rank learns the same actions at the
 same step and applies them there. No collective runs on other steps, and every rank takes
 the same branch at every step, so none can wait on a collective another rank skips.
 If the controller goes away, the thread retries with back-off and training goes on with the
@@ -34,6 +35,7 @@ from typing import Any
 
 from trainwarden.adapters.core.channel import Channel, ChannelDown, ChannelRefused
 from trainwarden.adapters.core.probes import MemoryProbe
+from trainwarden.adapters.core.rank_sync import RankSync
 from trainwarden.controller.budget_end import ENV_BUDGET_END, BudgetEnd
 from trainwarden.controller.protocol import (
     EVENT_BUDGET_STOP,
@@ -79,6 +81,7 @@ class Agent:
         self.probe = probe
         self.channel = channel if rank == 0 else None
         self.process_group = process_group
+        self._sync = RankSync(rank, world_size, process_group)
         self._lock = threading.Lock()
         self._records: deque[StepRecord] = deque(maxlen=MAX_QUEUED_RECORDS)
         # What the adapter did on its own (an OOM retry): few, kept until the controller has them.
@@ -169,9 +172,8 @@ class Agent:
             )
             offer = self._due(step + self.sync_every - 1) if self.rank == 0 else []
             if self.world_size > 1:
-                gathered = self._all_gather({"memory": mine, "actions": offer})
-                memory = tuple(g["memory"] for g in gathered)
-                self._scheduled.extend(gathered[0]["actions"])
+                memory, offered = self._sync.exchange(mine, offer)
+                self._scheduled.extend(offered)
             else:
                 memory = (mine,)
                 self._scheduled.extend(offer)
@@ -342,13 +344,6 @@ class Agent:
                 due.append(a)
                 del self._inbox[a.id]
         return sorted(due, key=lambda a: a.step)
-
-    def _all_gather(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.process_group)
-        return out
 
     # ---- the exchange thread (rank 0) ------------------------------------------------------
     def _run(self) -> None:
