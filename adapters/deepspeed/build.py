@@ -8,8 +8,10 @@ keeps a destroyed engine's memory alive.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -74,12 +76,43 @@ class Builder:
                     kw["optimizer"] = self.optimizer_factory(None)
                 else:
                     kw["optimizer"] = self.optimizer_factory
-        engine, _, _, _ = attach_hook.original_initialize(deepspeed)(**kw)
+        with lean_initialize():
+            engine, _, _, _ = attach_hook.original_initialize(deepspeed)(**kw)
         if setting is not None and self.scheduler_object is not None:
             # The user's scheduler object steps the new engine's optimizer from now on.
             self.scheduler_object.optimizer = engine.basic_optimizer
             engine.lr_scheduler = self.scheduler_object
         return engine
+
+
+@contextlib.contextmanager
+def lean_initialize() -> Iterator[None]:
+    """Around `deepspeed.initialize`: skip two costs of DeepSpeed 0.19's that build nothing.
+
+    - ZeRO-3's constructor formats its `locals()` into a debug message it then drops; they hold
+      `param_names`, whose keys are the parameters, so every parameter's values are formatted
+      (0.3-0.6 s for a 25M-parameter GPT on this CPU). `Parameter.__repr__` is a short one
+      meanwhile (shape and dtype); the process is inside a switch or initialize, at a step
+      boundary, so only another thread printing a parameter then would see the short form.
+    - ZeRO-3's `defragment` runs a full `gc.collect()` (0.15-0.45 s: 400k tracked objects). The
+      objects alive before the build are frozen meanwhile (`gc.freeze`), so it walks only what
+      the build created; they are unfrozen after, and nothing is lost: garbage among them waits
+      for the next collection. Left alone when the program froze objects itself."""
+    param_repr = torch.nn.Parameter.__repr__
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
+    torch.nn.Parameter.__repr__ = _short_parameter_repr  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Parameter.__repr__ = param_repr  # type: ignore[method-assign]
+        if freeze:
+            gc.unfreeze()
+
+
+def _short_parameter_repr(self: torch.nn.Parameter) -> str:
+    return f"Parameter(shape={tuple(self.shape)}, dtype={self.dtype})"
 
 
 #: Constructor arguments DeepSpeed's optimizers keep under another attribute name.
@@ -136,10 +169,13 @@ def destroy(engine: Any) -> None:
     3.2M-parameter GPT kept 1.2 GiB; with the hooks removed, RSS stays flat). They are removed
     here; `clean_module` (adapters/deepspeed/module.py) removes any other DeepSpeed hook left on the module.
     """
+    wrapper = engine.__dict__.get("optimizer")
+    optimizers = [wrapper, getattr(wrapper, "optimizer", None), engine.__dict__.get("basic_optimizer")]
     try:
         engine.destroy()
     except Exception:  # a half-built engine may not destroy cleanly; its memory goes with it
         log.debug("trainwarden: engine.destroy() failed", exc_info=True)
+    _drop_optimizer_state(optimizers)
     for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
         handle = engine.__dict__.get(name)
         if handle is not None:
@@ -151,4 +187,26 @@ def destroy(engine: Any) -> None:
             pass
 
 
-__all__ = ["Builder", "destroy", "optimizer_factory"]
+def _drop_optimizer_state(optimizers: list[Any]) -> None:
+    """Let reference counting free a dead engine's optimizer memory, with no garbage collection.
+
+    The engine, its ZeRO wrapper and their hooks form reference cycles, so their tensors (fp32
+    masters, moments, flat low-precision and gradient buffers) would wait for a full
+    `gc.collect()`: 0.15-0.45 s in a process with torch and DeepSpeed imported (400k tracked
+    objects), more than the copies of a 25M-parameter model's state. Emptying the torch
+    optimizers' state and the wrapper's attributes drops the only references to those tensors
+    (measured on ZeRO 0-3, fp32/bf16: RSS after this equals RSS after a full collection). The
+    wrapper is dead; a client optimizer the user passed in is too (each engine gets a fresh copy),
+    so its emptied state is not lost training state: the switch carried it."""
+    for opt in optimizers:
+        if isinstance(opt, torch.optim.Optimizer):
+            opt.state.clear()
+    wrapper = optimizers[0]
+    if wrapper is not None and not isinstance(wrapper, torch.optim.Optimizer):
+        try:
+            wrapper.__dict__.clear()
+        except Exception:  # an object without a plain __dict__: left to the collector
+            log.debug("trainwarden: could not clear the optimizer wrapper", exc_info=True)
+
+
+__all__ = ["Builder", "destroy", "lean_initialize", "optimizer_factory"]
