@@ -261,7 +261,7 @@ class EngineSwitch:
         with self._phase("clean"):
             clean_module(self.module, self.builder.snapshot, state.values)
         with self._phase("initialize"):
-            engine = self.builder.build(setting)
+            engine = self.builder.build(setting, state_follows=state.step is not None)
         try:
             same_scheduler = self.builder.scheduler_object is not None
             with self._phase("restore"):
