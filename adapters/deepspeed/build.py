@@ -60,11 +60,9 @@ class Builder:
             self.cannot_rebuild = "pipeline-parallel engines (PipelineModule) cannot be switched yet"
         self.param_count = sum(p.numel() for p in module_params(self.model))
 
-    def build(self, setting: Setting | None, *, state_follows: bool = False) -> Any:
+    def build(self, setting: Setting | None) -> Any:
         """One engine: the user's own arguments the first time (`setting` None), then a rewrite.
-
-        `state_follows`: the caller writes a stepped optimizer state into the engine next
-        (adapters/deepspeed/state.py restore), so the optimizer's own first state is not built."""
+        A switch builds under `lean_initialize`."""
         import deepspeed
 
         kw = dict(self.kwargs)
@@ -79,8 +77,7 @@ class Builder:
                     kw["optimizer"] = self.optimizer_factory(None)
                 else:
                     kw["optimizer"] = self.optimizer_factory
-        with lean_initialize(state_follows=state_follows):
-            engine, _, _, _ = attach_hook.original_initialize(deepspeed)(**kw)
+        engine, _, _, _ = attach_hook.original_initialize(deepspeed)(**kw)
         if setting is not None and self.scheduler_object is not None:
             # The user's scheduler object steps the new engine's optimizer from now on.
             self.scheduler_object.optimizer = engine.basic_optimizer
@@ -90,22 +87,24 @@ class Builder:
 
 @contextlib.contextmanager
 def lean_initialize(*, state_follows: bool = False) -> Iterator[None]:
-    """Around `deepspeed.initialize`: skip costs of DeepSpeed 0.19's that build nothing.
+    """Around a switch's `deepspeed.initialize`: skip costs of DeepSpeed 0.19's that build nothing.
 
     - ZeRO-3's constructor formats its `locals()` into a debug message it then drops; they hold
       `param_names`, whose keys are the parameters, so every parameter's values are formatted
       (0.3-0.6 s for a 25M-parameter GPT on this CPU). `Parameter.__repr__` is a short one
-      meanwhile (shape and dtype); the process is inside a switch or initialize, at a step
-      boundary, so only another thread printing a parameter then would see the short form.
+      meanwhile (shape and dtype); the process is inside a switch, at a step boundary, so only
+      another thread printing a parameter then would see the short form.
     - ZeRO-3's `defragment` runs a full `gc.collect()` (0.15-0.45 s: 400k tracked objects). The
       objects alive before the build are frozen meanwhile (`gc.freeze`), so it walks only what
       the build created; they are unfrozen after, and nothing is lost: garbage among them waits
       for the next collection. Left alone when the program froze objects itself.
-    - With `state_follows`: stage 0 in bf16/fp16 (FP16_Optimizer, FP16_UnfusedOptimizer) creates
-      its optimizer state by running a whole optimizer step on zero gradients (0.3-0.5 s for a
-      25M-parameter GPT: Adam over every element), state that the carried one replaces at once;
-      `restore` creates the state tensors itself (as it does for ZeRO, whose own first state is
-      lazy). Without a carried step the engine is built as DeepSpeed builds it."""
+    - With `state_follows` (the caller writes a stepped optimizer state into the engine next,
+      adapters/deepspeed/state.py restore): stage 0 in bf16/fp16 (FP16_Optimizer,
+      FP16_UnfusedOptimizer) creates its optimizer state by running a whole optimizer step on
+      zero gradients (0.3-0.5 s for a 25M-parameter GPT: Adam over every element), state that
+      the carried one replaces at once; `restore` creates the state tensors itself (as it does
+      for ZeRO, whose own first state is lazy). Without a carried step the engine is built as
+      DeepSpeed builds it."""
     param_repr = torch.nn.Parameter.__repr__
     freeze = gc.get_freeze_count() == 0
     if freeze:

@@ -23,7 +23,7 @@ import torch
 
 from trainwarden.adapters.core.agreement import agree
 from trainwarden.adapters.deepspeed import state as ds_state
-from trainwarden.adapters.deepspeed.build import Builder, destroy
+from trainwarden.adapters.deepspeed.build import Builder, destroy, lean_initialize
 from trainwarden.adapters.deepspeed.config import ConfigError, Setting, resolve, setting_of
 from trainwarden.adapters.deepspeed.errors import ReconfigureError, ReconfigureResult, SwitchFailed
 from trainwarden.adapters.deepspeed.knobs import available_precisions
@@ -260,8 +260,8 @@ class EngineSwitch:
         mode = self.module.training
         with self._phase("clean"):
             clean_module(self.module, self.builder.snapshot, state.values)
-        with self._phase("initialize"):
-            engine = self.builder.build(setting, state_follows=state.step is not None)
+        with self._phase("initialize"), lean_initialize(state_follows=state.step is not None):
+            engine = self.builder.build(setting)
         try:
             same_scheduler = self.builder.scheduler_object is not None
             with self._phase("restore"):
