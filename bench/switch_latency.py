@@ -27,8 +27,10 @@ from the same training state, one after the other:
   (engine -> host, host -> new engine), so `floor_s` is two copies.
 
 Both sides run with the same torch thread count (`--threads`, 1 by default: the machine is
-shared) and glibc's mmap threshold at 64 KiB (as `trainwarden run` sets it; the script re-executes
-itself with it), so freed engines really leave RSS.
+shared), glibc's mmap threshold at 64 KiB (as `trainwarden demo` sets it), so freed engines really
+leave RSS, and torch's CPU allocator asking for transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`;
+`--no-thp` to leave it off); the script re-executes itself with both. Each in-place leg records
+`breakdown_s`: the switch's own parts (ReconfigureResult.phases) and what is left (`other`).
 
     .venv/bin/python bench/switch_latency.py                 # 21 legs, ~4-6 min on 2 loaded cores
     .venv/bin/python bench/switch_latency.py --quick         # 3 legs, a smoke run (~1 min)
