@@ -28,8 +28,9 @@ from the same training state, one after the other:
 
 Both sides run with the same torch thread count (`--threads`, 1 by default: the machine is
 shared), glibc's mmap threshold at 64 KiB (as `trainwarden demo` sets it), so freed engines really
-leave RSS, and torch's CPU allocator asking for transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`;
-`--no-thp` to leave it off); the script re-executes itself with both. Each in-place leg records
+leave RSS; the in-place side's torch CPU allocator asks for transparent huge pages
+(`THP_MEM_ALLOC_ENABLE=1`; `--no-thp` to leave it off), the checkpoint path's runs as torch comes
+(it was the slower with them); the script re-executes itself with both. Each in-place leg records
 `breakdown_s`: the switch's own parts (ReconfigureResult.phases) and what is left (`other`).
 
     .venv/bin/python bench/switch_latency.py                 # 21 legs, ~4-6 min on 2 loaded cores
@@ -287,6 +288,9 @@ def run_child(args: argparse.Namespace, ckpt_dir: str, cfg: Cfg) -> dict[str, An
         str(args.micro),
         "--threads",
         str(args.threads),
+        # The user's path as it runs today: torch's allocator as it comes (measured here, its
+        # initialize was the slower with huge pages: 9.1-10.6 s in all against 7.6-9.5 s).
+        "--no-thp",
     ]
     t_spawn = time.time()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -468,6 +472,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "fp16_supported": fp16,
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+            "thp_mem_alloc_checkpoint_path": False,
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
         },
