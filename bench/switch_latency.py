@@ -27,8 +27,11 @@ from the same training state, one after the other:
   (engine -> host, host -> new engine), so `floor_s` is two copies.
 
 Both sides run with the same torch thread count (`--threads`, 1 by default: the machine is
-shared) and glibc's mmap threshold at 64 KiB (as `trainwarden run` sets it; the script re-executes
-itself with it), so freed engines really leave RSS.
+shared), glibc's mmap threshold at 64 KiB (as `trainwarden demo` sets it), so freed engines really
+leave RSS; the in-place side's torch CPU allocator asks for transparent huge pages
+(`THP_MEM_ALLOC_ENABLE=1`; `--no-thp` to leave it off), the checkpoint path's runs as torch comes
+(it was the slower with them); the script re-executes itself with both. Each in-place leg records
+`breakdown_s`: the switch's own parts (ReconfigureResult.phases) and what is left (`other`).
 
     .venv/bin/python bench/switch_latency.py                 # 21 legs, ~4-6 min on 2 loaded cores
     .venv/bin/python bench/switch_latency.py --quick         # 3 legs, a smoke run (~1 min)
@@ -285,6 +288,9 @@ def run_child(args: argparse.Namespace, ckpt_dir: str, cfg: Cfg) -> dict[str, An
         str(args.micro),
         "--threads",
         str(args.threads),
+        # The user's path as it runs today: torch's allocator as it comes (measured here, its
+        # initialize was the slower with huge pages: 9.1-10.6 s in all against 7.6-9.5 s).
+        "--no-thp",
     ]
     t_spawn = time.time()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -447,6 +453,11 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_max": max(ratios) if ratios else None,
             "in_place_s_median": statistics.median(r["in_place_s"] for r in rows) if rows else None,
             "in_place_s_max": max(r["in_place_s"] for r in rows) if rows else None,
+            "in_place_s_min": min(r["in_place_s"] for r in rows) if rows else None,
+            "in_place_over_floor_median": statistics.median(r["in_place_over_floor"] for r in rows)
+            if rows
+            else None,
+            "breakdown": breakdown_summary(rows),
             "in_place_exact_legs": sum(r["in_place_state"]["status"] == "exact" for r in rows),
             "rss_peak_within_bound_legs": sum(r["memory"]["peak_within_bound"] for r in rows),
             "rss_peak_over_larger_engine_plus_copy_MiB_max": (
@@ -460,10 +471,26 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
             "deepspeed": deepspeed.__version__,
             "python": platform.python_version(),
             "fp16_supported": fp16,
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+            "thp_mem_alloc_checkpoint_path": False,
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
         },
         "wall_s": time.time() - t_run,
+    }
+
+
+def breakdown_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per part of the switch (ReconfigureResult.phases): median seconds over the legs, and its
+    share of all legs' in-place time together."""
+    total = sum(r["in_place_s"] for r in rows)
+    names = list(dict.fromkeys(k for r in rows for k in r["breakdown_s"]))
+    return {
+        k: {
+            "median_s": statistics.median(r["breakdown_s"].get(k, 0.0) for r in rows),
+            "share": sum(r["breakdown_s"].get(k, 0.0) for r in rows) / total if total else None,
+        }
+        for k in names
     }
 
 
@@ -499,11 +526,14 @@ def leg_row(
     # beside the new one would have exceeded by about the old engine's size.
     bound = r.memory_before_bytes + r.bytes_moved
     larger = max(r.memory_before_bytes, r.memory_after_bytes)
+    phases = dict(r.phases)
+    phases["other"] = max(0.0, inplace_wall - sum(phases.values()))
     return {
         "from": a.knobs(),
         "to": b.knobs(),
         "in_place_s": inplace_wall,
         "in_place_reported_s": r.duration_s,
+        "breakdown_s": phases,
         "in_place_state": after,
         "bytes_moved": r.bytes_moved,
         "checkpoint_path": ck,
@@ -534,6 +564,9 @@ def main() -> None:
         help="legs as STAGE:PREC[:o][p]-STAGE:PREC[:o][p], e.g. 2:fp32-3:fp32 2:fp32-3:fp32:op",
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--no-thp", action="store_true", help="torch's allocator without transparent huge pages (both paths)"
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt-dir", help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -544,9 +577,14 @@ def main() -> None:
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "trainwarden" / "torch_extensions")
     )
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+    want = {"MALLOC_MMAP_THRESHOLD_": "65536", "THP_MEM_ALLOC_ENABLE": "0" if args.no_thp else "1"}
+    if any(os.environ.get(k) != v for k, v in want.items()):
         # Freed tensors must leave RSS for the memory figures to mean anything (docs/ARCHITECTURE.md).
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        # torch's CPU allocator asks for transparent huge pages for tensors of 2 MiB and more: a
+        # fresh 290 MiB buffer is then filled at about the speed of a copy into a touched one
+        # (0.08 s against 0.26 s measured here: 4 KiB page faults), for both paths alike. Read once,
+        # at torch's first allocation: hence the re-exec.
+        os.environ.update(want)
         os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.child:
         child(args)

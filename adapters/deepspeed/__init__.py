@@ -17,9 +17,12 @@ is built over the same module from the user's config with only the switched keys
 (adapters/deepspeed/config.py), and the state is written into it bit for bit. If anything fails once
 the old engine is gone, the previous configuration is rebuilt from the same host copy.
 
-What it costs: a switch takes the time of one `deepspeed.initialize` plus memory copies of
-12 bytes per parameter (Adam) each way (bench/switch_latency.py measures it against the
-checkpoint path; its figures are in bench/README.md). Peak memory during it is the old engine
+What it costs: a switch takes the time of one `deepspeed.initialize` (less what a switch does not
+need: adapters/deepspeed/build.py `lean_initialize`) plus memory copies of 12 bytes per parameter
+(Adam) each way: about 3x two copies of the state for a 25M-parameter GPT on this CPU, into ZeRO 3
+more, when torch allocates with transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`; without them
+fresh pages cost twice that). bench/switch_latency.py measures it against the checkpoint path;
+its figures are in bench/README.md. Peak memory during it is the old engine
 plus that host copy: the old engine is destroyed before the new one is built, never kept beside
 it, and its memory is really released
 (`_destroy` removes the hooks through which DeepSpeed keeps destroyed engines alive). A

@@ -47,7 +47,10 @@ class ReconfigureResult:
     switch failed after the old engine was gone and the previous configuration was rebuilt;
     `error` says why. Memory is the process RSS on the CPU, torch.cuda's allocated bytes on a GPU
     (`memory_kind`); `memory_peak_bytes` is the peak during the switch. `bytes_moved`: bytes of
-    state carried through the host copy (weights and optimizer state).
+    state carried through the host copy (weights and optimizer state). `phases`: seconds spent in
+    each part of a rebuild, in order (`capture` the state to the host, `destroy` the old engine
+    and give its memory back, `clean` the module, `initialize` the new engine, `restore` the state
+    into it, `agree` with the other ranks); empty without a rebuild.
     """
 
     changes: tuple[tuple[str, Any, Any], ...]
@@ -62,6 +65,7 @@ class ReconfigureResult:
     memory_after_bytes: int
     memory_peak_bytes: int
     bytes_moved: int
+    phases: tuple[tuple[str, float], ...] = ()
 
     @property
     def applied(self) -> bool:

@@ -267,6 +267,7 @@ class OomRecovery:
         can_recut = h.knobs.micro_batch or in_train_batch
         t0 = time.perf_counter()
         before = switch.meter.start()
+        switch.phases = {}
 
         def at_step_start(state: ds_state.HostState) -> None:
             state.counters.update(start.counters)

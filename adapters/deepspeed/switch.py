@@ -12,9 +12,10 @@ changes on the module (adapters/deepspeed/knobs.py). Costs: see the package docs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ import torch
 
 from trainwarden.adapters.core.agreement import agree
 from trainwarden.adapters.deepspeed import state as ds_state
-from trainwarden.adapters.deepspeed.build import Builder, destroy
+from trainwarden.adapters.deepspeed.build import Builder, destroy, lean_initialize
 from trainwarden.adapters.deepspeed.config import ConfigError, Setting, resolve, setting_of
 from trainwarden.adapters.deepspeed.errors import ReconfigureError, ReconfigureResult, SwitchFailed
 from trainwarden.adapters.deepspeed.knobs import available_precisions
@@ -75,6 +76,8 @@ class EngineSwitch:
         )
         device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
         self.meter = MemoryMeter(device)
+        #: Seconds per part of the rebuild under way (see ReconfigureResult.phases).
+        self.phases: dict[str, float] = {}
 
     # ---- by hand or from a knob ---------------------------------------------------------------
     def reconfigure(
@@ -133,6 +136,7 @@ class EngineSwitch:
             raise ConfigError(self.builder.cannot_rebuild)
         moved = 0
         error: str | None = None
+        self.phases = {}
         if rebuild:
             moved, error = self.rebuild(old, target)
         elif target != old:
@@ -190,6 +194,7 @@ class EngineSwitch:
             memory_after_bytes=meter.now(),
             memory_peak_bytes=meter.peak(),
             bytes_moved=moved,
+            phases=tuple(self.phases.items()),
         )
 
     # ---- without a new engine -----------------------------------------------------------------
@@ -220,7 +225,8 @@ class EngineSwitch:
         RNG of the step's start back). With several ranks, they agree before going on: if the
         switch failed on any rank, every rank rolls back. Raises SwitchFailed when the rollback
         fails too."""
-        state = ds_state.capture(self.engine, self.params)  # StateError here: nothing changed yet
+        with self._phase("capture"):
+            state = ds_state.capture(self.engine, self.params)  # StateError here: nothing changed yet
         if fix is not None:
             fix(state)
         self._destroy_current()
@@ -229,7 +235,8 @@ class EngineSwitch:
             self._install(self._build(target, state), target)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-        error = agree(error, self.meter.device)
+        with self._phase("agree"):
+            error = agree(error, self.meter.device)
         if error is None:
             return state.nbytes, None
         log.warning(
@@ -251,11 +258,14 @@ class EngineSwitch:
     def _build(self, setting: Setting, state: ds_state.HostState) -> Any:
         """A new engine for `setting` over the same module, holding exactly `state`."""
         mode = self.module.training
-        clean_module(self.module, self.builder.snapshot, state.values)
-        engine = self.builder.build(setting)
+        with self._phase("clean"):
+            clean_module(self.module, self.builder.snapshot, state.values)
+        with self._phase("initialize"), lean_initialize(state_follows=state.step is not None):
+            engine = self.builder.build(setting)
         try:
             same_scheduler = self.builder.scheduler_object is not None
-            ds_state.restore(engine, self.params, state, same_scheduler=same_scheduler)
+            with self._phase("restore"):
+                ds_state.restore(engine, self.params, state, same_scheduler=same_scheduler)
             engine.train(mode)
         except BaseException:
             destroy(engine)
@@ -272,12 +282,22 @@ class EngineSwitch:
         self._align_micro_steps(setting.gradient_accumulation_steps)
 
     def _destroy_current(self) -> None:
-        engine, self.engine = self.engine, None
-        self.handle.oom.forget_engine()  # its progress reader holds the engine's partitions
-        if engine is not None:
-            destroy(engine)
-        del engine
-        release_memory(self.meter.device)
+        with self._phase("destroy"):
+            engine, self.engine = self.engine, None
+            self.handle.oom.forget_engine()  # its progress reader holds the engine's partitions
+            if engine is not None:
+                destroy(engine)
+            del engine
+            release_memory(self.meter.device)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Add the time of the block to `phases[name]` (a rollback adds to the same parts)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
 
 
 __all__ = ["EngineSwitch", "changes_between"]
