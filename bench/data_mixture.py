@@ -61,7 +61,13 @@ from trainwarden.examples.train_mixture import Options, train  # noqa: E402
 EASY = "easy"
 ALL = (*DOMAINS, EASY)
 #: The data policy's parameters in every online arm (besides the reward), chosen on seeds 0-1.
-POLICY: dict[str, Any] = {"every_steps": 20, "warmup_steps": 20, "floor": 0.05, "temperature": 0.5}
+POLICY: dict[str, Any] = {
+    "every_steps": 20,
+    "warmup_steps": 20,
+    "floor": 0.02,
+    "temperature": 0.3,
+    "loss_weight": 2.0,
+}
 #: The least reward scale of the policy before issue 20 (a relative decrease per interval).
 RELATIVE_MIN_SCALE = 0.002
 
