@@ -201,7 +201,7 @@ def arms(chosen: list[str], tmp: Path, params: dict[str, Any]) -> dict[str, dict
     }
 
 
-DEFAULT_ARMS = ("uniform", "oracle-static", "online-relative", "online-gain")
+DEFAULT_ARMS = ("uniform", "online-gain", "oracle-static", "online-relative")
 
 
 def mean_loss(val: dict[str, float], domains: tuple[str, ...]) -> float:
