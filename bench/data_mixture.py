@@ -1,6 +1,6 @@
 """Does online data mixing pay on real data, and which reward? Same model, seeds and token budget.
 
-    nice .venv/bin/python bench/data_mixture.py                  # 6 seeds x 3 arms, 800 steps
+    nice .venv/bin/python bench/data_mixture.py                  # 6 seeds x 4 arms, 800 steps
     nice .venv/bin/python bench/data_mixture.py --quick          # 1 seed, short: a smoke run
 
 Domains: the Python stdlib's source, its English reference text (pydoc_data), its docstrings, a
@@ -15,14 +15,19 @@ another order: a solved domain is solved on held-out copies too). Arms:
 2. online-relative: trainwarden's data policy with the reward before issue 20 (`reward:
    relative`, the relative decrease of a domain's loss per interval);
 3. online-gain: the same policy with `reward: gain` (the absolute decrease per unit of sampling:
-   what a sample of the domain buys), the default now;
+   what a sample of the domain buys, weighted by the domain's loss relative to the mean:
+   `loss_weight`), the default now;
+4. oracle-static: a reference, not a method: a static mixture with the degraded and the easy domain
+   at the floor (0.05) from the first step and the clean domains sharing the rest equally, which a
+   user could only choose knowing the answer; it says how much of the gain is reachable at all;
 optional (`--arms`): natural (each domain's share of the corpus) and online-gain+curriculum+pruning.
 
 Every arm trains the same tiny GPT from the same initial weights for the same number of tokens,
 through the same MixtureSampler and plain-PyTorch handle. Printed and saved
 (bench/results/data_mixture.json), per arm and seed: the final validation loss (mean over the three
 clean domains, the headline: the degraded and the easy domain make a win easy), the tokens it
-needed to reach the uniform arm's final clean loss of the same seed (ratio to uniform's tokens),
+needed to reach the uniform arm's final clean loss of the same seed (ratio to uniform's tokens, at
+the evaluation points: every 25 steps),
 and the final weights. The verdict is given separately for the seeds the policy's parameters were
 chosen on (`--tuned-on`) and the others: a gain counts only where the mean gain over seeds exceeds
 twice the spread between seeds (max - min over seeds of the paired difference).
@@ -56,7 +61,13 @@ from trainwarden.examples.train_mixture import Options, train  # noqa: E402
 EASY = "easy"
 ALL = (*DOMAINS, EASY)
 #: The data policy's parameters in every online arm (besides the reward), chosen on seeds 0-1.
-POLICY: dict[str, Any] = {"every_steps": 20, "warmup_steps": 20, "floor": 0.05, "temperature": 0.5}
+POLICY: dict[str, Any] = {
+    "every_steps": 20,
+    "warmup_steps": 20,
+    "floor": 0.02,
+    "temperature": 0.3,
+    "loss_weight": 2.0,
+}
 #: The least reward scale of the policy before issue 20 (a relative decrease per interval).
 RELATIVE_MIN_SCALE = 0.002
 
@@ -164,6 +175,15 @@ def policy_file(path: Path, reward: str, params: dict[str, Any], curriculum: boo
     return str(path)
 
 
+def oracle_weights(floor: float = 0.05) -> dict[str, float]:
+    """The static mixture a user could only choose knowing the answer: noise and the easy domain at
+    the floor from the first step, the clean domains sharing the rest equally. Not a method: the
+    reference the online policy is measured against (how much of the gain is reachable at all)."""
+    low = {"noise", EASY}
+    share = (1 - floor * len(low)) / (len(ALL) - len(low))
+    return {d: floor if d in low else share for d in ALL}
+
+
 def arms(chosen: list[str], tmp: Path, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     # The arms differ only in the reward: the relative one with its own least scale from before issue 20.
     relative = {**params, "min_reward_scale": RELATIVE_MIN_SCALE}
@@ -172,6 +192,7 @@ def arms(chosen: list[str], tmp: Path, params: dict[str, Any]) -> dict[str, dict
         "online-relative": {"policy": policy_file(tmp / "relative.yaml", "relative", relative)},
         "online-gain": {"policy": policy_file(tmp / "gain.yaml", "gain", params)},
         "natural": {"weights": natural_weights() if "natural" in chosen else None},
+        "oracle-static": {"weights": oracle_weights()},
         "online-gain+curriculum+pruning": {
             "policy": policy_file(tmp / "curriculum.yaml", "gain", params, curriculum=True),
             "curriculum": True,
@@ -180,7 +201,7 @@ def arms(chosen: list[str], tmp: Path, params: dict[str, Any]) -> dict[str, dict
     }
 
 
-DEFAULT_ARMS = ("uniform", "online-relative", "online-gain")
+DEFAULT_ARMS = ("uniform", "online-gain", "oracle-static", "online-relative")
 
 
 def mean_loss(val: dict[str, float], domains: tuple[str, ...]) -> float:
@@ -259,12 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     ap.add_argument("--tuned-on", type=int, nargs="*", default=[0, 1], help="seeds the policy was tuned on")
     ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), help="uniform is always run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "data_mixture.json"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="policy parameters to change")
+    ap.add_argument(
+        "--merge", nargs="+", metavar="RESULT", help="summarise these results of this bench together"
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.tuned_on, Path(args.out))
     params = dict(POLICY)
     for item in args.set:
         key, _, value = item.partition("=")
@@ -311,26 +337,63 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    summary = summarize(runs, args.seeds, args.tuned_on)
+    setup = {
+        "model": model,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "tokens_per_run": runs["uniform"][args.seeds[0]]["tokens"],
+        "global_batch": 16,
+        "seeds": args.seeds,
+        "tuned_on": args.tuned_on,
+        "domains": list(ALL),
+        "clean_domains": list(CLEAN_DOMAINS),
+        "policy": params,
+        "relative_arm_min_reward_scale": RELATIVE_MIN_SCALE,
+        "oracle_weights": oracle_weights(),
+        "easy_pool_bytes": sum(len(s) for s in boilerplate_pool()),
+        "val": "held out by source module (crc32 of the file path or topic); easy: the pool reordered",
+    }
+    write_result(runs, setup, time.time() - t0, Path(args.out))
+    return 0
+
+
+def merge(paths: list[str], tuned_on: list[int], out: Path) -> int:
+    """One result from several runs of this bench on other seeds (the same code and setup, run as
+    separate processes to use more cores): the runs side by side, the summary and verdict redone."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    keys = ("model", "steps", "eval_every", "policy", "domains", "oracle_weights")
+    first = results[0]["setup"]
+    for path, r in zip(paths, results, strict=True):
+        differs = [k for k in keys if r["setup"].get(k) != first.get(k)]
+        if differs:
+            raise SystemExit(f"{path} was run with another {', '.join(differs)} than {paths[0]}; merge only "
+                             "runs of the same setup")  # fmt: skip
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        for arm, by_seed in r["runs"].items():
+            for seed, run in by_seed.items():
+                runs.setdefault(arm, {})[int(seed)] = run
+    seeds = sorted(runs["uniform"])
+    missing = [(arm, s) for arm in runs for s in seeds if s not in runs[arm]]
+    if missing:
+        raise SystemExit(
+            f"no run of {missing} in {paths}: every arm needs every seed; run them or leave the seed out"
+        )
+    setup = {**first, "seeds": seeds, "tuned_on": tuned_on, "merged_from": [Path(p).name for p in paths]}
+    write_result(runs, setup, sum(r["seconds"] for r in results), out)
+    return 0
+
+
+def write_result(
+    runs: dict[str, dict[int, dict[str, Any]]], setup: dict[str, Any], seconds: float, out: Path
+) -> None:
+    summary = summarize(runs, setup["seeds"], setup["tuned_on"])
     result = {
         "bench": "data_mixture",
-        "setup": {
-            "model": model,
-            "steps": args.steps,
-            "tokens_per_run": runs["uniform"][args.seeds[0]]["tokens"],
-            "global_batch": 16,
-            "seeds": args.seeds,
-            "tuned_on": args.tuned_on,
-            "domains": list(ALL),
-            "clean_domains": list(CLEAN_DOMAINS),
-            "policy": params,
-            "relative_arm_min_reward_scale": RELATIVE_MIN_SCALE,
-            "easy_pool_bytes": sum(len(s) for s in boilerplate_pool()),
-            "val": "held out by source module (crc32 of the file path or topic); easy: the pool reordered",
-        },
+        "setup": setup,
         "summary": summary,
         "runs": {arm: {str(s): r for s, r in by.items()} for arm, by in runs.items()},
-        "seconds": time.time() - t0,
+        "seconds": seconds,
     }
     lines = []
     for arm, row in summary.items():
@@ -349,12 +412,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"({'' if g['tokens_ratio_at_most_0_7_every_seed'] else 'not '}<= 0.7 in every seed)"
             )
     result["verdict"] = lines
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     for line in lines:
         print(line, file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

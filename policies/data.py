@@ -3,8 +3,10 @@
 - Online mixing: a bandit over the domains. Each domain's reward (`reward: gain`, the default) is
   what a sample of it buys: the absolute decrease of its smoothed training loss over the last
   interval, per unit of sampling (divided by its weight relative to uniform, so a domain is not
-  rewarded only for being sampled more). A domain near its loss floor (learnt boilerplate) and one
-  that cannot be learned (noise) both earn about nothing and end near the floor weight. Not the
+  rewarded only for being sampled more), and for a domain whose loss is under the domains' mean,
+  multiplied by (its loss / the mean)^`loss_weight`: a loss caps what is left to learn, so learnt
+  boilerplate that keeps falling a little (memorised) earns little. A domain near its loss floor
+  (learnt boilerplate) and one that cannot be learned (noise) both end near the floor weight. Not the
   raw loss, as ODM uses (that rewards noise that cannot be learned), and not the relative decrease
   (`reward: relative`, kept for comparison): a ratio stays large as a loss approaches zero, so the
   mixture chased domains that were already learnt (issue 20). Rewards are smoothed (EMA), turned
@@ -69,7 +71,7 @@ class DataParams:
         0.05, valid=Range(0.0, 0.5), tune=Range(0.01, 0.2), doc="Least weight of any domain (no starving)."
     )
     temperature: float = param(
-        1.0,
+        0.3,
         valid=Range(0.01, 100.0),
         tune=Range(0.1, 5.0, log=True),
         doc="Softmax temperature over rewards divided by their mean magnitude; lower is greedier.",
@@ -87,6 +89,15 @@ class DataParams:
         "per unit of sampling (what a sample buys: a learnt domain and noise both earn ~0); "
         "`relative`, that decrease divided by the loss (the reward before issue 20: it grows as a "
         "loss nears zero, so a learnt domain keeps winning; kept for comparison).",
+    )
+    loss_weight: float = param(
+        2.0,
+        valid=Range(0.0, 4.0),
+        tune=Range(0.0, 3.0),
+        doc="For `gain`: the reward of a domain whose loss is under the domains' mean is multiplied by "
+        "(its loss / the mean) to this power. A loss bounds what is left to learn (a loss is >= 0), so a "
+        "domain far below the others (learnt boilerplate) earns little even while it keeps falling, and "
+        "the jitter of its few samples cannot win it weight back; 0: the plain absolute decrease.",
     )
     min_reward_scale: float = param(
         0.0005,
@@ -214,6 +225,8 @@ def mix_step(
     prev_loss = state.get("loss", {})
     scores = {k: float(v) for k, v in state.get("score", {}).items() if k in weights}
     rewards: dict[str, float] = {}
+    known = [float(v) for k, v in losses.items() if k in weights and math.isfinite(v)]
+    mean_loss = sum(known) / len(known) if known else 0.0
     if isinstance(prev_step, int) and step > prev_step:
         per_interval = p.every_steps / (step - prev_step)
         for k in names:
@@ -225,6 +238,10 @@ def mix_step(
             share = max(float(weights[k]) * n, 0.5)
             fell = before - now if p.reward == "gain" else (before - now) / before
             r = fell * per_interval / share
+            if p.reward == "gain" and p.loss_weight and mean_loss > 0:
+                # Only a loss under the mean lowers the reward: a low loss caps what is left to learn,
+                # a high one says nothing (noise's is high), and scaling it up would scale its jitter.
+                r *= min(1.0, max(now, 0.0) / mean_loss) ** p.loss_weight
             rewards[k] = r
             scores[k] = r if k not in scores else (1 - p.smoothing) * scores[k] + p.smoothing * r
     new = dict(weights)
@@ -232,8 +249,7 @@ def mix_step(
         scored = {k: scores.get(k, 0.0) for k in names}
         least = p.min_reward_scale
         if p.reward == "gain":  # rewards in loss units: the least scale is a fraction of the loss
-            known = [float(v) for k, v in losses.items() if k in weights and math.isfinite(v)]
-            least *= sum(known) / len(known) if known else 0.0
+            least *= mean_loss
         target = with_floor(softmax_target(scored, p.temperature, least), p.floor)
         new = {k: (1 - p.step_size) * float(weights[k]) + p.step_size * target[k] for k in names}
     new = with_floor(new, p.floor)

@@ -110,6 +110,22 @@ def test_raw_loss_is_not_the_reward_a_high_flat_loss_earns_nothing() -> None:
     assert w["code"] > w["noise"]
 
 
+def test_a_loss_far_under_the_others_earns_less_for_the_same_fall_a_high_one_no_more() -> None:
+    """`loss_weight`: the same absolute fall earns less on a domain whose loss is under the mean
+    (its loss / the mean, squared by default), and never more on one above it (noise's loss is high;
+    scaling its reward up would scale its jitter up)."""
+    p = DataParams(every_steps=10, smoothing=1.0, step_size=1.0, floor=0.0)
+    weights = {"easy": 1 / 3, "prose": 1 / 3, "noise": 1 / 3}
+    before = {"easy": 0.6, "prose": 2.6, "noise": 3.7}
+    now = {"easy": 0.5, "prose": 2.5, "noise": 3.6}  # each fell by 0.1; the mean is 2.2
+    _, _, rewards = mix_step(weights, now, {"step": 0, "loss": before}, 10, p)
+    assert math.isclose(rewards["prose"], 0.1) and math.isclose(rewards["noise"], 0.1)
+    assert math.isclose(rewards["easy"], 0.1 * (0.5 / 2.2) ** 2)
+    plain = DataParams(every_steps=10, smoothing=1.0, step_size=1.0, floor=0.0, loss_weight=0.0)
+    _, _, rewards = mix_step(weights, now, {"step": 0, "loss": before}, 10, plain)
+    assert all(math.isclose(r, 0.1) for r in rewards.values()), rewards
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     weights=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=8).filter(lambda w: sum(w) > 0),
