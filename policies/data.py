@@ -316,19 +316,20 @@ class DataPolicy(PolicyKind):
         p: DataParams = self.params
         state = snapshot.config.get(CONFIG_DATA_STATE)
         state = state if isinstance(state, Mapping) else {}
+
+        def state_step(knob: str) -> Any:  # where its decider reads it (pruning keeps no state)
+            mine = state.get(knob)
+            return mine.get("step") if isinstance(mine, Mapping) else None
+
         due: list[int] = []
-        for on, knob, every in (
-            (p.mixing, KNOB_DOMAIN_WEIGHTS, max(p.every_steps, 1)),
-            (p.curriculum, KNOB_CURRICULUM_LEVEL, p.plateau_steps),
-            (p.pruning, KNOB_PRUNE_FRACTION, p.every_steps),
+        for on, knob, every, since in (
+            (p.mixing, KNOB_DOMAIN_WEIGHTS, p.every_steps, state_step(KNOB_DOMAIN_WEIGHTS)),
+            (p.curriculum, KNOB_CURRICULUM_LEVEL, p.plateau_steps, state_step(KNOB_CURRICULUM_LEVEL)),
+            (p.pruning, KNOB_PRUNE_FRACTION, p.every_steps, None),
         ):
             if not on or knob not in snapshot.knobs:
                 continue
-            mine = state.get(knob)
-            last = max(
-                snapshot.last_action_step.get(knob, -(10**18)),
-                mine.get("step", -(10**18)) if isinstance(mine, Mapping) else -(10**18),
-            )
+            last = _last_decision(snapshot, knob, since)
             if last < 0:
                 return 0.0  # not started: the first decision is due now
             due.append(last + every)  # in the warm-up too: its baseline is read before it ends
@@ -342,11 +343,7 @@ class DataPolicy(PolicyKind):
     def _ready(self, snap: Snapshot, knob: str, every: int, state_step: Any) -> bool:
         if knob not in snap.knobs or knob in snap.pending:
             return False
-        last = max(
-            snap.last_action_step.get(knob, -(10**18)),
-            state_step if isinstance(state_step, int) else -(10**18),
-        )
-        return snap.step - last >= every
+        return snap.step - _last_decision(snap, knob, state_step) >= every
 
     def _mixing(self, snap: Snapshot, state: Mapping[str, Any]) -> Action | None:
         p: DataParams = self.params
@@ -489,6 +486,15 @@ class DataPolicy(PolicyKind):
                 f"out, up to {new:.0%} (bound {most:.0%})"
             ),
         )
+
+
+def _last_decision(snap: Snapshot, knob: str, state_step: Any) -> int:
+    """The step of the knob's last decision: its last action, or the step its state carries (a
+    resumed job, a restarted controller); a large negative number when there was none."""
+    return max(
+        snap.last_action_step.get(knob, -(10**18)),
+        state_step if isinstance(state_step, int) else -(10**18),
+    )
 
 
 _REWARD_WORDS = {"gain": "loss decrease", "relative": "relative loss decrease"}
