@@ -39,6 +39,7 @@ from trainwarden.controller.rundir import (
     refuse_links,
     write_private,
 )
+from trainwarden.controller.supervise import FINAL_SCRAPE_WAIT_S
 from trainwarden.policies.units import format_bytes, format_duration
 
 log = logging.getLogger("trainwarden")
@@ -150,9 +151,13 @@ def cmd_controller(args: argparse.Namespace) -> int:
         run_dir,
     )
 
-    stop = threading.Event()
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        (hurry if stop.is_set() else stop).set()  # a second signal cuts the final scrape short
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     next_check = 0.0
     errors = 0
     try:
@@ -174,14 +179,22 @@ def cmd_controller(args: argparse.Namespace) -> int:
                     log.error("controller loop: %s (%d time(s)); going on", exc, errors)
             stop.wait(0.2)
     finally:
-        # Whatever happened above, the servers stop and the summary is written.
-        for close in (server.stop, metrics_server.stop):
+        # Whatever happened above, the channel stops, the summary is written, and /metrics serves
+        # the final numbers (unanswered actions are counted only at close) to one more scrape.
+        try:
+            server.stop()
+        except Exception as exc:
+            log.error("stopping the channel: %s", exc)
+        try:
+            summary = controller.close()
+            log.info("controller stopped at step %s", summary.get("step"))
+            if metrics_server.await_final_scrape(args.final_scrape_wait, hurry):
+                log.debug("the final numbers were scraped")
+        finally:
             try:
-                close()
+                metrics_server.stop()
             except Exception as exc:
-                log.error("stopping a server: %s", exc)
-    summary = controller.close()
-    log.info("controller stopped at step %s", summary.get("step"))
+                log.error("stopping the metrics server: %s", exc)
     return 0
 
 
@@ -646,6 +659,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--token-file", required=True, help="file holding the bearer token the job must present")
     c.add_argument("--run-id", help="name of the run (default: the run directory's name)")
     c.add_argument("--exit-when-finished", action="store_true", help="exit when the job says it has finished")
+    c.add_argument(
+        "--final-scrape-wait",
+        type=float,
+        default=FINAL_SCRAPE_WAIT_S,
+        metavar="SECONDS",
+        help="at exit, wait up to this long (about 1.5 scrape intervals) for Prometheus to scrape the "
+        "final numbers; 0: do not wait (default %(default)s)",
+    )
     c.add_argument(
         "--tls-cert",
         metavar="PEM",

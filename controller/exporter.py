@@ -14,6 +14,8 @@ job and no client can make a scrape fail or hang.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -263,6 +265,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
             )
             self._send(404, b"only /metrics here\n")
             return
+        started = time.monotonic()
         try:
             body = generate_latest(self.server.registry)
         except Exception:  # a bug, never what a job sent (that is cleaned on ingestion)
@@ -270,6 +273,8 @@ class _MetricsHandler(BaseHTTPRequestHandler):
             self._send(500, b"scrape failed; see the controller log\n")
             return
         self._send(200, body, CONTENT_TYPE_LATEST)
+        if self.command == "GET":
+            self.server.scraped(started)
 
     do_HEAD = do_GET
 
@@ -283,6 +288,35 @@ class MetricsServer(BoundedHTTPServer):
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
         super().__init__(address, _MetricsHandler, name="metrics")
         self.registry = registry
+        self._scrape = threading.Condition()
+        self._last_start: float | None = None  # when the latest served scrape began (monotonic)
+        self._interval: float | None = None  # between the starts of the last two scrapes
+
+    def scraped(self, started: float) -> None:
+        """A scrape that began at `started` (monotonic) was served."""
+        with self._scrape:
+            if self._last_start is not None and started > self._last_start:
+                self._interval = started - self._last_start
+            self._last_start = max(started, self._last_start or started)
+            self._scrape.notify_all()
+
+    def await_final_scrape(self, most_s: float, abandon: threading.Event | None = None) -> bool:
+        """Wait until a scrape that began from now on was served: the run's last numbers (actions
+        that ended unanswered at close, the final step) reach Prometheus only so, and a decision
+        that is never scraped is missing from the dashboard. Waits about one and a half scrape
+        intervals (as seen so far), at most `most_s`, not at all when nothing scrapes this port
+        regularly (fewer than two scrapes seen) or `abandon` is set. True when one came."""
+        since = time.monotonic()
+        with self._scrape:
+            if self._interval is None or most_s <= 0:
+                return False
+            deadline = since + min(most_s, 1.5 * self._interval + 0.5)
+            while self._last_start is None or self._last_start < since:
+                left = deadline - time.monotonic()
+                if left <= 0 or (abandon is not None and abandon.is_set()):
+                    return False
+                self._scrape.wait(min(left, 0.2))
+            return True
 
 
 def serve_metrics(controller: Controller, host: str, port: int) -> tuple[MetricsServer, int]:

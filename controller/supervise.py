@@ -27,6 +27,12 @@ BACKOFF_MAX_S = 8.0
 #: A controller that ran this long before dying was healthy: the next death starts the count anew.
 STABLE_S = 60.0
 START_TIMEOUT_S = 30.0
+#: What a controller waits at exit, at most, for Prometheus to scrape its final numbers (its
+#: `--final-scrape-wait` default): the shipped scrape interval is 5 s, and it waits 1.5 of them.
+FINAL_SCRAPE_WAIT_S = 8.0
+#: What stop() gives a controller after SIGTERM to close its logs, write summary.json and serve
+#: that final scrape, before it is killed.
+STOP_GRACE_S = 10.0 + FINAL_SCRAPE_WAIT_S
 
 
 class ControllerStartError(Exception):
@@ -167,7 +173,7 @@ class Supervisor:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 _kill(self.proc)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,8 +114,9 @@ def record(step: int, mb: int) -> StepRecord:
     )
 
 
-def fed_controller(run_dir: Path) -> tuple[Controller, Clock]:
-    """A controller that has seen 4 steps on 2 ranks, stepped micro-batch 8 -> 4 and heard back."""
+def fed_controller(run_dir: Path, answered: bool = True) -> tuple[Controller, Clock]:
+    """A controller that has seen 4 steps on 2 ranks, stepped micro-batch 8 -> 4 and heard back
+    (not `answered`: seen 3 steps, the step down still pending)."""
     clock = Clock(999.0)
     ctl = Controller(run_dir, RUN, load_policy_text(POLICY), clock=clock)
     ctl.hello(
@@ -137,6 +140,8 @@ def fed_controller(run_dir: Path) -> tuple[Controller, Clock]:
     clock.t = 1006.0
     [action] = ctl.exchange([record(1, 8), record(2, 8), record(3, 8)], [])
     assert action.params == {"value": 4}
+    if not answered:
+        return ctl, clock
     clock.t = 1008.5
     assert ctl.exchange([record(4, 4)], [Outcome(action.id, "applied", 4, 0.3)]) == []
     clock.t = 1010.0
@@ -306,3 +311,56 @@ def test_scrape_before_any_job_connects(tmp_path: Path) -> None:
     for name in ("trainwarden_step", "trainwarden_loss", "trainwarden_device_memory_used_bytes"):
         assert samples[name] == [], f"{name}: no value is better than a made-up one"
     assert all(name.startswith("trainwarden_") for name in types), "no process_/python_ collectors"
+
+
+def test_the_final_numbers_wait_for_one_more_scrape(tmp_path: Path) -> None:
+    """An action still pending when the job ends is counted `unanswered` only at close: /metrics
+    stays up until a scrape that began after close was served, or the dashboard never marks it."""
+    ctl, _clock = fed_controller(tmp_path / "run", answered=False)
+    server, port = serve_metrics(ctl, "127.0.0.1", 0)
+    try:
+        scrape(port)
+        time.sleep(0.2)
+        _, before = parse(scrape(port))  # two scrapes: the port is scraped about every 0.2 s
+        assert not [s for s in before["trainwarden_actions_total"] if s.labels["outcome"] == "unanswered"]
+        ctl.close()
+        seen: list[str] = []
+        prometheus = threading.Timer(0.3, lambda: seen.append(scrape(port)))
+        prometheus.start()
+        t0 = time.monotonic()
+        assert server.await_final_scrape(5.0)
+        waited = time.monotonic() - t0
+        prometheus.join()
+        _, after = parse(seen[0])
+        assert value(after, "trainwarden_actions_total", kind=KNOB_MICRO_BATCH, outcome="unanswered") == 1.0
+        assert 0.25 < waited < 2.0, waited
+
+        # No later scrape: it gives up after about 1.5 intervals, long before `most_s`.
+        t0 = time.monotonic()
+        assert not server.await_final_scrape(30.0)
+        assert time.monotonic() - t0 < 3.0
+        # A second signal (`abandon`) or --final-scrape-wait 0 ends the wait at once.
+        gone = threading.Event()
+        gone.set()
+        t0 = time.monotonic()
+        assert not server.await_final_scrape(30.0, gone)
+        assert not server.await_final_scrape(0.0)
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_nothing_to_wait_for_when_nobody_scrapes(tmp_path: Path) -> None:
+    """Without Prometheus (fewer than two scrapes seen) the controller exits at once."""
+    ctl = Controller(tmp_path / "idle", "idle-run", load_policy_text(POLICY), clock=Clock(0.0))
+    server, port = serve_metrics(ctl, "127.0.0.1", 0)
+    try:
+        scrape(port)  # one look by hand is no scraper
+        ctl.close()
+        t0 = time.monotonic()
+        assert not server.await_final_scrape(30.0)
+        assert time.monotonic() - t0 < 0.1
+    finally:
+        server.shutdown()
+        server.server_close()
