@@ -410,6 +410,9 @@ class RankMemory:
     total_bytes: int
     device: str
     pid: int
+    step: int | None = None
+    """The step it was measured at when that is earlier than its record's: another rank's memory
+    reaches rank 0 one sync late (adapters/core/rank_sync.py). None: at the record's step."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -419,6 +422,7 @@ class RankMemory:
             "total_bytes": self.total_bytes,
             "device": self.device,
             "pid": self.pid,
+            **({} if self.step is None else {"step": self.step}),
         }
 
     @staticmethod
@@ -434,6 +438,7 @@ class RankMemory:
             total_bytes=_get(d, "total_bytes", int, "memory"),
             device=_get(d, "device", str, "memory"),
             pid=_get(d, "pid", int, "memory"),
+            step=_get(d, "step", int, "memory", default=None),
         )
 
 

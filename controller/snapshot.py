@@ -145,6 +145,12 @@ class Snapshot:
         return max((m.peak_bytes for m in self.memory), default=0)
 
     @property
+    def memory_step(self) -> int:
+        """The step the oldest of the latest memory samples was taken at: another rank's arrives a
+        sync late (RankMemory.step). A policy reads a change's effect only from samples after it."""
+        return min((self.step if m.step is None else m.step for m in self.memory), default=self.step)
+
+    @property
     def binding_budget(self) -> BudgetUse | None:
         """The budget that runs out first: by forecast when known, else by fraction spent."""
         if not self.budgets:

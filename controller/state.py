@@ -6,6 +6,7 @@ ask for a change, and the next records say whether it happened.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -67,6 +68,9 @@ class JobState:
     peak_by_micro_batch: dict[int, int] = field(default_factory=dict)
     peak_by_config: dict[str, int] = field(default_factory=dict)
     recent_peaks: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=PEAK_HISTORY))
+    #: The configuration (micro-batch, config_key) of recent steps that carried memory: a rank's
+    #: memory that reaches rank 0 one sync late (RankMemory.step) was taken under its own step's.
+    _sampled_configs: dict[int, tuple[Any, str]] = field(default_factory=dict)
     domain_loss: dict[str, float] = field(default_factory=dict)
     domain_loss_ema: dict[str, float] = field(default_factory=dict)
     finished: bool = False
@@ -97,6 +101,7 @@ class JobState:
         self.last_action_step.clear()
         self._window.clear()
         self.recent_peaks.clear()
+        self._sampled_configs.clear()
         self.finished = False
         self._new_incarnation = True
 
@@ -153,18 +158,38 @@ class JobState:
         self.forecast.add(rec.step, t, self.tokens, rec.config)
         self._extend_curves(rec)
         for m in rec.memory:
-            self.memory[m.rank] = m
+            # With the step it was taken at (the record's, unless it came a sync late).
+            self.memory[m.rank] = m if m.step is not None else dataclasses.replace(m, step=rec.step)
         if rec.memory:
-            # A record's configuration is the one its memory sample was taken under: adapters
-            # record the step, then apply the actions due at it.
-            peak = max(m.peak_bytes for m in rec.memory)
-            mb = rec.config.get(KNOB_MICRO_BATCH)
+            self._attribute_peaks(rec)
+
+    def _attribute_peaks(self, rec: StepRecord) -> None:
+        """Each memory sample's peak to the configuration it was taken under and to its step.
+        A record's configuration is its own samples' (adapters record the step, then apply the
+        actions due at it); another rank's sample read one sync late (`step` set) is its own
+        step's, or nobody's when that step is no longer known."""
+        self._sampled_configs[rec.step] = (rec.config.get(KNOB_MICRO_BATCH), config_key(rec.config))
+        if len(self._sampled_configs) > PEAK_HISTORY:
+            del self._sampled_configs[min(self._sampled_configs)]
+        by_step: dict[int, int] = {}
+        for m in rec.memory:
+            at = rec.step if m.step is None else m.step
+            by_step[at] = max(m.peak_bytes, by_step.get(at, 0))
+        for at, peak in sorted(by_step.items()):
+            if at not in self._sampled_configs:
+                continue  # before this start of the job, or too old to place
+            mb, key = self._sampled_configs[at]
             if isinstance(mb, int):
                 self.peak_by_micro_batch[mb] = max(peak, self.peak_by_micro_batch.get(mb, 0))
-            key = config_key(rec.config)
             if key:
                 self.peak_by_config[key] = max(peak, self.peak_by_config.get(key, 0))
-            self.recent_peaks.append((rec.step, peak))
+            # The trend forecast's samples, by step: a late one joins its step's.
+            same = [i for i, (s, _) in enumerate(self.recent_peaks) if s == at]
+            if same:
+                i = same[-1]
+                self.recent_peaks[i] = (at, max(peak, self.recent_peaks[i][1]))
+            elif not self.recent_peaks or at > self.recent_peaks[-1][0]:
+                self.recent_peaks.append((at, peak))
 
     def _tracked_domains(self, rec: StepRecord) -> dict[str, float]:
         """The record's domain losses, but no domain past the first MAX_DOMAINS of the run: each is a
@@ -324,4 +349,4 @@ class JobState:
 
 
 def _with_peak(m: RankMemory, peak: int) -> RankMemory:
-    return RankMemory(m.rank, max(m.used_bytes, peak), peak, m.total_bytes, m.device, m.pid)
+    return dataclasses.replace(m, used_bytes=max(m.used_bytes, peak), peak_bytes=peak)

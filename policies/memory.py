@@ -501,7 +501,7 @@ class MemoryPolicy(PolicyKind):
             return []  # wait for the job's answer to the last move
         p = view.params
         if view.last_change is not None and (
-            snapshot.step - view.last_change < p.cooldown_steps or snapshot.step <= view.last_change
+            snapshot.step - view.last_change < p.cooldown_steps or snapshot.memory_step <= view.last_change
         ):
             return []  # hysteresis, and never a decision on a sample taken before the change
         over = self._over(view)
@@ -710,8 +710,11 @@ class MemoryPolicy(PolicyKind):
         if KNOB_MICRO_BATCH in snapshot.pending:
             return []
         last = snapshot.last_action_step.get(KNOB_MICRO_BATCH)
-        if last is not None and snapshot.step - last < p.cooldown_steps:
-            return []
+        if last is not None:
+            # Hysteresis, and no decision on another rank's sample that arrived late from before it.
+            taken = snapshot.memory_step
+            if snapshot.step - last < p.cooldown_steps or (taken < snapshot.step and taken <= last):
+                return []
         rungs = sorted(int(c) for c in spec.choices) if spec.choices else _powers_of_two(mb)
         rungs = [r for r in rungs if r >= p.min_micro_batch]
         peak = snapshot.memory_peak_bytes

@@ -156,6 +156,18 @@ def test_cooldown_steps_are_respected() -> None:
     )
 
 
+def test_no_decision_on_a_late_sample_from_before_the_change() -> None:
+    """Another rank's memory reaches the controller a sync late (RankMemory.step): a peak taken
+    before the last change says nothing of the configuration after it."""
+    policy = memory(cooldown_steps=5)
+    for taken, want in ((94, None), (95, None), (97, 4)):
+        snap = snapshot(step=100, mb=8, peaks_now=(5.0, 9.5), last_change=95)
+        late = dataclasses.replace(snap.memory[1], step=taken)
+        snap = dataclasses.replace(snap, memory=(snap.memory[0], late))
+        assert snap.memory_step == taken
+        assert target(policy.decide(snap, NO_BUDGET)) == want, taken
+
+
 # --- memory: stepping up -------------------------------------------------------------------------
 
 

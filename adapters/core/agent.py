@@ -7,8 +7,9 @@ to clear_refs on a CPU: tens of microseconds), so the peak covers the training s
 Rank 0 has a background thread that sends the queued telemetry and outcomes to the controller
 and keeps the actions it answers with.
 Every `sync_every` steps the ranks run one collective (adapters/core/rank_sync.py: an all_gather
-of a few integers, and a broadcast when there are actions): each contributes its memory, rank 0
-also the actions now due, so every rank learns the same actions at the
+of a few integers, posted and read at the next sync, and a broadcast when there are actions): each
+contributes its memory, rank 0 also the actions due within the next two intervals (what it offers
+reaches every rank one sync later), so every rank learns the same actions at the
 same step and applies them there. No collective runs on other steps, and every rank takes
 the same branch at every step, so none can wait on a collective another rank skips.
 If the controller goes away, the thread retries with back-off and training goes on with the
@@ -35,7 +36,7 @@ from typing import Any
 
 from trainwarden.adapters.core.channel import Channel, ChannelDown, ChannelRefused
 from trainwarden.adapters.core.probes import MemoryProbe
-from trainwarden.adapters.core.rank_sync import RankSync
+from trainwarden.adapters.core.rank_sync import LAG_SYNCS, RankSync
 from trainwarden.controller.budget_end import ENV_BUDGET_END, BudgetEnd
 from trainwarden.controller.protocol import (
     EVENT_BUDGET_STOP,
@@ -82,6 +83,8 @@ class Agent:
         self.channel = channel if rank == 0 else None
         self.process_group = process_group
         self._sync = RankSync(rank, world_size, process_group)
+        # How far ahead a sync offers: what rank 0 offers reaches the other ranks LAG_SYNCS later.
+        self._lookahead = self.sync_every * (1 + (LAG_SYNCS if world_size > 1 else 0))
         self._lock = threading.Lock()
         self._records: deque[StepRecord] = deque(maxlen=MAX_QUEUED_RECORDS)
         # What the adapter did on its own (an OOM retry): few, kept until the controller has them.
@@ -170,9 +173,9 @@ class Agent:
                 self.probe.device,
                 self.shape.pids[self.rank] if self.rank < len(self.shape.pids) else 0,
             )
-            offer = self._due(step + self.sync_every - 1) if self.rank == 0 else []
+            offer = self._due(step + self._lookahead - 1) if self.rank == 0 else []
             if self.world_size > 1:
-                memory, offered = self._sync.exchange(mine, offer)
+                memory, offered = self._sync.exchange(step, mine, offer)
                 self._scheduled.extend(offered)
             else:
                 memory = (mine,)
@@ -229,9 +232,9 @@ class Agent:
             left = counted - tokens
             more = int(left // per_step) if left > 0 and per_step > 0 else 0
             # Placed only where the next sync step can still reach it (a sync step offers what is
-            # due before the one after it); a later step's count places it then, with more to go on.
+            # due within its lookahead); a later step's count places it then, with more to go on.
             next_sync = -(-step // self.sync_every) * self.sync_every
-            if step + more < next_sync + self.sync_every:
+            if step + more < next_sync + self._lookahead:
                 at = step + more
                 name = "tokens" if end.tokens is not None and counted == end.tokens else "flops"
                 why = (
@@ -326,9 +329,9 @@ class Agent:
         """Actions to apply by the step after `last` (rank 0, at a sync step). One with
         params["at_time"] (a Unix time: the compute policy's wall-time stop) is placed here, by the
         job's own clock and its latest step times, at the step boundary nearest that time, once
-        that boundary comes before the next sync: the controller's forecast, made a second or
+        that boundary comes within this sync's lookahead: the controller's forecast, made a second or
         more ahead, cannot see the job slow down in between."""
-        step = last - self.sync_every + 1  # the step that just ended
+        step = last - self._lookahead + 1  # the step that just ended
         step_s = sum(self._step_times) / len(self._step_times) if self._step_times else 0.0
         due = []
         with self._lock:
