@@ -65,7 +65,7 @@ POLICY: dict[str, Any] = {
     "every_steps": 20,
     "warmup_steps": 20,
     "floor": 0.02,
-    "temperature": 0.3,
+    "temperature": 0.2,
     "loss_weight": 2.0,
 }
 #: The least reward scale of the policy before issue 20 (a relative decrease per interval).

@@ -71,7 +71,7 @@ class DataParams:
         0.05, valid=Range(0.0, 0.5), tune=Range(0.01, 0.2), doc="Least weight of any domain (no starving)."
     )
     temperature: float = param(
-        0.3,
+        0.2,
         valid=Range(0.01, 100.0),
         tune=Range(0.1, 5.0, log=True),
         doc="Softmax temperature over rewards divided by their mean magnitude; lower is greedier.",
