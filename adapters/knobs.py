@@ -107,6 +107,11 @@ def apply_shared_knob(handle: _Carrier, action: Action, step: int = -1) -> tuple
             if float(value) == handle.lr_multiplier:
                 return "noop", ""
         else:
+            # A descending segment (a cooldown) never lifts the multiplier: the policy drew it from
+            # where it forecast the job to be, and a job that ran ahead of that forecast (an action
+            # applied late, on a loaded machine) is already lower: it goes on down from there.
+            if ramp[0] <= value and handle.lr_multiplier < value:
+                value = max(ramp[0], handle.lr_multiplier)
             _RAMPS[handle] = [float(value), ramp[0], ramp[1], 0]
         handle.lr_multiplier = float(value)
         return "applied", "" if ramp is None else f"ramping to {ramp[0]:g} over {ramp[1]} steps"

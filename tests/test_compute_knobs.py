@@ -68,6 +68,23 @@ def test_the_multiplier_follows_a_ramp_step_by_step() -> None:
     assert [train_step(h) for _ in range(2)] == pytest.approx([0.05, 0.05])
 
 
+def test_a_cooldown_segment_that_arrives_late_never_lifts_the_multiplier() -> None:
+    """The policy draws each segment from where it forecasts the job to be when it applies; one
+    that applies later (a loaded machine) finds the job lower on the previous segment, and goes
+    on down from there instead of jumping back up."""
+    h, _ = handle()
+    h.apply(lr_action(1.0, to=0.0, over_steps=4))
+    assert [train_step(h) for _ in range(3)] == pytest.approx([0.1, 0.075, 0.05])
+    assert h.apply(lr_action(0.6, to=0.0, over_steps=2)).outcome == "applied"  # drawn for 0.6
+    assert [train_step(h) for _ in range(3)] == pytest.approx([0.025, 0.0125, 0.0])
+    # A plain value is a decision, not a segment: it may raise the multiplier.
+    h.apply(lr_action(0.5))
+    assert train_step(h) == pytest.approx(0.05)
+    # A rising segment too.
+    h.apply(lr_action(0.6, to=1.0, over_steps=2))
+    assert [train_step(h) for _ in range(3)] == pytest.approx([0.06, 0.08, 0.1])
+
+
 @pytest.mark.parametrize(
     ("ramp", "says"),
     [
