@@ -38,6 +38,8 @@ CLOCK_JUMP_SLACK_S = 60.0
 THROUGHPUT_WINDOW = 20
 #: Memory samples kept for the memory policy's trend forecast (it fits at most the last 16).
 PEAK_HISTORY = 64
+#: Most steps a rank's memory sample may be older than the record it came in (it comes a sync late).
+MAX_SAMPLE_LAG_STEPS = 100_000
 #: The training-loss curve keeps a point each time this much more of the budget is spent (at
 #: most ~500 points over a whole budget: what the compute policy's stopping rule fits lines to).
 CURVE_RESOLUTION = 0.002
@@ -157,23 +159,31 @@ class JobState:
         self._window.append((t, self.tokens, step_time))
         self.forecast.add(rec.step, t, self.tokens, rec.config)
         self._extend_curves(rec)
-        for m in rec.memory:
-            # With the step it was taken at (the record's, unless it came a sync late).
-            self.memory[m.rank] = m if m.step is not None else dataclasses.replace(m, step=rec.step)
-        if rec.memory:
-            self._attribute_peaks(rec)
+        # Each sample with the step it was taken at: the record's, unless it came a sync late. A
+        # step after the record's, or far before it, is no sync's: taken as the record's, so a bad
+        # value cannot hold the memory policy off (it waits for samples after its last change).
+        memory = tuple(
+            m
+            if m.step is not None and max(0, rec.step - MAX_SAMPLE_LAG_STEPS) <= m.step <= rec.step
+            else dataclasses.replace(m, step=rec.step)
+            for m in rec.memory
+        )
+        for m in memory:
+            self.memory[m.rank] = m
+        if memory:
+            self._attribute_peaks(rec.step, rec.config, memory)
 
-    def _attribute_peaks(self, rec: StepRecord) -> None:
+    def _attribute_peaks(self, step: int, config: dict[str, Any], memory: tuple[RankMemory, ...]) -> None:
         """Each memory sample's peak to the configuration it was taken under and to its step.
         A record's configuration is its own samples' (adapters record the step, then apply the
-        actions due at it); another rank's sample read one sync late (`step` set) is its own
-        step's, or nobody's when that step is no longer known."""
-        self._sampled_configs[rec.step] = (rec.config.get(KNOB_MICRO_BATCH), config_key(rec.config))
+        actions due at it); another rank's sample read one sync late (an earlier `step`) is its
+        own step's, or nobody's when that step is no longer known."""
+        self._sampled_configs[step] = (config.get(KNOB_MICRO_BATCH), config_key(config))
         if len(self._sampled_configs) > PEAK_HISTORY:
             del self._sampled_configs[min(self._sampled_configs)]
         by_step: dict[int, int] = {}
-        for m in rec.memory:
-            at = rec.step if m.step is None else m.step
+        for m in memory:
+            at = step if m.step is None else m.step
             by_step[at] = max(m.peak_bytes, by_step.get(at, 0))
         for at, peak in sorted(by_step.items()):
             if at not in self._sampled_configs:

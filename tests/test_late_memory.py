@@ -60,3 +60,14 @@ def test_a_sample_older_than_what_is_kept_is_not_filed() -> None:
     state.ingest(stale)
     assert state.peak_by_micro_batch == {8: int(6.0 * GiB)}  # step 50's configuration is unknown
     assert state.memory[1].peak_bytes == int(7.0 * GiB)  # but it is rank 1's latest memory
+
+
+def test_a_sample_from_after_its_record_or_from_no_sync_counts_as_the_records() -> None:
+    """A bad `step` (after the record's, negative) cannot make every sample look older than the
+    last change, which would hold the memory policy off for good."""
+    state = JobState()
+    state.ingest(rec(8, 8, (6.0, 6.0), late=False))
+    for bad in (9_999, -5):
+        r = rec(12 if bad > 0 else 16, 8, (6.0, 7.0), late=True)
+        state.ingest(dataclasses.replace(r, memory=(r.memory[0], dataclasses.replace(r.memory[1], step=bad))))
+        assert state.memory[1].step == r.step
