@@ -16,7 +16,11 @@ from helpers import torchrun_two
 from trainwarden.controller.runlog import read_jsonl
 
 JOB = Path(__file__).parent / "jobs" / "accelerate_two_rank_job.py"
-STEPS, SYNC, PRECISION_AT = 12, 3, 4
+#: Steps enough for the memory policy's step-down to arrive on a loaded machine: the controller
+#: decides at the agent's first exchanges (0.5 s apart), and a decision reaches the ranks two syncs
+#: after rank 0 has it (adapters/core/rank_sync.py is pipelined); 12 steps of this tiny model took
+#: under that on two loaded cores.
+STEPS, SYNC, PRECISION_AT = 30, 3, 4
 
 POLICY = """\
 version: 1
