@@ -162,30 +162,24 @@ class JobState:
         # Each sample with the step it was taken at: the record's, unless it came a sync late. A
         # step after the record's, or far before it, is no sync's: taken as the record's, so a bad
         # value cannot hold the memory policy off (it waits for samples after its last change).
-        memory = tuple(
-            m
-            if m.step is not None and max(0, rec.step - MAX_SAMPLE_LAG_STEPS) <= m.step <= rec.step
-            else dataclasses.replace(m, step=rec.step)
-            for m in rec.memory
-        )
-        for m in memory:
-            self.memory[m.rank] = m
-        if memory:
-            self._attribute_peaks(rec.step, rec.config, memory)
+        peaks: dict[int, int] = {}  # step taken at -> the largest peak taken then
+        for m in rec.memory:
+            late = m.step is not None and max(0, rec.step - MAX_SAMPLE_LAG_STEPS) <= m.step <= rec.step
+            at = m.step if late and m.step is not None else rec.step
+            self.memory[m.rank] = m if m.step == at else dataclasses.replace(m, step=at)
+            peaks[at] = max(m.peak_bytes, peaks.get(at, 0))
+        if peaks:
+            self._attribute_peaks(rec.step, rec.config, peaks)
 
-    def _attribute_peaks(self, step: int, config: dict[str, Any], memory: tuple[RankMemory, ...]) -> None:
-        """Each memory sample's peak to the configuration it was taken under and to its step.
-        A record's configuration is its own samples' (adapters record the step, then apply the
-        actions due at it); another rank's sample read one sync late (an earlier `step`) is its
-        own step's, or nobody's when that step is no longer known."""
+    def _attribute_peaks(self, step: int, config: dict[str, Any], peaks: dict[int, int]) -> None:
+        """Each sample's peak (`peaks`: by the step it was taken at) to the configuration it was
+        taken under and to its step. A record's configuration is its own samples' (adapters record
+        the step, then apply the actions due at it); another rank's sample read one sync late (an
+        earlier step) is its own step's, or nobody's when that step is no longer known."""
         self._sampled_configs[step] = (config.get(KNOB_MICRO_BATCH), config_key(config))
         if len(self._sampled_configs) > PEAK_HISTORY:
             del self._sampled_configs[min(self._sampled_configs)]
-        by_step: dict[int, int] = {}
-        for m in memory:
-            at = step if m.step is None else m.step
-            by_step[at] = max(m.peak_bytes, by_step.get(at, 0))
-        for at, peak in sorted(by_step.items()):
+        for at, peak in sorted(peaks.items()):
             if at not in self._sampled_configs:
                 continue  # before this start of the job, or too old to place
             mb, key = self._sampled_configs[at]
@@ -194,11 +188,14 @@ class JobState:
             if key:
                 self.peak_by_config[key] = max(peak, self.peak_by_config.get(key, 0))
             # The trend forecast's samples, by step: a late one joins its step's.
-            same = [i for i, (s, _) in enumerate(self.recent_peaks) if s == at]
-            if same:
-                i = same[-1]
-                self.recent_peaks[i] = (at, max(peak, self.recent_peaks[i][1]))
-            elif not self.recent_peaks or at > self.recent_peaks[-1][0]:
+            if self.recent_peaks and at <= self.recent_peaks[-1][0]:
+                for i in range(len(self.recent_peaks) - 1, -1, -1):
+                    s, v = self.recent_peaks[i]
+                    if s == at:
+                        self.recent_peaks[i] = (at, max(peak, v))
+                    if s <= at:
+                        break
+            else:
                 self.recent_peaks.append((at, peak))
 
     def _tracked_domains(self, rec: StepRecord) -> dict[str, float]:
