@@ -103,6 +103,9 @@ class Agent:
         # (the compute policy schedules its stop for the step nearest the budget's end): held
         # here, on every rank alike, and applied at exactly that step with no collective.
         self._scheduled: list[Action] = []
+        # Rank 0's offer of the last sync, on its way to every rank (adapters/core/rank_sync.py):
+        # neither in the inbox nor scheduled yet, but as good as applied.
+        self._in_flight: list[Action] = []
         self._eval_loss: float | None = None
         self._cpu_at: float | None = time.process_time()  # at the previous step boundary (or start)
         # The job's latest step times: what an action due at a time (a wall-time stop) is placed by.
@@ -177,6 +180,9 @@ class Agent:
             if self.world_size > 1:
                 memory, offered = self._sync.exchange(step, mine, offer)
                 self._scheduled.extend(offered)
+                # What rank 0 offered now reaches the ranks at the next sync (the first sync's at once).
+                delivered = {a.id for a in offered}
+                self._in_flight = [a for a in offer if a.id not in delivered]
             else:
                 memory = (mine,)
                 self._scheduled.extend(offer)
@@ -248,7 +254,7 @@ class Agent:
         with self._lock:
             sooner = [
                 a
-                for a in (*self._scheduled, *self._inbox.values())
+                for a in (*self._scheduled, *self._in_flight, *self._inbox.values())
                 if a.kind == KNOB_STOP and a.step <= at + 1
             ]
             if sooner:
