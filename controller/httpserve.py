@@ -136,6 +136,9 @@ class BoundedHTTPServer(HTTPServer):
         self._slots = threading.BoundedSemaphore(self.workers)
         self._conns: set[_Conn] = set()
         self._conns_lock = threading.Lock()
+        # The reaper sleeps on this while no connection is in service: an idle sidecar's threads
+        # wake for nothing (a 0.25 s poll cost ~0.3 ms of CPU a second per port).
+        self._conns_changed = threading.Condition(self._conns_lock)
         self._closing = threading.Event()
         self._accept_errors = RefusalLog(log, per_window=1, window_s=30.0)
         self.busy_refusals = 0
@@ -196,8 +199,9 @@ class BoundedHTTPServer(HTTPServer):
 
     def _work(self, request: socket.socket, client_address: Any) -> None:
         conn = _Conn(request, time.monotonic() + self.deadline_s)
-        with self._conns_lock:
+        with self._conns_changed:
             self._conns.add(conn)
+            self._conns_changed.notify()
         try:
             request.settimeout(self.deadline_s)
             if self.ssl_context is not None:
@@ -227,7 +231,12 @@ class BoundedHTTPServer(HTTPServer):
         )
 
     def _reap(self) -> None:
-        while not self._closing.wait(0.25):
+        while True:
+            with self._conns_changed:
+                while not self._conns and not self._closing.is_set():
+                    self._conns_changed.wait()
+            if self._closing.wait(0.25):
+                return
             now = time.monotonic()
             with self._conns_lock:
                 for conn in self._conns:
@@ -262,6 +271,8 @@ class BoundedHTTPServer(HTTPServer):
 
     def server_close(self) -> None:
         self._closing.set()
+        with self._conns_changed:
+            self._conns_changed.notify_all()
         super().server_close()
 
     def stop(self) -> None:

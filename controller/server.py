@@ -16,6 +16,7 @@ import json
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -207,6 +208,8 @@ class _Handler(BaseHTTPRequestHandler):
                 )
                 if finished:
                     self.server.job_finished.set()
+                    if self.server.on_finished is not None:
+                        self.server.on_finished()
         except ProtocolError as exc:
             self._refuse(HTTPStatus.BAD_REQUEST, str(exc))
         except Exception:  # the controller survives anything a request does
@@ -241,3 +244,5 @@ class ChannelServer(BoundedHTTPServer):
         self.controller = controller
         self.token = token
         self.job_finished = threading.Event()
+        #: Called once the job said it finished (the sidecar's loop waits on it).
+        self.on_finished: Callable[[], None] | None = None
