@@ -69,7 +69,7 @@ class BudgetSpentError(ProtocolError):
 
 #: A job whose pids this controller can see is lost once they are all gone and it has been silent
 #: this long; one whose pids it cannot see (another pid namespace: a pod, a container) once its
-#: heartbeat (an exchange every 0.5-2 s, retried at most every 5 s) has been silent this long.
+#: heartbeat (an exchange every 0.5-5 s, retried at most every 5 s) has been silent this long.
 PIDS_GONE_SILENCE_S = 1.0
 HEARTBEAT_LOST_S = 30.0
 #: Most steps a record may run ahead of the last one of the same job start: a record far beyond

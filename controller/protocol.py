@@ -137,7 +137,13 @@ def strict(obj: Any) -> Any:
 def dumps(obj: Any, **kw: Any) -> str:
     """JSON as RFC 8259 has it (no bare NaN or Infinity): what the channel and the run logs write."""
     kw.setdefault("separators", (",", ":"))
-    return json.dumps(strict(obj), allow_nan=False, **kw)
+    try:
+        # Most messages hold no non-finite float: encode as is, and walk the object (`strict`, a
+        # copy in Python: a fifth of the sidecar's CPU per step record) only when the encoder
+        # refuses one.
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError:
+        return json.dumps(strict(obj), allow_nan=False, **kw)
 
 
 def clean_text(text: str) -> str:

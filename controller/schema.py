@@ -72,12 +72,14 @@ class ControllerSettings:
     pending actions; no collective runs on the other steps. Larger costs less, reacts later."""
     decide_interval_s: float = 0.5
     """Least time between two decisions of the controller."""
-    max_exchange_interval_s: float = 2.0
+    max_exchange_interval_s: float = 5.0
     """Longest the controller lets the job go between two exchanges when every policy is far
     from its thresholds (each says how far: `watch_s`); while one watches closely (an action
     pending, memory above the low-water mark, a cooldown) the job exchanges every
-    EXCHANGE_INTERVAL_S (0.5 s). Each exchange costs ~1 ms of CPU in the job and ~2 ms in the
-    sidecar: longer saves that, and delays what a policy sees by as much. Below 0.5 s: 0.5 s."""
+    EXCHANGE_INTERVAL_S (0.5 s), and a memory surge, an outcome, an event or a backlog of step
+    records sends one at once. Each exchange costs ~1-3 ms of CPU in the job and as much in the
+    sidecar, taken from training on a job's own cores: longer saves that, and delays what a
+    far-from-its-thresholds policy and the dashboard see by as much. Below 0.5 s: 0.5 s."""
     stop: str = field(default="auto", metadata={"choices": STOP_MODES})
     """What a stop does to a job that does not read `should_stop`: `end_job` (trainwarden ends it
     at the start of its next training step past `stop_grace_steps`: on_stop hooks, a checkpoint,

@@ -166,7 +166,9 @@ class JobState:
         for m in rec.memory:
             late = m.step is not None and max(0, rec.step - MAX_SAMPLE_LAG_STEPS) <= m.step <= rec.step
             at = m.step if late and m.step is not None else rec.step
-            self.memory[m.rank] = m if m.step == at else dataclasses.replace(m, step=at)
+            if m.step != at:  # (built, not dataclasses.replace: this runs for every record)
+                m = RankMemory(m.rank, m.used_bytes, m.peak_bytes, m.total_bytes, m.device, m.pid, at)
+            self.memory[m.rank] = m
             peaks[at] = max(m.peak_bytes, peaks.get(at, 0))
         if peaks:
             self._attribute_peaks(rec.step, rec.config, peaks)

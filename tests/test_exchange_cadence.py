@@ -20,7 +20,7 @@ import pytest
 from helpers import job_shape, step_record
 from test_data_policy import snap as data_snap
 
-from trainwarden.adapters.core.agent import Agent
+from trainwarden.adapters.core.agent import WAKE_ON_RECORDS, Agent
 from trainwarden.adapters.core.channel import HttpChannel
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import (
@@ -32,11 +32,14 @@ from trainwarden.controller.protocol import (
     StepRecord,
     next_exchange_of,
 )
+from trainwarden.controller.schema import ControllerSettings
 from trainwarden.controller.server import ChannelServer
 from trainwarden.policies.data import DataParams, DataPolicy
 from trainwarden.policies.loader import load_policy_text
 
 GiB = 2**30
+#: The interval the controller asks for when every policy is far from its thresholds.
+FAR = ControllerSettings().max_exchange_interval_s
 #: Cap 10 GiB: low water 5 GiB, high water 9 GiB.
 MEMORY = """\
 version: 1
@@ -80,9 +83,9 @@ def test_far_from_every_threshold_the_job_is_asked_to_exchange_less_often(tmp_pa
     ctl, clock = controller(tmp_path, MEMORY.format(extra=""))
     assert ctl.next_exchange_s == EXCHANGE_INTERVAL_S  # no job yet
     ctl.hello(job_shape("cadence", device_total_bytes=80 * GiB))
-    assert feed(ctl, clock, 1, 2.0) == 2.0  # 2 GiB of a 10 GiB cap: the default bound
+    assert feed(ctl, clock, 1, 2.0) == FAR == 5.0  # 2 GiB of a 10 GiB cap: the default bound
     assert feed(ctl, clock, 2, 6.0) == EXCHANGE_INTERVAL_S  # above the low-water mark: watched
-    assert feed(ctl, clock, 3, 3.0) == 2.0
+    assert feed(ctl, clock, 3, 3.0) == FAR
     # Over the high-water mark: an action is pending until the job answers, watched closely.
     assert feed(ctl, clock, 4, 9.5) == EXCHANGE_INTERVAL_S
     assert ctl._pending
@@ -115,7 +118,7 @@ def test_a_reply_without_a_sound_interval_keeps_the_default_or_the_bounds(value:
 def test_a_policy_that_fails_to_say_is_watched_closely(tmp_path: Path, caplog: Any) -> None:
     ctl, clock = controller(tmp_path, MEMORY.format(extra=""))
     ctl.hello(job_shape("cadence", device_total_bytes=80 * GiB))
-    assert feed(ctl, clock, 1, 1.0) == 2.0
+    assert feed(ctl, clock, 1, 1.0) == FAR
 
     def broken(*_: Any) -> float:
         raise RuntimeError("a bug in watch_s")
@@ -148,7 +151,7 @@ def test_the_compute_policy_watches_closely_from_its_cooldown_on(tmp_path: Path)
         asked.append((step, ctl.next_exchange_s))
     early = [a for s, a in asked if 5 <= s <= 60]
     late = [a for s, a in asked if s >= 79]  # the cooldown starts at 80% of the 100 s
-    assert early and all(a == 2.0 for a in early), asked
+    assert early and all(a == FAR for a in early), asked
     assert late and all(a == EXCHANGE_INTERVAL_S for a in late), asked
 
 
@@ -200,6 +203,34 @@ def test_the_agent_waits_as_long_as_the_controller_asks_but_a_memory_surge_wakes
     assert woke, "a tripled memory peak did not wake the exchange thread"
     lines = [json.loads(x) for x in (tmp_path / "run" / "telemetry.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x.get("event") == "step"] == [1, 2]
+
+
+def test_a_backlog_of_step_records_sends_an_exchange_before_the_interval_ends(tmp_path: Path) -> None:
+    # A fast job (WAKE_ON_RECORDS steps well within the controller's 8 s) is carried off as it
+    # goes: its queue never outgrows what an exchange takes (MAX_RECORDS_PER_EXCHANGE).
+    text = MEMORY.format(extra="  max_exchange_interval_s: 8\n")
+    ctl = Controller(tmp_path / "run", "cadence", load_policy_text(text))
+    token = "t" * 43
+    server = ChannelServer(("127.0.0.1", 0), ctl, token)
+    server.start()
+    try:
+        channel = HttpChannel(f"http://127.0.0.1:{server.server_address[1]}", token)
+        agent = Agent(
+            job_shape("cadence", device_total_bytes=80 * GiB), channel, FixedProbe(GiB), sync_every=1
+        )
+        try:
+            agent.on_step(1, 3.0, 64, 65536, 0.1, 1e-3, {})
+            assert wait_until(lambda: channel.next_exchange_s == 8.0 and ctl.state.step == 1, 10)
+            last = 1 + WAKE_ON_RECORDS
+            started = time.monotonic()
+            for step in range(2, last + 1):
+                agent.on_step(step, 3.0, 64 * step, 65536 * step, 0.1, 1e-3, {})
+            assert wait_until(lambda: ctl.state.step == last, 4.0), ctl.state.step
+            assert time.monotonic() - started < 6.0  # not the periodic exchange, 8 s on
+        finally:
+            agent.close()
+    finally:
+        server.stop()
 
 
 class FixedProbe:

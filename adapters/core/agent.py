@@ -57,6 +57,9 @@ log = logging.getLogger("trainwarden.agent")
 MAX_QUEUED_RECORDS = 10_000
 #: Records per request: keeps a request far below the server's body limit.
 MAX_RECORDS_PER_EXCHANGE = 500
+#: Step records queued that send an exchange at once, whatever the interval the controller asked
+#: for: a fast job (100 steps a second) never queues faster than its exchanges carry records off.
+WAKE_ON_RECORDS = MAX_RECORDS_PER_EXCHANGE // 2
 MAX_BACKOFF_S = 5.0
 #: A peak this much above the one the controller last heard of wakes the exchange thread at once:
 #: between two exchanges the controller allowed to be far apart (memory well below its low-water
@@ -209,6 +212,9 @@ class Agent:
             self._eval_loss = None
             with self._lock:
                 self._records.append(rec)
+                backlog = len(self._records) >= WAKE_ON_RECORDS
+            if backlog:
+                self._wake.set()
             # No wake-up: records go out with the next periodic exchange, batched; but a surge of
             # memory goes out at once.
             if memory:
