@@ -617,6 +617,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps per loop, not measured")
     p.add_argument("--quick", action="store_true", help="50 steps and sync_every=1 only: a smoke run")
     p.add_argument("--skip-two-ranks", action="store_true", help="only the single-rank run")
+    p.add_argument("--skip-single-rank", action="store_true", help="only the two-rank runs")
     p.add_argument(
         "--two-nodes",
         action="store_true",
@@ -657,19 +658,30 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="tw-bench-") as tmp:
         root = Path(tmp)
-        print(f"single rank: {steps} steps each, blocks of {args.block} ...", file=sys.stderr, flush=True)
-        result["single_rank"] = single_rank(root, steps, args.warmup, args.batch, args.block, args.seed)
+        if not args.skip_single_rank:
+            print(f"single rank: {steps} steps each, blocks of {args.block} ...", file=sys.stderr, flush=True)
+            result["single_rank"] = single_rank(root, steps, args.warmup, args.batch, args.block, args.seed)
+        # A two-rank loop runs 2 x block steps per block pair, ~0.15 s each here: room for a slow machine.
+        timeout_s = max(900, int(steps * 2 * args.block * 0.6))
         if not args.skip_two_ranks:
             result["two_ranks"] = {}
             for s in syncs:
                 print(f"two ranks, sync_every={s} ...", file=sys.stderr, flush=True)
                 result["two_ranks"][f"sync_every_{s}"] = two_ranks(
-                    root, steps, args.warmup, args.rank_batch, args.block, args.seed, s, timeout_s=900
+                    root, steps, args.warmup, args.rank_batch, args.block, args.seed, s, timeout_s=timeout_s
                 )
                 if args.two_nodes:
                     print(f"two nodes, sync_every={s} ...", file=sys.stderr, flush=True)
                     result.setdefault("two_nodes", {})[f"sync_every_{s}"] = two_ranks(
-                        root, steps, args.warmup, args.rank_batch, args.block, args.seed, s, 900, nodes=2
+                        root,
+                        steps,
+                        args.warmup,
+                        args.rank_batch,
+                        args.block,
+                        args.seed,
+                        s,
+                        timeout_s,
+                        nodes=2,
                     )
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
