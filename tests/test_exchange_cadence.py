@@ -8,11 +8,13 @@ fewer exchanges is CPU the sidecar and the agent's thread no longer take from tr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,14 +171,8 @@ def test_the_data_policy_watches_as_its_next_decision_nears() -> None:
 # ---- end to end: a real server, a real channel, the agent's thread ---------------------------
 def test_the_agent_waits_as_long_as_the_controller_asks_but_a_memory_surge_wakes_it(tmp_path: Path) -> None:
     # 8 s apart when nothing is near: a surge answered within a second was not the periodic one.
-    text = MEMORY.format(extra="  max_exchange_interval_s: 8\n")
-    ctl = Controller(tmp_path / "run", "cadence", load_policy_text(text))
-    token = "t" * 43
-    server = ChannelServer(("127.0.0.1", 0), ctl, token)
-    server.start()
     exchanges: list[float] = []
-    try:
-        channel = HttpChannel(f"http://127.0.0.1:{server.server_address[1]}", token)
+    with served(tmp_path, interval_s=8) as (_ctl, channel):
         real = channel.exchange
 
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -197,8 +193,6 @@ def test_the_agent_waits_as_long_as_the_controller_asks_but_a_memory_surge_wakes
             woke = wait_until(lambda: len(exchanges) > settled + quiet, 2.0)
         finally:
             agent.close()
-    finally:
-        server.stop()
     assert quiet <= 1, exchanges  # at most one already under way when the interval changed
     assert woke, "a tripled memory peak did not wake the exchange thread"
     lines = [json.loads(x) for x in (tmp_path / "run" / "telemetry.jsonl").read_text().splitlines()]
@@ -208,13 +202,7 @@ def test_the_agent_waits_as_long_as_the_controller_asks_but_a_memory_surge_wakes
 def test_a_backlog_of_step_records_sends_an_exchange_before_the_interval_ends(tmp_path: Path) -> None:
     # A fast job (WAKE_ON_RECORDS steps well within the controller's 8 s) is carried off as it
     # goes: its queue never outgrows what an exchange takes (MAX_RECORDS_PER_EXCHANGE).
-    text = MEMORY.format(extra="  max_exchange_interval_s: 8\n")
-    ctl = Controller(tmp_path / "run", "cadence", load_policy_text(text))
-    token = "t" * 43
-    server = ChannelServer(("127.0.0.1", 0), ctl, token)
-    server.start()
-    try:
-        channel = HttpChannel(f"http://127.0.0.1:{server.server_address[1]}", token)
+    with served(tmp_path, interval_s=8) as (ctl, channel):
         agent = Agent(
             job_shape("cadence", device_total_bytes=80 * GiB), channel, FixedProbe(GiB), sync_every=1
         )
@@ -229,6 +217,18 @@ def test_a_backlog_of_step_records_sends_an_exchange_before_the_interval_ends(tm
             assert time.monotonic() - started < 6.0  # not the periodic exchange, 8 s on
         finally:
             agent.close()
+
+
+@contextlib.contextmanager
+def served(tmp_path: Path, interval_s: float) -> Iterator[tuple[Controller, HttpChannel]]:
+    """A real channel server for the memory policy asking for `interval_s` when far, and a channel to it."""
+    text = MEMORY.format(extra=f"  max_exchange_interval_s: {interval_s}\n")
+    ctl = Controller(tmp_path / "run", "cadence", load_policy_text(text))
+    token = "t" * 43
+    server = ChannelServer(("127.0.0.1", 0), ctl, token)
+    server.start()
+    try:
+        yield ctl, HttpChannel(f"http://127.0.0.1:{server.server_address[1]}", token)
     finally:
         server.stop()
 
