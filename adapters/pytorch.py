@@ -105,6 +105,9 @@ class Handle:
         self.mixture = mixture
         self.scheduler = scheduler
         self.global_batch_size = global_batch_size
+        #: Tokens in each sample of the following steps. A job whose sequence length changes
+        #: mid-run (a context-length curriculum, a long-context phase) sets it when it does: the
+        #: token count is a running sum, so steps already counted keep their own length.
         self.tokens_per_sample = tokens_per_sample
         self._micro = micro
         self.lr_multiplier = 1.0
@@ -112,6 +115,8 @@ class Handle:
         self.stop_hooks = stop_hooks_arg(on_stop)
         self.step_count = 0
         self.samples_seen = 0
+        self.tokens_seen = 0
+        """Tokens of every rank's samples so far (the job's, not this rank's)."""
         self._step_samples = global_batch_size
         self._micro_samples = micro
         self._loss_sum: torch.Tensor | None = None
@@ -221,12 +226,13 @@ class Handle:
         loss = float(self._loss_sum) if self._loss_sum is not None else None
         self._loss_sum = None
         job_samples = self.samples_seen * self.world_size
+        self.tokens_seen += self._step_samples * self.world_size * self.tokens_per_sample
         self.boundary.cross(
             self.step_count,
             loss=loss,
             lr=applied_lr,
             samples=job_samples,
-            tokens=job_samples * self.tokens_per_sample,
+            tokens=self.tokens_seen,
             step_samples=self._step_samples,
             domain_loss=domain_loss,
         )

@@ -216,9 +216,9 @@ class WindowSampler:
                 )
         # One flat buffer plus per-domain base offsets: a whole batch is then one gather.
         self._flat = torch.cat([p.reshape(-1) for p in parts])
-        lengths = torch.tensor([len(p) for p in parts], dtype=torch.long)
-        self._base = torch.cumsum(lengths, 0) - lengths
-        self._n_starts = lengths - self.block_size  # valid starts per domain: [0, len - T - 1]
+        self._lengths = torch.tensor([len(p) for p in parts], dtype=torch.long)
+        self._base = torch.cumsum(self._lengths, 0) - self._lengths
+        self._n_starts = self._lengths - self.block_size  # valid starts per domain: [0, len - T - 1]
         self._generator = torch.Generator().manual_seed(self.seed)
         self._weights = torch.full((len(parts),), 1.0 / len(parts), dtype=torch.float64)
         if weights is not None:
@@ -236,6 +236,15 @@ class WindowSampler:
         if int(value) <= 0:
             raise ValueError(f"global_batch_size must be positive, got {value}")
         self._global_batch_size = int(value)
+
+    def set_block_size(self, block_size: int) -> None:
+        """Draw windows of `block_size` (+1) bytes from the next batch on: a sequence-length
+        curriculum, or a long-context phase after a short one."""
+        shortest = int(self._lengths.min())
+        if not 0 < int(block_size) < shortest:
+            raise ValueError(f"block_size must be in [1, {shortest - 1}] for this corpus, got {block_size}")
+        self.block_size = int(block_size)
+        self._n_starts = self._lengths - self.block_size
 
     @property
     def weights(self) -> dict[str, float]:

@@ -42,6 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--micro-batch", type=int, default=64, help="initial micro-batch (the controller may change it)"
     )
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument(
+        "--long-block-size",
+        type=int,
+        default=0,
+        help="a long-context phase: train on windows of this many bytes from --long-from on "
+        "(0: never); activation memory grows with it mid-run",
+    )
+    p.add_argument(
+        "--long-from", type=int, default=0, help="first optimizer step of the long-context phase (>= 2)"
+    )
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-head", type=int, default=4)
@@ -66,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     steps = args.steps or (400 if args.quick else 2000)
+    if args.long_block_size and args.long_from < 2:
+        raise SystemExit("--long-block-size needs --long-from STEP: the long phase's first step, 2 or later")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -73,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     domains = load_domains()
     sampler = WindowSampler(domains, args.block_size, args.global_batch, seed=args.seed)
     val = eval_batches(domains, block_size=args.block_size, batch_size=16, n_batches=2)
-    model = GPT(
-        GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    )
+    # Position embeddings for the longest windows the run will see.
+    longest = max(args.block_size, args.long_block_size)
+    model = GPT(GPTConfig(block_size=longest, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
     optimizer = model.configure_optimizer(lr=args.lr)
 
     # Linear warmup, then cosine to 10% over the planned steps: the user's own schedule.
@@ -139,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             break
         if tw.step_count >= steps:
             break
+        if args.long_block_size and tw.step_count + 1 == args.long_from:
+            # The long-context phase: longer windows from the next step on. Activations grow with
+            # them, so the micro-batch that fitted may not any more; the token count follows.
+            sampler.set_block_size(args.long_block_size)
+            tw.tokens_per_sample = args.long_block_size
+            print(f"step {tw.step_count:4d}  next: {args.long_block_size}-byte windows", flush=True)
     tw.close()
     losses = evaluate(model, val)
     print("final validation " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)

@@ -81,7 +81,7 @@ def test_the_model_fits_what_was_recorded(traces, model) -> None:  # type: ignor
             if s.memory:
                 by_mb.setdefault(s.config[KNOB_MICRO_BATCH], []).append(s.memory[0].peak_bytes)
     for mb, peaks in by_mb.items():
-        fit, known = model.peak_bytes({KNOB_MICRO_BATCH: mb})
+        fit, known = model.peak_bytes({KNOB_MICRO_BATCH: mb}, 128)
         assert known and abs(fit / statistics.median(peaks) - 1) < 0.15, (mb, fit, peaks)
     pf = load_policy_file(RECORDED_WITH)
     for t in traces:

@@ -2,14 +2,23 @@
 
 Three fits, each the simplest that the recordings can pin down:
 
-- Memory: per-step peak against the micro-batch, one curve per engine configuration (ZeRO stage,
-  offloads, precision, checkpointing: `config_key` without the micro-batch): piecewise linear
-  through the median peak seen at each micro-batch, non-decreasing, extended past the sizes seen
-  by the slope of the nearest segment. Activations grow with the micro-batch; the rest does not.
+- Memory: per-step peak against the tokens of a micro-batch (micro-batch x the step's tokens
+  per sample), one curve per engine configuration (ZeRO stage, offloads, precision,
+  checkpointing: `config_key` without the micro-batch): piecewise linear through the median peak
+  seen at each size, non-decreasing, extended past the sizes seen by the slope of the nearest
+  segment. Activations grow with the tokens a micro-batch holds; the rest does not. Counting
+  tokens, not samples, is what lets a job whose sequence length grows mid-run (a long-context
+  phase) be replayed: the replay runs each step at the recording's length for that step, so a
+  micro-batch that fitted before the phase is charged what it costs after it. A length recorded
+  at two sizes or more gets a curve of its own (attention's scores grow with the square of the
+  length: measured on the demo, 4096 tokens a micro-batch peaked ~620 MiB as 16 x 256 bytes and
+  ~520 MiB as 64 x 64); any other length is charged the curve of all lengths pooled.
 - Step time: seconds per optimizer step against micro-batches per step, per engine
-  configuration, the same way: the samples of a step cost the same however they are cut, each
-  micro-batch adds an overhead (kernel launches, Python). With one micro-batch size seen, the
-  curve is flat (said in `notes`): record runs that visit the sizes the tuned policies will.
+  configuration and sequence length, the same way: the samples of a step cost the same however
+  they are cut, each micro-batch adds an overhead (kernel launches, Python). A length no
+  recording ran under is charged the nearest recorded length's time scaled by the tokens. With
+  one micro-batch size seen, the curve is flat (said in `notes`): record runs that visit the
+  sizes the tuned policies will.
 - Loss: the learning-rate annealing law of Tissue et al. 2024 ("Scaling Law with Learning Rate
   Annealing"): L(s) = L0 + A x S1^-alpha - C x S2, where S1 is the sum of the LR so far (the
   "forward area") and S2 the annealing area (a momentum of the LR's decreases). It is fitted on
@@ -34,6 +43,7 @@ and spikes land where they landed, and the same trace gives the same replay ever
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -176,14 +186,16 @@ class KnobModel:
     """Memory and step time per configuration, and the loss law, fitted on some traces."""
 
     memory: Mapping[str, Curve]
-    """engine key -> per-step peak bytes against the micro-batch."""
-    step_time: Mapping[str, Curve]
-    """engine key -> seconds per optimizer step against micro-batches per step."""
+    """engine key -> per-step peak bytes against the tokens of a micro-batch, every length pooled."""
+    step_time: Mapping[str, Mapping[int, Curve]]
+    """engine key -> tokens per sample -> seconds per optimizer step against micro-batches per step."""
     loss: LossLaw
     switch_s: Mapping[str, float]
     """knob -> median seconds an applied switch of it took (decisions.jsonl), added to the next step."""
     notes: tuple[str, ...] = ()
     """What the recordings could not pin down (said by `tune`, kept in the results)."""
+    memory_by_length: Mapping[str, Mapping[int, Curve]] = dataclasses.field(default_factory=dict)
+    """engine key -> tokens per sample -> the same, for each length recorded at two sizes or more."""
     cpu_to_wall: float | None = None
     """Wall seconds per CPU second on the quiet machine when steps are timed in CPU seconds
     (`step_seconds`); None: timed in wall seconds."""
@@ -196,21 +208,38 @@ class KnobModel:
         ok = rec.step_time_s > 0 and math.isfinite(rec.step_time_s)
         return rec.step_time_s if ok else 0.0
 
-    def peak_bytes(self, config: Mapping[str, Any]) -> tuple[float, bool]:
-        """Per-step peak under `config`, and whether its engine configuration was ever recorded
-        (when not: the highest of the recorded curves at this micro-batch, a pessimistic guess)."""
-        mb = float(config.get(KNOB_MICRO_BATCH) or 1)
-        curve = self.memory.get(engine_key(config))
+    def peak_bytes(self, config: Mapping[str, Any], tokens_per_sample: int) -> tuple[float, bool]:
+        """Per-step peak under `config` with samples of `tokens_per_sample`, and whether its engine
+        configuration was ever recorded (when not: the highest of the recorded curves at this size,
+        a pessimistic guess)."""
+        size = float(config.get(KNOB_MICRO_BATCH) or 1) * tokens_per_sample
+        key = engine_key(config)
+        curve = self.memory_by_length.get(key, {}).get(tokens_per_sample) or self.memory.get(key)
         if curve is not None:
-            return curve.at(mb), True
-        return max(curve.at(mb) for curve in self.memory.values()), False
+            return curve.at(size), True
+        return max(curve.at(size) for curve in self.memory.values()), False
 
-    def seconds_per_step(self, config: Mapping[str, Any], global_batch: int) -> tuple[float, bool]:
+    def seconds_per_step(
+        self, config: Mapping[str, Any], global_batch: int, tokens_per_sample: int
+    ) -> tuple[float, bool]:
+        """Seconds of one optimizer step, and whether this configuration and length were recorded
+        (when not: the nearest recorded length scaled by the tokens, averaged over the engine
+        configurations when the engine's was never recorded)."""
         n_micro = _n_micro(config, global_batch)
-        curve = self.step_time.get(engine_key(config))
-        if curve is not None:
-            return curve.at(n_micro), True
-        return statistics.mean(curve.at(n_micro) for curve in self.step_time.values()), False
+        by_length = self.step_time.get(engine_key(config))
+        if by_length is not None:
+            return _at_length(by_length, tokens_per_sample, n_micro)
+        guesses = [_at_length(c, tokens_per_sample, n_micro)[0] for c in self.step_time.values()]
+        return statistics.mean(guesses), False
+
+
+def _at_length(by_length: Mapping[int, Curve], length: int, n_micro: int) -> tuple[float, bool]:
+    """The curve recorded at `length`, else the nearest length's, scaled by the tokens."""
+    curve = by_length.get(length)
+    if curve is not None:
+        return curve.at(n_micro), True
+    near = min(by_length, key=lambda n: (abs(math.log(n / length)), n))
+    return by_length[near].at(n_micro) * length / near, False
 
 
 def _n_micro(config: Mapping[str, Any], global_batch: int) -> int:
@@ -248,26 +277,28 @@ def fit_model(traces: Sequence[Trace]) -> KnobModel:
     """Calibrate on `traces` (runs of the same job: same model, same global batch)."""
     clock = KnobModel({}, {}, LossLaw(0, 0, 1, 0, 0, 1, 0), {}, cpu_to_wall=cpu_to_wall(traces))
     mem_points: dict[str, dict[float, list[float]]] = {}
-    time_points: dict[str, dict[float, list[float]]] = {}
+    mem_by_length: dict[str, dict[int, dict[float, list[float]]]] = {}
+    time_points: dict[str, dict[int, dict[float, list[float]]]] = {}
     for t in traces:
         gb = t.shape.global_batch_size
-        for i, rec in enumerate(t.steps):
+        for i, (rec, length) in enumerate(zip(t.steps, t.sequence_lengths())):
             key = engine_key(rec.config)
             if rec.memory:
-                mb = float(rec.config.get(KNOB_MICRO_BATCH) or 1)
+                size = float(rec.config.get(KNOB_MICRO_BATCH) or 1) * length
                 peak = float(max(m.peak_bytes for m in rec.memory))
-                mem_points.setdefault(key, {}).setdefault(mb, []).append(peak)
+                mem_points.setdefault(key, {}).setdefault(size, []).append(peak)
+                mem_by_length.setdefault(key, {}).setdefault(length, {}).setdefault(size, []).append(peak)
             # The first step carries start-up work (allocator, caches): not a step of the configuration.
             seconds = clock.step_seconds(rec)
             if i > 0 and seconds > 0:
                 n = float(_n_micro(rec.config, gb))
-                time_points.setdefault(key, {}).setdefault(n, []).append(seconds)
+                time_points.setdefault(key, {}).setdefault(length, {}).setdefault(n, []).append(seconds)
     notes = []
     for key, pts in sorted(mem_points.items()):
         if len(pts) == 1:
             notes.append(
-                f"memory of {key or 'the configuration'} was recorded at one micro-batch only: "
-                "assumed the same at every micro-batch (record a run that changes it)"
+                f"memory of {key or 'the configuration'} was recorded at one micro-batch size only: "
+                "assumed the same at every size (record a run that changes it)"
             )
     if clock.cpu_to_wall is not None:
         factors = ", ".join(f"{f:.2f}" for f in load_factors(traces, clock.cpu_to_wall))
@@ -282,7 +313,10 @@ def fit_model(traces: Sequence[Trace]) -> KnobModel:
                 switch.setdefault(str(d.get("kind")), []).append(float(d["duration_s"]))
     return KnobModel(
         memory={k: _fit_curve(v) for k, v in mem_points.items()},
-        step_time={k: _fit_curve(v) for k, v in time_points.items()},
+        memory_by_length={
+            k: {n: _fit_curve(pts) for n, pts in v.items() if len(pts) > 1} for k, v in mem_by_length.items()
+        },
+        step_time={k: {n: _fit_curve(c) for n, c in v.items()} for k, v in time_points.items()},
         loss=fit_loss_law(traces),
         switch_s={k: statistics.median(v) for k, v in switch.items()},
         notes=tuple(notes),
@@ -307,11 +341,11 @@ class Residuals:
 def residuals(model: KnobModel, trace: Trace) -> Residuals:
     gb = trace.shape.global_batch_size
     mem, times = [], []
-    for rec in trace.steps:
+    for rec, length in zip(trace.steps, trace.sequence_lengths()):
         if rec.memory:
-            fit, _ = model.peak_bytes(rec.config)
+            fit, _ = model.peak_bytes(rec.config, length)
             mem.append(max(m.peak_bytes for m in rec.memory) / fit if fit > 0 else 1.0)
-        fit_t, _ = model.seconds_per_step(rec.config, gb)
+        fit_t, _ = model.seconds_per_step(rec.config, gb, length)
         seconds = model.step_seconds(rec)
         times.append(seconds / fit_t if seconds > 0 and fit_t > 0 else 1.0)
     return Residuals(tuple(mem), tuple(times))

@@ -7,6 +7,12 @@ a `KnobModel` calibrated on recordings, and it behaves as trainwarden's agent do
 each step with the configuration it ran under, and applies the actions it had received before
 that step's boundary, at sync steps (so a decision lands one step after it is made, as live).
 
+A counted budget (tokens, FLOPs) is ended as the agent ends it live (adapters/core/agent.py):
+the job counts its own tokens and stops after the last step its count forecasts inside the
+budget, whatever the controller's stop says; a job whose steps spend unlike amounts (a longer
+sequence length from some step on) is stopped where its count says, not where the controller's
+early forecast did.
+
 The result is deterministic for a given trace, model and policy file: no wall clock, no random
 numbers (the noise is the trace's own, replayed by index). A few hundred steps take well under
 a second.
@@ -18,12 +24,14 @@ import dataclasses
 import logging
 import statistics
 import tempfile
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainwarden.controller.budget_end import BudgetEnd
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
@@ -89,8 +97,11 @@ def _quiet_controller() -> Iterator[None]:
 class _SimJob:
     """The simulated job: configuration, clock, loss curve, and the agent's inbox."""
 
-    def __init__(self, trace: Trace, model: KnobModel, noise: Residuals) -> None:
+    def __init__(self, trace: Trace, model: KnobModel, noise: Residuals, counted: float | None) -> None:
         self.trace, self.model, self.noise = trace, model, noise
+        self.counted = counted
+        """Tokens at which a counted budget is spent (None: none is set, or no policy stops it)."""
+        self.counts: deque[tuple[int, int]] = deque(maxlen=16)  # the agent's window
         self.config: dict[str, Any] = dict(trace.steps[0].config)
         self.now = trace.steps[0].time - trace.steps[0].step_time_s
         self.curve = LossCurve(model.loss)
@@ -99,6 +110,10 @@ class _SimJob:
         self.seen: set[str] = set()
         self.extra_s = 0.0
         self.samples = 0
+        self.tokens = 0
+        # The recording's sequence length at each step; past its end, its last.
+        self.lengths = trace.sequence_lengths()
+        self.length = self.lengths[0]
         self.unseen: set[str] = set()
         first_mem = next(s.memory for s in trace.steps if s.memory)
         self.total_bytes = first_mem[0].total_bytes
@@ -110,7 +125,8 @@ class _SimJob:
     def run_step(self, step: int) -> tuple[float, float, float]:
         """Advance one optimizer step: (step time, applied LR, loss)."""
         gb = self.trace.shape.global_batch_size
-        base, known = self.model.seconds_per_step(self.config, gb)
+        self.length = self.lengths[min(step, len(self.lengths)) - 1]
+        base, known = self.model.seconds_per_step(self.config, gb, self.length)
         if not known:
             self.unseen.add(str(self.config))
         dt = base * self.noise.time_at(step - 1) + self.extra_s
@@ -120,13 +136,25 @@ class _SimJob:
         mult = self.config.get(KNOB_LR_MULTIPLIER, 1.0)
         lr = base_lr * (float(mult) if isinstance(mult, (int, float)) else 1.0)
         self.samples += gb
+        self.tokens += gb * self.length
         return dt, lr, self.curve.next(lr)
 
     def peak(self, sample: int) -> float:
-        peak, known = self.model.peak_bytes(self.config)
+        peak, known = self.model.peak_bytes(self.config, self.length)
         if not known:
             self.unseen.add(str(self.config))
         return peak * self.noise.memory_at(sample)
+
+    def spends_the_count_next(self, step: int) -> bool:
+        """The agent's check after `step` (its `_keep_budget_end`): the next step, at the tokens a
+        step has spent lately, would be past the counted budget, so this step is the last."""
+        self.counts.append((step, self.tokens))
+        if self.counted is None:
+            return False
+        s0, t0 = self.counts[0]
+        per_step = (self.tokens - t0) / (step - s0) if step > s0 else self.tokens / step
+        left = self.counted - self.tokens
+        return left <= 0 or (per_step > 0 and left < per_step)
 
     def receive(self, actions: Sequence[Action]) -> None:
         for a in actions:
@@ -154,10 +182,11 @@ class _SimJob:
 
 def replay(pf: PolicyFile, trace: Trace, model: KnobModel, grace_steps: int = 0) -> ReplayResult:
     """Replay `trace`'s job under the policies and budget of `pf`."""
-    job = _SimJob(trace, model, residuals(model, trace))
     shape = trace.shape
+    end = BudgetEnd.of_policy(pf)
+    counted = end.counted_tokens(shape.param_count) if end is not None else None
+    job = _SimJob(trace, model, residuals(model, trace), counted)
     sync_every = pf.controller.sync_every
-    tps = shape.tokens_per_sample
     limit = trace.last_step * (MAX_STEPS_FACTOR if trace.stopped_by_policy else 1)
     peaks: list[int] = []
     violations, sample = 0, 0
@@ -194,7 +223,7 @@ def replay(pf: PolicyFile, trace: Trace, model: KnobModel, grace_steps: int = 0)
                     time=job.now,
                     loss=loss,
                     samples=job.samples,
-                    tokens=job.samples * tps,
+                    tokens=job.tokens,
                     step_time_s=dt,
                     lr=lr,
                     config=dict(job.config),
@@ -207,6 +236,9 @@ def replay(pf: PolicyFile, trace: Trace, model: KnobModel, grace_steps: int = 0)
                 job.receive(ctl.exchange([record], outcomes + done))
                 outcomes = []
                 if job.config.get(KNOB_STOP):
+                    break
+                if job.spends_the_count_next(step):
+                    job.config[KNOB_STOP] = True
                     break
             ctl.exchange([], outcomes, finished=True)
             state = ctl.state

@@ -42,6 +42,18 @@ class Trace:
     def last_step(self) -> int:
         return self.steps[-1].step
 
+    def sequence_lengths(self) -> tuple[int, ...]:
+        """Tokens per sample at each recorded step, from the running counts: the job's sequence
+        length where it changes mid-run (a long-context phase), else the hello's every step."""
+        out: list[int] = []
+        tokens = samples = 0
+        for rec in self.steps:
+            dt, ds = rec.tokens - tokens, rec.samples - samples
+            tokens, samples = rec.tokens, rec.samples
+            last = out[-1] if out else self.shape.tokens_per_sample
+            out.append(round(dt / ds) if ds > 0 and dt > 0 else last)
+        return tuple(out)
+
     def base_lr(self) -> tuple[float, ...]:
         """The user's own schedule at each recorded step: the applied LR over the multiplier that
         was in force (a multiplier of 0 hides it: the previous step's base is kept)."""
