@@ -132,3 +132,25 @@ def test_the_phase_breaks_a_cap_the_defaults_settled_under_and_lower_thresholds_
         tuned = replay(low, t, model, grace)
         assert default.cap_violations > 0
         assert tuned.cap_violations == 0
+
+
+def test_noise_shifts_fail_a_file_that_holds_the_cap_only_where_the_spikes_landed(traces, model) -> None:  # type: ignore[no-untyped-def]
+    """At 500 MiB a high-water mark of 0.85 with a 3-step cooldown holds the cap in both traces
+    as recorded, and breaks it in every other alignment of their noise: one draw of the noise
+    says it is safe, three others say it is not. `--noise-shifts 4` fails it; a lower mark
+    holds in all four."""
+    from trainwarden.policies.tuning.trial_replay import noise_shifts, score
+
+    pf = with_cap(load_policy_file(RECORDED_WITH), 500)
+    assert pf.objective is not None
+    for t in traces:
+        shifts = noise_shifts(t, 4)
+        assert shifts[0] == 0 and len(shifts) == 4
+        assert replay(pf, t, model, 0, 0) == replay(pf, t, model)  # shift 0: as recorded
+    edge = with_params(pf, {"memory.high_water": 0.85, "memory.low_water": 0.3, "memory.cooldown_steps": 3})
+    as_recorded = score(edge, traces, model, pf.objective)
+    assert as_recorded.value is not None, as_recorded.failure
+    shifted = score(edge, traces, model, pf.objective, shifts=4)
+    assert shifted.value is None and "memory cap broken" in (shifted.failure or "")
+    safe = with_params(edge, {"memory.high_water": 0.72, "memory.cooldown_steps": 1})
+    assert score(safe, traces, model, pf.objective, shifts=4).value is not None

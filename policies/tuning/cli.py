@@ -58,6 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="tpe", choices=("tpe", "random"), help="Optuna sampler (default tpe)")
     p.add_argument("--seed", type=int, default=None, help="sampler seed, for a repeatable search")
     p.add_argument(
+        "--noise-shifts",
+        type=int,
+        default=1,
+        metavar="N",
+        help="replay mode: replay each trace N times, its recorded noise shifted by 1/N of the run "
+        "each time; a file must hold the cap in every replay (default 1: as recorded)",
+    )
+    p.add_argument(
         "--work-dir",
         help="run mode: where each trial's policy and run directory go (default tune-runs/<study>)",
     )
@@ -92,6 +100,8 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
         command = command[1:]
     if args.trials < 1:
         raise TuneError(f"--trials {args.trials}: give at least 1")
+    if args.noise_shifts < 1:
+        raise TuneError(f"--noise-shifts {args.noise_shifts}: give at least 1 (1: each trace as recorded)")
     if args.trace and command:
         raise TuneError("give either --trace RUN_DIR (replay) or -- a launch command (real runs), not both")
     if not args.trace and not command:
@@ -116,7 +126,7 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
         from trainwarden.policies.tuning.trial_replay import load_traces, replay_evaluator, unmodelled
 
         traces = load_traces(args.trace)
-        evaluate, model = replay_evaluator(traces, objective)
+        evaluate, model = replay_evaluator(traces, objective, args.noise_shifts)
         say(
             f"trainwarden tune: replaying {len(traces)} trace(s); loss law fitted with rmse "
             f"{model.loss.rmse:.3g}"

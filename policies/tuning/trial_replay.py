@@ -4,6 +4,13 @@ The model is calibrated once on all the traces; each trace is then replayed unde
 policy file (policies/tuning/replay/simulate.py), and the trial's value is the mean of the objective's metric
 over the traces. A memory cap broken in any trace, beyond what the objective allows, fails
 the trial.
+
+With `--noise-shifts N` each trace is replayed N times, its recorded noise (each step's memory
+and time as a ratio to the fit) shifted by a fraction of the run each time. Why: a policy's
+decisions hinge on a few peaks near its thresholds, and two recordings hold one draw of the
+noise each; a file tuned on that draw alone can sit just on the safe side of it and break the
+cap on the next real run (measured: bench/README.md, tune_replay, the long-context phase). N
+times the replays per trial; the value is the mean of all, and a cap broken in any fails it.
 """
 
 from __future__ import annotations
@@ -35,10 +42,22 @@ def load_traces(paths: Sequence[str]) -> list[Trace]:
     return traces
 
 
-def score(pf: PolicyFile, traces: Sequence[Trace], model: KnobModel, objective: Objective) -> TrialResult:
-    """The trial's value over the traces, or its failure."""
+def noise_shifts(trace: Trace, n: int) -> list[int]:
+    """`n` shifts of the trace's noise, spread evenly over its steps (0 first: as recorded)."""
+    return sorted({round(i * len(trace.steps) / n) for i in range(n)})
+
+
+def score(
+    pf: PolicyFile, traces: Sequence[Trace], model: KnobModel, objective: Objective, shifts: int = 1
+) -> TrialResult:
+    """The trial's value over the traces (each replayed at `shifts` alignments of its noise), or
+    its failure."""
     try:
-        results = [replay(pf, t, model, objective.grace_steps) for t in traces]
+        results = [
+            replay(pf, t, model, objective.grace_steps, shift)
+            for t in traces
+            for shift in noise_shifts(t, shifts)
+        ]
     except Exception as exc:  # a policy that raises in the replay would raise live: a failed trial
         return TrialResult(failure=f"the replay raised {type(exc).__name__}: {exc}")
     attrs = summarize(results)
@@ -100,11 +119,11 @@ def unmodelled(pf: PolicyFile) -> list[str]:
     return lines
 
 
-def replay_evaluator(traces: Sequence[Trace], objective: Objective) -> tuple[Any, KnobModel]:
+def replay_evaluator(traces: Sequence[Trace], objective: Objective, shifts: int = 1) -> tuple[Any, KnobModel]:
     """The `Evaluate` of `tune.run_study` for these traces, and the model it replays with."""
     model = fit_model(traces)
 
     def evaluate(trial: Any, pf: PolicyFile) -> TrialResult:
-        return score(pf, traces, model, objective)
+        return score(pf, traces, model, objective, shifts)
 
     return evaluate, model

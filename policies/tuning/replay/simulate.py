@@ -97,8 +97,10 @@ def _quiet_controller() -> Iterator[None]:
 class _SimJob:
     """The simulated job: configuration, clock, loss curve, and the agent's inbox."""
 
-    def __init__(self, trace: Trace, model: KnobModel, noise: Residuals, counted: float | None) -> None:
-        self.trace, self.model, self.noise = trace, model, noise
+    def __init__(
+        self, trace: Trace, model: KnobModel, noise: Residuals, counted: float | None, shift: int = 0
+    ) -> None:
+        self.trace, self.model, self.noise, self.shift = trace, model, noise, shift
         self.counted = counted
         """Tokens at which a counted budget is spent (None: none is set, or no policy stops it)."""
         self.counts: deque[tuple[int, int]] = deque(maxlen=16)  # the agent's window
@@ -129,7 +131,7 @@ class _SimJob:
         base, known = self.model.seconds_per_step(self.config, gb, self.length)
         if not known:
             self.unseen.add(str(self.config))
-        dt = base * self.noise.time_at(step - 1) + self.extra_s
+        dt = base * self.noise.time_at(step - 1 + self.shift) + self.extra_s
         self.extra_s = 0.0
         self.now += dt
         base_lr = self.base_lr[min(step, len(self.base_lr)) - 1]
@@ -143,7 +145,7 @@ class _SimJob:
         peak, known = self.model.peak_bytes(self.config, self.length)
         if not known:
             self.unseen.add(str(self.config))
-        return peak * self.noise.memory_at(sample)
+        return peak * self.noise.memory_at(sample + self.shift)
 
     def spends_the_count_next(self, step: int) -> bool:
         """The agent's check after `step` (its `_keep_budget_end`): the next step, at the tokens a
@@ -180,12 +182,16 @@ class _SimJob:
         return outcomes, applied
 
 
-def replay(pf: PolicyFile, trace: Trace, model: KnobModel, grace_steps: int = 0) -> ReplayResult:
-    """Replay `trace`'s job under the policies and budget of `pf`."""
+def replay(
+    pf: PolicyFile, trace: Trace, model: KnobModel, grace_steps: int = 0, noise_shift: int = 0
+) -> ReplayResult:
+    """Replay `trace`'s job under the policies and budget of `pf`; `noise_shift` replays the
+    trace's noise that many steps later (`trial_replay.noise_shifts`: the same spikes at other
+    steps, so a file must hold the cap wherever they land, not only where they did)."""
     shape = trace.shape
     end = BudgetEnd.of_policy(pf)
     counted = end.counted_tokens(shape.param_count) if end is not None else None
-    job = _SimJob(trace, model, residuals(model, trace), counted)
+    job = _SimJob(trace, model, residuals(model, trace), counted, noise_shift)
     sync_every = pf.controller.sync_every
     limit = trace.last_step * (MAX_STEPS_FACTOR if trace.stopped_by_policy else 1)
     peaks: list[int] = []
