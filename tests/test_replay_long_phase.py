@@ -152,5 +152,6 @@ def test_noise_shifts_fail_a_file_that_holds_the_cap_only_where_the_spikes_lande
     assert as_recorded.value is not None, as_recorded.failure
     shifted = score(edge, traces, model, pf.objective, shifts=4)
     assert shifted.value is None and "memory cap broken" in (shifted.failure or "")
+    assert "with its noise shifted" in (shifted.failure or "")  # which replay broke it
     safe = with_params(edge, {"memory.high_water": 0.72, "memory.cooldown_steps": 1})
     assert score(safe, traces, model, pf.objective, shifts=4).value is not None

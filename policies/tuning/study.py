@@ -236,7 +236,8 @@ def best_trial(study: Any) -> Any:
         reasons = sorted({str(t.user_attrs.get("failure", t.state.name)) for t in finished(study)})
         raise TuneError(
             f"no trial of study {study.study_name!r} completed; reasons: {'; '.join(reasons)[:500]}. "
-            "Widen the budget or the objective's max_cap_violations, or check the traces"
+            "Widen the budget or the objective's max_cap_violations, check the traces, or run more "
+            "trials (--trials: a small feasible region can take a hundred or more)"
         )
     return best
 

@@ -52,21 +52,19 @@ def score(
 ) -> TrialResult:
     """The trial's value over the traces (each replayed at `shifts` alignments of its noise), or
     its failure."""
+    runs = [(t, shift) for t in traces for shift in noise_shifts(t, shifts)]
     try:
-        results = [
-            replay(pf, t, model, objective.grace_steps, shift)
-            for t in traces
-            for shift in noise_shifts(t, shifts)
-        ]
+        results = [replay(pf, t, model, objective.grace_steps, shift) for t, shift in runs]
     except Exception as exc:  # a policy that raises in the replay would raise live: a failed trial
         return TrialResult(failure=f"the replay raised {type(exc).__name__}: {exc}")
     attrs = summarize(results)
-    for r in results:
+    for r, (_, shift) in zip(results, runs):
         if r.cap_violations > objective.max_cap_violations:
+            where = f" with its noise shifted {shift} steps" if shift else ""
             return TrialResult(
                 failure=(
                     f"memory cap broken: {r.cap_violations} step(s) over {r.cap_bytes} bytes "
-                    f"(at most {objective.max_cap_violations} allowed) replaying {r.trace}"
+                    f"(at most {objective.max_cap_violations} allowed) replaying {r.trace}{where}"
                 ),
                 attrs=attrs,
             )
