@@ -85,6 +85,8 @@ def log(msg: str) -> None:
 
 OBJECTIVES = {"final_loss": "minimize", "tokens_per_second": "maximize"}
 METRIC = "final_loss"
+#: Policies whose parameters are searched (`trainwarden tune --only`); empty: all.
+ONLY: list[str] = []
 #: The job's own arguments beyond the common ones (`--long-phase`: the long-context phase).
 JOB_ARGS: list[str] = []
 LONG_PHASE = ["--block-size", "64", "--long-block-size", "256", "--long-from", "12"]
@@ -173,7 +175,7 @@ def tune(
     evaluate, _ = replay_evaluator(traces, pf.objective, shifts)
     study = open_study(f"sqlite:///{db}", sampler, OBJECTIVES[METRIC], make_sampler(sampler, seed))
     t0 = time.monotonic()
-    run_study(pf, study, evaluate, trials, say=lambda _: None)
+    run_study(pf, study, evaluate, trials, say=lambda _: None, only=ONLY or None)
     elapsed = time.monotonic() - t0
     states = [t.state.name for t in study.trials]
     if "COMPLETE" not in states:  # every trial broke the cap: nothing to run but the defaults
@@ -279,12 +281,14 @@ def main() -> int:
         default=1,
         help="`trainwarden tune --noise-shifts`: replays per trace (default 1)",
     )
+    ap.add_argument("--only", action="append", default=[], help="`trainwarden tune --only POLICY`")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "tune_replay.json"))
     args = ap.parse_args()
     global METRIC
     METRIC = args.objective
     if args.long_phase:
         JOB_ARGS[:] = LONG_PHASE
+    ONLY[:] = args.only
     held_seeds = [int(x) for x in args.heldout_seeds.split(",")]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = args.trials or (20 if args.quick else 40)
@@ -381,6 +385,7 @@ def main() -> int:
         "1 torch thread" + (f", {' '.join(JOB_ARGS)}" if JOB_ARGS else ""),
         "objective": f"{OBJECTIVES[METRIC]} {METRIC} over the token budget; no step over the cap past step 6",
         "noise_shifts": args.noise_shifts,
+        "only": args.only or "every policy",
         "training_runs": train_runs,
         "gain_against_seed_spread": gains(reals),
         "heldout": {"seeds": held_seeds, "cap": held_cap, "tokens": tokens_held, "repeats": repeats},

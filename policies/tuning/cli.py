@@ -17,6 +17,7 @@ from typing import Any
 
 from trainwarden.controller.schema import PolicyFile
 from trainwarden.policies.tuning.replay.trace import TraceError
+from trainwarden.policies.tuning.space import InvalidParams, search_space
 from trainwarden.policies.tuning.study import (
     TuneError,
     best_trial,
@@ -57,6 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="tuned policy file to write (default <policy name>.tuned.yaml here)")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "random"), help="Optuna sampler (default tpe)")
     p.add_argument("--seed", type=int, default=None, help="sampler seed, for a repeatable search")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="POLICY",
+        help="search only this policy's parameters (its name: the kind unless the file names it; "
+        "repeat for several); the others keep the file's values",
+    )
     p.add_argument(
         "--noise-shifts",
         type=int,
@@ -111,6 +120,11 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
     pf = load(args.policy)
     objective = pf.objective
     assert objective is not None
+    only = frozenset(args.only) or None
+    try:
+        search_space(pf, only)
+    except InvalidParams as exc:
+        raise TuneError(f"--only: {exc}") from None
     try:
         import optuna
     except ImportError:
@@ -158,7 +172,7 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
             "on it at once may end the study a trial or two past --trials"
         )
     try:
-        ran = run_study(pf, study, evaluate, args.trials, say=say, lock=lock)
+        ran = run_study(pf, study, evaluate, args.trials, say=say, lock=lock, only=only)
         writer = claim_writing(study, args.trials, lock)
     except KeyboardInterrupt:
         say(f"trainwarden tune: interrupted; run the same command again to resume study {study_name!r}")
@@ -181,7 +195,7 @@ def tune_main(args: argparse.Namespace, say: Any = None) -> int:
     from trainwarden.policies.tuning.report import replay_comparison, study_comparison
 
     comparison = (
-        replay_comparison(pf, best, evaluate) if mode == "replay" else study_comparison(pf, study, best)
+        replay_comparison(pf, best, evaluate) if mode == "replay" else study_comparison(pf, study, best, only)
     )
     path = write_tuned(
         pf,

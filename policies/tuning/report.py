@@ -77,10 +77,11 @@ def replay_comparison(pf: PolicyFile, best: Any, evaluate: Evaluate) -> Comparis
     )
 
 
-def study_comparison(pf: PolicyFile, study: Any, best: Any) -> Comparison:
-    """The study's trial of exactly the file's values, if it has one (run mode)."""
+def study_comparison(pf: PolicyFile, study: Any, best: Any, only: Any = None) -> Comparison:
+    """The study's trial of exactly the file's values, if it has one (run mode); `only` as the
+    study was run with."""
     assert pf.objective is not None
-    own = current_values(pf, search_space(pf))
+    own = current_values(pf, search_space(pf, only))
     objective = pf.objective
     for t in finished(study):
         if t.params == own:

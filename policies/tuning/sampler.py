@@ -8,9 +8,15 @@ RandomSampler drew).
 
 This sampler shows TPE a view of the study in which each trial that failed for a reason of its
 parameters (a broken cap, parameters the policy refused: user attribute `failure`, with
-`cap_violations` when there were any) is a completed, infeasible trial, constraint = its
-violations (at least 1). TPE's own constrained-optimisation rule then puts it below every
-feasible trial, and the more violations, the worse. The storage is not touched: the trial is
+`cap_violations` when there were any) is a completed, infeasible trial, constraint = how far
+over the cap its worst step went, as a fraction of the cap (`cap_excess`, replay trials), else
+its violations (at least 1). TPE's own constrained-optimisation rule then puts it below every
+feasible trial, and the further over, the worse. Why the distance and not the count of steps
+over: the count misleads. On a job whose memory grows mid-run (bench/README.md, tune_replay),
+a late but quick step-down (high-water 0.95, cooldown 1) broke the cap on fewer steps than an
+early one held too long (0.77, cooldown 16), and TPE, ranked by the count, drifted to the high
+marks and found no feasible file in 100 trials; the early one went less far over (one rung
+against three), which is the way to a file that holds. The storage is not touched: the trial is
 FAIL there, has no value, and can never be the best. A trial that failed for a reason outside
 its parameters (interrupted, a crash of the job) stays invisible, as with plain TPE.
 """
@@ -31,7 +37,9 @@ def _as_infeasible(t: FrozenTrial) -> FrozenTrial | None:
     if t.state != TrialState.FAIL or not failure or failure.startswith(_NOT_THE_PARAMETERS):
         return None
     violations = float(t.user_attrs.get("cap_violations") or 0)
-    system = {**t.system_attrs, "constraints": [max(1.0, violations)]}
+    excess = t.user_attrs.get("cap_excess")
+    far = float(excess) if isinstance(excess, (int, float)) and excess > 0 else max(1.0, violations)
+    system = {**t.system_attrs, "constraints": [far]}
     return FrozenTrial(
         number=t.number,
         state=TrialState.COMPLETE,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +32,21 @@ class Dimension:
         return f"{self.policy}.{self.field}"
 
 
-def search_space(pf: PolicyFile) -> tuple[Dimension, ...]:
-    """The tunable parameters of every policy in the file, in file order."""
+def search_space(pf: PolicyFile, only: Collection[str] | None = None) -> tuple[Dimension, ...]:
+    """The tunable parameters of every policy in the file (of the policies named in `only`, when
+    given: the others keep the file's values), in file order."""
     registry = kinds()
+    names = [spec.name for spec in pf.policies]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise InvalidParams(
+            f"no policy named {', '.join(unknown)} in {pf.path} (its policies: {', '.join(names) or 'none'}; "
+            "a policy's name is its kind unless the file gives it `name:`)"
+        )
     dims = []
     for spec in pf.policies:
+        if only and spec.name not in only:
+            continue
         params_type = registry[spec.kind].Params
         hints = typing.get_type_hints(params_type)
         for name, rng in tunable_ranges(params_type).items():

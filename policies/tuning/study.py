@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,16 +141,18 @@ def run_study(
     n_trials: int,
     say: Callable[[str], None] = print,
     lock: Any = None,
+    only: Collection[str] | None = None,
 ) -> int:
     """Run trials until the study has `n_trials` finished or running (in this or other workers);
     returns how many this call ran. `lock` (policies/tuning/claim.py) serializes the claim of a
-    trial across workers, so the study ends at exactly `n_trials` and no trial runs twice."""
+    trial across workers, so the study ends at exactly `n_trials` and no trial runs twice.
+    `only`: the policies whose parameters are searched (default all)."""
     from optuna.trial import TrialState
 
     from trainwarden.policies.tuning.claim import NoLock
 
     lock = lock or NoLock()
-    dims = search_space(pf)
+    dims = search_space(pf, only)
     if not dims:
         kinds = ", ".join(spec.kind for spec in pf.policies) or "none"
         raise TuneError(f"{pf.path}: no policy in it has a tunable parameter (policies: {kinds})")

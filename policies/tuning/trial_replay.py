@@ -91,6 +91,11 @@ def summarize(results: Sequence[ReplayResult]) -> dict[str, Any]:
         "median_peak_bytes": mean("median_peak_bytes"),
         "peak_bytes": mean("peak_bytes"),
         "cap_violations": sum(r.cap_violations for r in results),
+        # How far over the cap the worst replay went, as a fraction of the cap: the failure-aware
+        # sampler's distance to feasibility (policies/tuning/sampler.py).
+        "cap_excess": max(
+            (max(0, r.peak_bytes - r.cap_bytes) / r.cap_bytes for r in results if r.cap_bytes), default=0.0
+        ),
         "actions": sum(len(r.actions) for r in results),
     }
 
