@@ -57,3 +57,19 @@ def test_an_interrupted_trial_is_not_shown_as_infeasible(tmp_path: Path) -> None
     trial.set_user_attr("failure", "interrupted")
     study.tell(trial, state=TrialState.FAIL)
     assert _FailuresAsInfeasible(study)._get_trials(states=(TrialState.COMPLETE,)) == []
+
+
+def test_a_replayed_failure_is_ranked_by_how_far_over_the_cap_it_went(tmp_path: Path) -> None:
+    """A replay trial carries `cap_excess` (worst step over the cap, a fraction of it): that is
+    the constraint TPE ranks it by, not the count of steps over; a real-run trial has none and
+    keeps its count."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    for violations, excess in ((3, 0.45), (15, 0.02), (4, None)):
+        trial = study.ask(SPACE)
+        trial.set_user_attr("failure", "memory cap broken: test")
+        trial.set_user_attr("cap_violations", violations)
+        if excess is not None:
+            trial.set_user_attr("cap_excess", excess)
+        study.tell(trial, state=TrialState.FAIL)
+    shown = _FailuresAsInfeasible(study)._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert [t.constraints["0"] for t in shown] == [0.45, 0.02, 4.0]

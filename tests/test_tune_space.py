@@ -106,3 +106,13 @@ def test_a_policy_whose_knobs_the_replay_does_not_model_is_named(tmp_path: Path)
     pf = load_policy_text(FILE, str(tmp_path / "p.yaml"))
     (line,) = unmodelled(pf)  # compute's knobs are modelled; the new kind's are not
     assert line.startswith("policy 'new.v2' sets test_knob, which the replay does not model")
+
+
+def test_only_names_the_policies_searched(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(FILE)
+    pf = load_policy_text(FILE, str(path))
+    assert {d.policy for d in search_space(pf, {"compute"})} == {"compute"}
+    assert {d.policy for d in search_space(pf)} == {"new.v2", "compute"}
+    with pytest.raises(InvalidParams, match=r"no policy named memory .*its policies: new\.v2, compute"):
+        search_space(pf, {"memory"})

@@ -184,6 +184,7 @@ def test_a_cap_broken_in_some_trials_only_fails_those(tmp_path: Path) -> None:
         (["--trials", "2", "--trace", "T", "--", "python", "x.py"], "not both"),
         (["--trials", "0", "--trace", "T"], "--trials 0: give at least 1"),
         (["--trials", "2", "--trace", "T", "--noise-shifts", "0"], "--noise-shifts 0: give at least 1"),
+        (["--trials", "2", "--trace", "T", "--only", "nosuch"], "--only: no policy named nosuch"),
         (["--trials", "2", "--trace", "T", "--storage", "tune.db"], "for a file use sqlite:///tune.db"),
         (["--trials", "2", "--trace", "T", "--storage", "sqlite:////no/such/dir/x.db"], "does not exist"),
         (["--trials", "2", "--trace", "T", "--storage", "nosuchdb://h/x"], "cannot open the Optuna storage"),
