@@ -16,9 +16,10 @@ over: the count misleads. On a job whose memory grows mid-run (bench/README.md, 
 a late but quick step-down (high-water 0.95, cooldown 1) broke the cap on fewer steps than an
 early one held too long (0.77, cooldown 16), and TPE, ranked by the count, drifted to the high
 marks and found no feasible file in 100 trials; the early one went less far over (at
-micro-batch 16 when the windows grew, not 32), which is the way to a file that holds. The storage is not touched: the trial is
-FAIL there, has no value, and can never be the best. A trial that failed for a reason outside
-its parameters (interrupted, a crash of the job) stays invisible, as with plain TPE.
+micro-batch 16 when the windows grew, not 32), which is the way to a file that holds. The
+storage is not touched: the trial is FAIL there, has no value, and can never be the best. A
+trial that failed for a reason outside its parameters (interrupted, a crash of the job) stays
+invisible, as with plain TPE.
 """
 
 from __future__ import annotations
