@@ -178,23 +178,18 @@ def tune(
     run_study(pf, study, evaluate, trials, say=lambda _: None, only=ONLY or None)
     elapsed = time.monotonic() - t0
     states = [t.state.name for t in study.trials]
-    if "COMPLETE" not in states:  # every trial broke the cap: nothing to run but the defaults
-        return {
-            "sampler": sampler,
-            "trials": trials,
-            "complete": 0,
-            "failed": states.count("FAIL"),
-            "seconds_per_trial": round(elapsed / trials, 4),
-            "best_trial": None,
-            "params": {},
-        }
-    best = study.best_trial
-    return {
+    out = {
         "sampler": sampler,
         "trials": trials,
         "complete": states.count("COMPLETE"),
         "failed": states.count("FAIL"),
         "seconds_per_trial": round(elapsed / trials, 4),
+    }
+    if "COMPLETE" not in states:  # every trial broke the cap: nothing to run but the defaults
+        return {**out, "best_trial": None, "params": {}}
+    best = study.best_trial
+    return {
+        **out,
         "best_trial": best.number,
         "best_replayed_value": best.value,
         "baseline_replayed_value": study.trials[0].value,
@@ -231,12 +226,12 @@ def gains(reals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "relative_gain": gain / abs(statistics.mean(base)) if gain is not None else None,
             "cap_violations": violations,
             "counts": bool(gain is not None and spread is not None and gain > 2 * spread and not violations),
-            "seeds_over_cap": sorted({r["seed"] for r in runs if r["cap_violations"]}),
+            "seeds_over_cap": seeds_over_cap(runs),
         }
     # The cap: on a GPU a step over it is an out-of-memory error, the end of the run. Counted per
     # seed, not averaged: a candidate holds the cap where the defaults broke it when the defaults
     # went over on every held-out seed and it on none.
-    default_over = sorted({r["seed"] for r in reals["default"] if r["cap_violations"]})
+    default_over = seeds_over_cap(reals["default"])
     seeds = sorted({r["seed"] for r in reals["default"]})
     out["default_seeds_over_cap"] = default_over
     for name in reals:
@@ -245,6 +240,10 @@ def gains(reals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 seeds and default_over == seeds and not out[name]["seeds_over_cap"]
             )
     return out
+
+
+def seeds_over_cap(runs: list[dict[str, Any]]) -> list[int]:
+    return sorted({r["seed"] for r in runs if r["cap_violations"]})
 
 
 def _mean(values: list[Any]) -> float | None:
