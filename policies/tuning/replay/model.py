@@ -276,7 +276,6 @@ def load_factors(traces: Sequence[Trace], cpu_to_wall: float) -> list[float]:
 def fit_model(traces: Sequence[Trace]) -> KnobModel:
     """Calibrate on `traces` (runs of the same job: same model, same global batch)."""
     clock = KnobModel({}, {}, LossLaw(0, 0, 1, 0, 0, 1, 0), {}, cpu_to_wall=cpu_to_wall(traces))
-    mem_points: dict[str, dict[float, list[float]]] = {}
     mem_by_length: dict[str, dict[int, dict[float, list[float]]]] = {}
     time_points: dict[str, dict[int, dict[float, list[float]]]] = {}
     for t in traces:
@@ -287,7 +286,6 @@ def fit_model(traces: Sequence[Trace]) -> KnobModel:
             if rec.memory:
                 size = float(rec.config.get(KNOB_MICRO_BATCH) or 1) * length
                 peak = float(max(m.peak_bytes for m in rec.memory))
-                mem_points.setdefault(key, {}).setdefault(size, []).append(peak)
                 mem_by_length.setdefault(key, {}).setdefault(length, {}).setdefault(size, []).append(peak)
             # The first step carries start-up work (allocator, caches), and so does the first at a
             # new length (measured: 3.6 s against 2.1-2.8 for the next ones at 256 bytes): neither
@@ -297,6 +295,12 @@ def fit_model(traces: Sequence[Trace]) -> KnobModel:
             if i > 0 and lengths[i - 1] == length and seconds > 0:
                 n = float(_n_micro(rec.config, gb))
                 time_points.setdefault(key, {}).setdefault(length, {}).setdefault(n, []).append(seconds)
+    # Every length pooled: the curve for a length with one size recorded, or none.
+    mem_points: dict[str, dict[float, list[float]]] = {}
+    for key, by_length in mem_by_length.items():
+        for pts in by_length.values():
+            for size, peaks in pts.items():
+                mem_points.setdefault(key, {}).setdefault(size, []).extend(peaks)
     notes = []
     for key, pts in sorted(mem_points.items()):
         if len(pts) == 1:
