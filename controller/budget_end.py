@@ -15,10 +15,25 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 ENV_BUDGET_END = "TRAINWARDEN_BUDGET_END"
+
+#: Latest (step, tokens so far) counts the job's forecast of a step's tokens runs over.
+COUNT_WINDOW = 16
+
+
+def steps_inside(counted: float, counts: Sequence[tuple[int, int]]) -> tuple[int, float]:
+    """What the job's own count forecasts for a counted budget spent at `counted` tokens: steps
+    after the latest count that stay inside it (0: the latest step is the last), and the tokens a
+    step at the rate over `counts` ((step, tokens so far), oldest first, latest last, step > 0).
+    The agent places its stop by it; the replay (policies/tuning/replay/) stops as the agent does."""
+    (s0, t0), (step, tokens) = counts[0], counts[-1]
+    per_step = (tokens - t0) / (step - s0) if step > s0 else tokens / step
+    left = counted - tokens
+    return (int(left // per_step) if left > 0 and per_step > 0 else 0), per_step
 
 
 def _pos(d: dict[str, Any], key: str) -> float | None:

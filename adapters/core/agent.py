@@ -37,7 +37,7 @@ from typing import Any
 from trainwarden.adapters.core.channel import Channel, ChannelDown, ChannelRefused
 from trainwarden.adapters.core.probes import MemoryProbe
 from trainwarden.adapters.core.rank_sync import LAG_SYNCS, RankSync
-from trainwarden.controller.budget_end import ENV_BUDGET_END, BudgetEnd
+from trainwarden.controller.budget_end import COUNT_WINDOW, ENV_BUDGET_END, BudgetEnd, steps_inside
 from trainwarden.controller.protocol import (
     EVENT_BUDGET_STOP,
     EXCHANGE_INTERVAL_S,
@@ -126,7 +126,7 @@ class Agent:
         self.budget_end = BudgetEnd.from_json(os.environ.get(ENV_BUDGET_END)) if self.channel else None
         self._first_time: float | None = None
         # (step, tokens so far) of the latest steps: the counted budget's forecast of a step's tokens.
-        self._counts: deque[tuple[int, int]] = deque(maxlen=16)
+        self._counts: deque[tuple[int, int]] = deque(maxlen=COUNT_WINDOW)
         self.stopped_by_agent = False
         self._stop_due = False  # a stop (ours or the controller's) reached the job
         if self.channel is not None:
@@ -239,10 +239,7 @@ class Agent:
         at, why = step, None
         counted = end.counted_tokens(self.shape.param_count)
         if counted is not None and step > 0:
-            s0, t0 = self._counts[0]
-            per_step = (tokens - t0) / (step - s0) if step > s0 else tokens / step
-            left = counted - tokens
-            more = int(left // per_step) if left > 0 and per_step > 0 else 0
+            more, per_step = steps_inside(counted, self._counts)
             # Placed only where the next sync step can still reach it (a sync step offers what is
             # due within its lookahead); a later step's count places it then, with more to go on.
             next_sync = -(-step // self.sync_every) * self.sync_every

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainwarden.controller.budget_end import BudgetEnd
+from trainwarden.controller.budget_end import COUNT_WINDOW, BudgetEnd, steps_inside
 from trainwarden.controller.loop import Controller
 from trainwarden.controller.protocol import (
     KNOB_LR_MULTIPLIER,
@@ -103,7 +103,7 @@ class _SimJob:
         self.trace, self.model, self.noise, self.shift = trace, model, noise, shift
         self.counted = counted
         """Tokens at which a counted budget is spent (None: none is set, or no policy stops it)."""
-        self.counts: deque[tuple[int, int]] = deque(maxlen=16)  # the agent's window
+        self.counts: deque[tuple[int, int]] = deque(maxlen=COUNT_WINDOW)  # the agent's window
         self.config: dict[str, Any] = dict(trace.steps[0].config)
         self.now = trace.steps[0].time - trace.steps[0].step_time_s
         self.curve = LossCurve(model.loss)
@@ -148,15 +148,11 @@ class _SimJob:
         return peak * self.noise.memory_at(sample + self.shift)
 
     def spends_the_count_next(self, step: int) -> bool:
-        """The agent's check after `step` (its `_keep_budget_end`): the next step, at the tokens a
-        step has spent lately, would be past the counted budget, so this step is the last."""
+        """The agent's check after `step` (its `_keep_budget_end`, the same forecast): the next
+        step, at the tokens a step has spent lately, would be past the counted budget, so this
+        step is the last."""
         self.counts.append((step, self.tokens))
-        if self.counted is None:
-            return False
-        s0, t0 = self.counts[0]
-        per_step = (self.tokens - t0) / (step - s0) if step > s0 else self.tokens / step
-        left = self.counted - self.tokens
-        return left <= 0 or (per_step > 0 and left < per_step)
+        return self.counted is not None and steps_inside(self.counted, self.counts)[0] == 0
 
     def receive(self, actions: Sequence[Action]) -> None:
         for a in actions:
