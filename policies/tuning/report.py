@@ -15,6 +15,7 @@ writes it into the tuned file's header, so a user sees at once whether the searc
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,9 @@ def replay_comparison(pf: PolicyFile, best: Any, evaluate: Evaluate) -> Comparis
     )
 
 
-def study_comparison(pf: PolicyFile, study: Any, best: Any, only: Any = None) -> Comparison:
+def study_comparison(
+    pf: PolicyFile, study: Any, best: Any, only: Collection[str] | None = None
+) -> Comparison:
     """The study's trial of exactly the file's values, if it has one (run mode); `only` as the
     study was run with."""
     assert pf.objective is not None
