@@ -20,6 +20,7 @@ from ds_helpers import (  # noqa: F401 - deepspeed_env is a fixture
 )
 
 from trainwarden.adapters import deepspeed as twds
+from trainwarden.adapters.deepspeed import state as ds_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_env")]
 
@@ -354,3 +355,35 @@ def test_bf16_optimizer_with_fp32_gradient_accumulation(handles: list[twds.DeepS
     _switch(h, precision="fp32")
     assert_engine(h, 1, "fp32", False, False)
     train_steps(h, it, 1)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_switch_on_one_cpu_process_carries_the_engines_own_tensors(
+    handles: list[twds.DeepSpeedHandle], stage: int
+) -> None:
+    """On one CPU process a switch's capture holds the old engine's own fp32 masters and moments
+    (no copy: the engine is destroyed next), while `training_state()` stays a copy that later
+    training does not change; the chain of switches from there is exact (the other tests)."""
+    h, *_ = _start(ds_config(stage=stage))
+    handles.append(h)
+    it = iter(token_batches(8))
+    train_steps(h, it, 2)
+    storages = {
+        t.untyped_storage().data_ptr()
+        for f in ds_state.flat_partitions(h.engine)
+        for t in (f, *(v for v in ds_state.inner_optimizer(h.engine).state[f].values() if torch.is_tensor(v)))
+    }
+    kept = ds_state.capture(h.engine, h.switch.params, own=True)
+    copied = h.training_state()
+    first = next(i for i, ok in enumerate(kept.trained) if ok)
+    tensors = [kept.values[first], *(m[first] for m in kept.moments.values())]
+    assert len(tensors) == 3  # the master and Adam's two moments
+    assert all(t.untyped_storage().data_ptr() in storages for t in tensors)
+    assert all(
+        t.untyped_storage().data_ptr() not in storages
+        for t in [copied.values[first], *(m[first] for m in copied.moments.values())]
+    )
+    before = copied.values[first].clone()
+    train_steps(h, it, 1)
+    assert torch.equal(copied.values[first], before)  # the copy did not follow the training
+    assert not torch.equal(kept.values[first], before)  # the engine's own tensor did

@@ -12,18 +12,22 @@ Why: DeepSpeed changes ZeRO stage, precision or offload only through a checkpoin
 offline conversion and a restart, and for many pairs (stage 1/2 <-> 3, fp32 -> bf16) its
 checkpoints cannot carry the optimizer state at all. Here the switch happens inside the
 running job at a step boundary: the whole training state is read into one host-side fp32
-copy (adapters/deepspeed/state.py), the old engine is destroyed and its memory released, a new engine
+copy (adapters/deepspeed/state.py; in one process whose state is already in host memory, a CPU
+job or optimizer offload, the old engine's own tensors are kept instead of copied), the old
+engine is destroyed and its memory released, a new engine
 is built over the same module from the user's config with only the switched keys rewritten
 (adapters/deepspeed/config.py), and the state is written into it bit for bit. If anything fails once
 the old engine is gone, the previous configuration is rebuilt from the same host copy.
 
 What it costs: a switch takes the time of one `deepspeed.initialize` (less what a switch does not
 need: adapters/deepspeed/build.py `lean_initialize`) plus memory copies of 12 bytes per parameter
-(Adam) each way: about 3x two copies of the state for a 25M-parameter GPT on this CPU, into ZeRO 3
-more, when torch allocates with transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`; without them
-fresh pages cost twice that). bench/switch_latency.py measures it against the checkpoint path;
-its figures are in bench/README.md. Peak memory during it is the old engine
-plus that host copy: the old engine is destroyed before the new one is built, never kept beside
+(Adam) each way, or only into the new engine where the old engine's tensors are kept: on this CPU
+in one process, for a 25M-parameter GPT, about 1.5x two copies of the state with transparent huge
+pages (`THP_MEM_ALLOC_ENABLE=1` in the job's environment) and about 3x without them (fresh pages
+fault 4 KiB at a time), ZeRO 3 targets the slow end. bench/switch_latency.py measures it against
+the checkpoint path; its figures are in bench/README.md. Peak memory during it is the old engine
+plus the host copy where one is made (several ranks, a GPU), else the larger engine plus the
+state it carries: the old engine is destroyed before the new one is built, never kept beside
 it, and its memory is really released
 (`_destroy` removes the hooks through which DeepSpeed keeps destroyed engines alive). A
 micro-batch change needs no new engine: the gradient accumulation steps follow, the global

@@ -23,7 +23,10 @@ adapters/deepspeed/module.py's; they are importable from here too.
 Cost: the host copy holds 4 bytes per parameter for the weights plus 4 per parameter per
 optimizer state tensor (12 bytes a parameter for Adam), on every rank (full tensors: the
 `safe_get_full_*` calls gather them). Reading and writing are memory copies plus, with several
-ranks, one all-reduce or all-gather per parameter and state tensor.
+ranks, one all-reduce or all-gather per parameter and state tensor. A switch in one process whose
+state is already in host memory reads nothing: it keeps the engine's own tensors (`capture(own=True)`,
+`_keeps_own`), and writing is the only copy (none where the new engine can adopt the tensors: stage
+0 in fp32 steps the carried masters and moments themselves).
 """
 
 from __future__ import annotations
@@ -214,19 +217,49 @@ def _gathered_values(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
 
 class _Pools:
     """One flat fp32 host buffer per name, handed out in consecutive pieces (all names advance
-    together: piece i of every buffer belongs to the same parameter)."""
+    together: piece i of every buffer belongs to the same parameter).
 
-    def __init__(self, numel: int, names: list[str]) -> None:
+    With `keep`, there are no buffers: `take` hands back the engine's own tensor (see
+    `_keeps_own`)."""
+
+    def __init__(self, numel: int, names: list[str], *, keep: bool = False) -> None:
+        self.keep = keep
+        numel = 0 if keep else numel
         self.buffers = {n: torch.empty(numel, dtype=torch.float32) for n in names} if numel else {}
         self.offset = 0
 
     def take(self, name: str, src: torch.Tensor) -> torch.Tensor:
+        if self.keep:
+            return src.detach() if src.device.type == "cpu" and src.dtype == torch.float32 else _host(src)
         piece = self.buffers[name].narrow(0, self.offset, src.numel())
         piece.copy_(src.detach().reshape(-1))
         return piece
 
     def advance(self, numel: int) -> None:
         self.offset += numel
+
+
+def _keeps_own(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """Whether the host copy can be the engine's own tensors, with no copy: one process whose fp32
+    masters and optimizer state already live in host memory (a CPU job, or optimizer offload).
+
+    The switch destroys the old engine before it builds the new one, and nothing writes into a
+    dead engine's tensors: emptying its optimizer (adapters/deepspeed/build.destroy) drops
+    references, and building an engine never writes into the parameters it is given (ZeRO copies
+    them into its flat buffers, a precision change casts them to new tensors). So the views kept
+    here hold the state's exact bits until `restore` has copied them, and they keep only what the
+    copy would have held: the flat fp32 partitions (plus their padding) outlive the engine instead
+    of a copy of them. What that saves: a copy of the state into fresh pages, a third of a switch
+    on a 25M-parameter GPT here (bench/switch_latency.py), and the copy's memory while the old
+    engine is still alive (the switch's peak is the larger engine plus its state, no longer the old
+    engine plus a copy). Several processes gather full tensors (`safe_get_full_*`) instead; a GPU
+    engine's state must leave device memory for the new engine, so it is copied."""
+    present = [t for t in tensors if t is not None]
+    return (
+        bool(present)
+        and _single_process()
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present)
+    )
 
 
 def _single_process() -> bool:
@@ -292,8 +325,13 @@ def _set_loss_scale(optimizer: Any, saved: dict[str, Any]) -> None:
                     setattr(holder, k, v)
 
 
-def capture(engine: Any, params: list[torch.nn.Parameter]) -> HostState:
+def capture(engine: Any, params: list[torch.nn.Parameter], *, own: bool = False) -> HostState:
     """Read the engine's whole training state into host memory (every rank gets the full copy).
+
+    `own`: the caller destroys the engine next and writes into no tensor of it before `restore`
+    (a switch): where the state is already in host memory in one process, the result holds the
+    engine's own tensors instead of a copy (`_keeps_own`). Without it the result is a copy that
+    later training does not change.
 
     Collective with several ranks (one all-reduce or all-gather per tensor): every rank calls it.
     Raises StateError, before anything is changed, when the state cannot be carried exactly.
@@ -333,7 +371,9 @@ def capture(engine: Any, params: list[torch.nn.Parameter]) -> HostState:
         # tensor, copy into it and all-reduce it over one rank. Measured on a 25M-parameter GPT:
         # a third of the time; one large buffer also gets huge pages where the allocator gives
         # them (torch: THP_MEM_ALLOC_ENABLE=1), where 300 small ones take a page fault per 4 KiB.
-        pool = _Pools(sum(w.numel() for w in wholes if w is not None), ["", *keys])
+        # A switch on one process with the state in host memory keeps the engine's own tensors.
+        keep = own and _keeps_own(wholes)
+        pool = _Pools(sum(w.numel() for w in wholes if w is not None), ["", *keys], keep=keep)
         frozen: list[int] = []
         for i, p in enumerate(params):
             shape = p.ds_shape if kind == "z3" else p.shape
@@ -365,8 +405,10 @@ def capture(engine: Any, params: list[torch.nn.Parameter]) -> HostState:
                 values[i] = v
     else:
         masters = _per_param_masters(engine)
-        # One host buffer per kind of tensor, as above.
-        pool = _Pools(sum(m.numel() for p in params if (m := masters.get(id(p))) is not None), ["", *keys])
+        # One host buffer per kind of tensor, or the engine's own tensors, as above.
+        mine = [masters.get(id(p)) for p in params]
+        keep = own and _keeps_own(mine)
+        pool = _Pools(sum(m.numel() for m in mine if m is not None), ["", *keys], keep=keep)
         for p in params:
             master = masters.get(id(p))
             trained.append(master is not None)

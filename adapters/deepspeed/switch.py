@@ -2,7 +2,8 @@
 step boundary with the training state exact, rolled back on failure, agreed by every rank.
 
 A switch that needs a new engine captures the whole training state into one host-side fp32 copy
-(adapters/deepspeed/state.py), destroys the old engine and releases its memory, builds the new
+(adapters/deepspeed/state.py; in one CPU process, the old engine's own tensors, with no copy),
+destroys the old engine and releases its memory, builds the new
 one over the same module (adapters/deepspeed/build.py) and writes the state into it; if that
 fails on any rank, every rank rebuilds the previous setting from the same copy (a rank on
 another configuration would wait forever in a collective). A micro-batch change needs no new
@@ -226,7 +227,8 @@ class EngineSwitch:
         switch failed on any rank, every rank rolls back. Raises SwitchFailed when the rollback
         fails too."""
         with self._phase("capture"):
-            state = ds_state.capture(self.engine, self.params)  # StateError here: nothing changed yet
+            # StateError here: nothing changed yet. `own`: the engine is destroyed next, unwritten.
+            state = ds_state.capture(self.engine, self.params, own=True)
         if fix is not None:
             fix(state)
         self._destroy_current()
