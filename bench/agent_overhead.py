@@ -1,27 +1,37 @@
 """The agent's cost per training step, measured against the same loop without it.
 
-Two copies of the demo model (examples/gpt.py, default shape) with the same initial weights,
-each with its own AdamW, train on the same batches. Copy A runs the plain loop
-(forward, backward, optimizer step, zero_grad); copy B runs the identical loop through
-`trainwarden.adapters.pytorch.attach` (`steps` / `backward` / `step`), with the agent
-exchanging telemetry with a real sidecar controller process (`trainwarden controller`) over
-HTTP on loopback. The two loops alternate in one process, in blocks of two steps on the same
-two batches (A A B B or B B A A, the order drawn at random for each block pair), so drift in
-the machine's speed lands on both alike. Only the second step of each block is recorded: the
-agent's thread exchanges with the sidecar after each B step, beside whatever step runs next,
-so a recorded B step has the previous B step's exchange beside it, as in a real run, and the
-last B exchange of a block lands on a step that is not recorded. (Alternating step by step,
-`--block 1`, would charge part of that work to the plain loop.) Each step is timed whole
+One copy of the demo model (examples/gpt.py, default shape) with one AdamW, attached through
+`trainwarden.adapters.pytorch.attach`, whose steps alternate between two paths on the same
+model and optimizer: A, the plain loop (forward, `loss.backward()`, `optimizer.step()`,
+`zero_grad()`), and B, the attached loop (`handle.steps` / `handle.backward` / `handle.step`,
+which runs the agent's `on_step`), with the agent exchanging telemetry with a real sidecar
+controller process (`trainwarden controller`) over HTTP on loopback. The handle wraps nothing:
+it patches neither the model nor the optimizer (no hooks, no replaced methods), so an A step
+runs none of trainwarden's code; what B adds is exactly the handle's work. The j-th A step and
+the j-th B step take the same batch. The two paths alternate in blocks of two steps (A A B B or
+B B A A, the order drawn at random for each block pair, seeded: the same on every rank), so
+drift in the machine's speed lands on both alike. Only the second step of each block is
+recorded: the agent's thread exchanges with the sidecar after each B step, beside whatever step
+runs next, so a recorded B step has the previous B step's exchange beside it, as in a real run,
+and the last B exchange of a block lands on a step that is not recorded. (Alternating step by
+step, `--block 1`, would charge part of that work to the plain loop.) Each step is timed whole
 with time.perf_counter (for B: from taking the step's batch to `step()` returning, which
 includes the agent's `on_step`). The statistic is the median of the per-pair ratios B/A with
 a bootstrap 95% confidence interval (resampling block pairs).
 
-The same is run on two ranks (torchrun, gloo, DDP-wrapped copies, one thread per rank), with
-the agent's collective every step (sync_every=1, its worst case) and every 8 steps.
+`--design two-copies` is the method before issue 18 part 3: two copies with the same initial
+weights, A plain and B attached; the copies differ in memory placement (and on two ranks in DDP's
+buckets and reducer), which the ratio reads as overhead. `--control` is the A/A control: B runs
+the plain loop too and trainwarden is not attached, so the ratio is the method's own bias.
+
+The same is run on two ranks (torchrun, gloo, DDP, one thread per rank; both ranks take the
+same path at the same step), with the agent's collective every step (sync_every=1, its worst
+case) and every 8 steps.
 
     .venv/bin/python bench/agent_overhead.py                 # 200 recorded steps each, ~7 min
     .venv/bin/python bench/agent_overhead.py --quick         # 50 steps, a smoke run
     .venv/bin/python bench/agent_overhead.py --skip-two-ranks
+    .venv/bin/python bench/agent_overhead.py --control --steps 300 --sync-every 8 --skip-single-rank
 
 Prints one JSON object and writes it to bench/results/agent_overhead.json. See bench/README.md.
 """
@@ -31,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -69,6 +80,11 @@ policies:
 
 
 # ---- the interleaved loop (shared with agent_overhead_ranks.py) --------------------------------
+#: One model copy whose steps alternate between the plain and the attached path (the default), or
+#: two copies with identical weights, A plain and B attached (the method before issue 18 part 3).
+DESIGNS = ("one-copy", "two-copies")
+
+
 def make_models(seed: int) -> tuple[Any, Any]:
     """Two copies of the demo GPT with identical initial weights."""
     import torch
@@ -87,12 +103,93 @@ def make_batches(n: int, batch: int, seed: int) -> list[Any]:
     return [sampler.next_batch() for _ in range(n)]
 
 
+def plain_step(model: Any, optimizer: Any, batches: Iterator[Any]) -> Callable[[], float]:
+    """One plain training step per call (forward, backward, optimizer step, zero_grad); its seconds."""
+
+    def step() -> float:
+        t = time.perf_counter()
+        b = next(batches)
+        _, loss = model(b.x, b.y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    return step
+
+
+def attached_step(model: Any, handle: Any, batches: Iterator[Any]) -> Callable[[], float]:
+    """One training step through the handle per call (`steps` / `backward` / `step`, which runs
+    the agent's `on_step`); its seconds, from taking the step's batch to `step()` returning."""
+    it = handle.steps(batches)
+
+    def step() -> float:
+        t = time.perf_counter()
+        for micro in next(it):
+            _, loss = model(micro.x, micro.y)
+            handle.backward(loss)
+        handle.step()
+        return time.perf_counter() - t
+
+    return step
+
+
+@dataclasses.dataclass
+class Loops:
+    """The two loops of a run: A (plain) and B (attached, or plain too in the A/A control)."""
+
+    step_a: Callable[[], float]
+    step_b: Callable[[], float]
+    handle: Any  # None in the A/A control: nothing of trainwarden's runs
+    copies: tuple[Any, ...]  # the raw models: one, or A's and B's
+
+    def weights_equal(self) -> bool | None:
+        """Two copies: A's and B's weights are bit-identical (both loops did the same work).
+        None with one copy: both loops train the same weights."""
+        import torch
+
+        if len(self.copies) < 2:
+            return None
+        a, b = self.copies
+        return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def build_loops(
+    design: str,
+    control: bool,
+    seed: int,
+    batches: list[Any],
+    wrap: Callable[[Any], Any],
+    **attach_kwargs: Any,
+) -> Loops:
+    """The loops of `design` (DESIGNS) on `batches`: the j-th A step and the j-th B step take the
+    same batch. `wrap` wraps a raw model (DDP on two ranks). `control`: B runs the plain loop too
+    and trainwarden is not attached (the A/A control: what the method reads with no agent)."""
+    from trainwarden.adapters import pytorch as tw_pytorch
+
+    raw_a, raw_b = make_models(seed)
+    copies = (raw_a,) if design == "one-copy" else (raw_a, raw_b)
+    model_a = wrap(raw_a)
+    opt_a = raw_a.configure_optimizer(lr=1e-3)
+    if design == "one-copy":
+        model_b, opt_b = model_a, opt_a
+    else:
+        model_b, opt_b = wrap(raw_b), raw_b.configure_optimizer(lr=1e-3)
+    step_a = plain_step(model_a, opt_a, iter(batches))
+    if control:
+        return Loops(step_a, plain_step(model_b, opt_b, iter(batches)), None, copies)
+    handle = tw_pytorch.attach(model_b, opt_b, **attach_kwargs)
+    return Loops(step_a, attached_step(model_b, handle, iter(batches)), handle, copies)
+
+
 class Instrument:
     """Times `agent.on_step` and counts the exchange thread's HTTP exchanges (bench-only)."""
 
     def __init__(self, handle: Any) -> None:
         self.on_step_s: list[float] = []
         self.exchanges = 0
+        if handle is None:  # the A/A control
+            return
         agent = handle.agent
         on_step = agent.on_step
 
@@ -126,11 +223,7 @@ def blocks_for(steps: int, block: int) -> int:
 
 
 def interleaved(
-    model_a: Any,
-    opt_a: Any,
-    model_b: Any,
-    handle: Any,
-    batches: list[Any],
+    loops: Loops,
     warmup: int,
     steps: int,
     order_seed: int,
@@ -138,10 +231,10 @@ def interleaved(
     between: Callable[[], None] | None = None,
     sidecar_cpu: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """Run plain steps (A) and attached steps (B) on the same batches, interleaved; time each step.
+    """Run plain steps (A) and attached steps (B) interleaved; time each step.
 
-    First `warmup` A/B pairs, not recorded. Then blocks: `block` A steps and `block` B steps on
-    the same `block` batches, the order of the two blocks drawn at random. The first step of each
+    First `warmup` A/B pairs, not recorded. Then blocks: `block` A steps and `block` B steps (on
+    the same `block` batches), the order of the two blocks drawn at random. The first step of each
     block is not recorded: the agent's thread exchanges after each B step, beside the step that
     follows, so the B block's last exchange runs beside the next A block's first step; every
     recorded B step has the previous B step's exchange beside it, as in a real run. With
@@ -150,29 +243,13 @@ def interleaved(
     block pair. `between` runs after warm-up (not timed); `sidecar_cpu` reads the sidecar's CPU
     seconds at the start and the end of the blocks."""
     n_blocks = blocks_for(steps, block)
-    assert len(batches) >= batches_needed(warmup, steps, block)
     rng = random.Random(order_seed)  # the same order on every rank: DDP's collectives must pair up
+    handle = loops.handle
     inst = Instrument(handle)
-    it_a: Iterator[Any] = iter(batches)
-    it_b = handle.steps(iter(batches))
-    agent = handle.agent
+    step_a, step_b = loops.step_a, loops.step_b
 
-    def step_a() -> float:
-        t = time.perf_counter()
-        b = next(it_a)
-        _, loss = model_a(b.x, b.y)
-        loss.backward()
-        opt_a.step()
-        opt_a.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
-
-    def step_b() -> float:
-        t = time.perf_counter()
-        for micro in next(it_b):
-            _, loss = model_b(micro.x, micro.y)
-            handle.backward(loss)
-        handle.step()
-        return time.perf_counter() - t
+    def agent_cpu() -> float:
+        return float(handle.agent.cpu_time_s) if handle is not None else 0.0
 
     for _ in range(warmup):
         if rng.random() < 0.5:
@@ -183,7 +260,7 @@ def interleaved(
             step_b()
     if between is not None:
         between()
-    cpu0, exchanges0 = agent.cpu_time_s, inst.exchanges
+    cpu0, exchanges0 = agent_cpu(), inst.exchanges
     sidecar0 = sidecar_cpu() if sidecar_cpu is not None else 0.0
     on_step0 = len(inst.on_step_s)
     skip = 1 if block > 1 else 0
@@ -218,8 +295,8 @@ def interleaved(
         "block": block,
         "blocks": n_blocks,
         "attached_steps_in_window": n_blocks * block,
-        "on_step_s": [inst.on_step_s[i] for i in on_step_idx],
-        "agent_cpu_s_measured": agent.cpu_time_s - cpu0,
+        "on_step_s": [inst.on_step_s[i] for i in on_step_idx] if inst.on_step_s else [],
+        "agent_cpu_s_measured": agent_cpu() - cpu0,
         "exchanges_measured": inst.exchanges - exchanges0,
         "sidecar_cpu_s_measured": sidecar_s,
     }
@@ -390,59 +467,55 @@ def free_port() -> int:
 
 
 # ---- single rank ------------------------------------------------------------------------------------
-def single_rank(root: Path, steps: int, warmup: int, batch: int, block: int, seed: int) -> dict[str, Any]:
+def single_rank(
+    root: Path,
+    steps: int,
+    warmup: int,
+    batch: int,
+    block: int,
+    seed: int,
+    design: str = "one-copy",
+    control: bool = False,
+) -> dict[str, Any]:
     import torch
-
-    from trainwarden.adapters import pytorch as tw_pytorch
 
     sidecar = Sidecar(root, "single")
     outcome: dict[str, Any] = {}
-    handle = None
+    loops: Loops | None = None
     saved = {k: os.environ.get(k) for k in ("TRAINWARDEN_ENDPOINT", "TRAINWARDEN_TOKEN")}
     try:
         os.environ.update(sidecar.env())
-        model_a, model_b = make_models(seed)
-        opt_a, opt_b = model_a.configure_optimizer(lr=1e-3), model_b.configure_optimizer(lr=1e-3)
         batches = make_batches(batches_needed(warmup, steps, block), batch, seed)
-        handle = tw_pytorch.attach(
-            model_b,
-            opt_b,
+        loops = build_loops(
+            design,
+            control,
+            seed,
+            batches,
+            lambda m: m,
             global_batch_size=batch,
             micro_batch_size=batch,
             tokens_per_sample=BLOCK_SIZE,
             sync_every=1,
         )
         t0 = time.perf_counter()
-        res = interleaved(
-            model_a,
-            opt_a,
-            model_b,
-            handle,
-            batches,
-            warmup,
-            steps,
-            order_seed=seed,
-            block=block,
-            sidecar_cpu=sidecar.cpu_s,
-        )
+        res = interleaved(loops, warmup, steps, order_seed=seed, block=block, sidecar_cpu=sidecar.cpu_s)
         loop_s = time.perf_counter() - t0
-        agent = handle.agent
-        connected = agent.connected
-        same = all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
-        handle.close()
+        handle = loops.handle
         outcome = {
-            **describe(res, warmup, seed),
+            **describe(res, warmup, seed, design, control),
             "batch": f"{batch} x {BLOCK_SIZE} (one micro-batch per step)",
             "torch_threads": torch.get_num_threads(),
             "loop_wall_s": round(loop_s, 2),
-            "agent_thread_cpu_s_whole_run": round(agent.cpu_time_s, 4),
-            "on_step": on_step_stats(res["on_step_s"]),
-            "connected": connected,
-            "attached_and_plain_weights_equal": same,
+            "attached_and_plain_weights_equal": loops.weights_equal(),
         }
-    finally:
         if handle is not None:
+            outcome["agent_thread_cpu_s_whole_run"] = round(handle.agent.cpu_time_s, 4)
+            outcome["on_step"] = on_step_stats(res["on_step_s"])
+            outcome["connected"] = handle.agent.connected
             handle.close()
+    finally:
+        if loops is not None and loops.handle is not None:
+            loops.handle.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -450,17 +523,26 @@ def single_rank(root: Path, steps: int, warmup: int, batch: int, block: int, see
                 os.environ[k] = v
         stopped = sidecar.stop()
     outcome.update(stopped)
+    if control:
+        return outcome
     outcome["telemetry_records_expected"] = warmup + res["attached_steps_in_window"]
     return add_costs(outcome, res["on_step_s"], res["attached_steps_in_window"])
 
 
-def describe(res: dict[str, Any], warmup: int, seed: int) -> dict[str, Any]:
+def describe(res: dict[str, Any], warmup: int, seed: int, design: str, control: bool) -> dict[str, Any]:
     """The figures every run reports, from one rank's record of `interleaved`."""
     window = res["attached_steps_in_window"]
     cpu = res["agent_cpu_s_measured"]
     med_a = float(np.median(res["times_a"]))
-    return {
+    head = {
         **summarize(res["times_a"], res["times_b"], res["cluster"], seed),
+        "design": design,
+        "control": "A/A: B runs the plain loop, trainwarden not attached" if control else None,
+    }
+    if control:
+        return {**head, "block": res["block"], "block_pairs": res["blocks"], "warmup_pairs": warmup}
+    return {
+        **head,
         "block": res["block"],
         "block_pairs": res["blocks"],
         "b_block_first": sum(res["b_first"]),
@@ -505,6 +587,8 @@ def two_ranks(
     sync_every: int,
     timeout_s: float,
     nodes: int = 1,
+    design: str = "one-copy",
+    control: bool = False,
 ) -> dict[str, Any]:
     """Two ranks: one torchrun with two processes (nodes=1), or two torchrun node agents with one
     process each and a c10d rendezvous (nodes=2: a two-node job on one machine)."""
@@ -522,7 +606,9 @@ def two_ranks(
             f"--block={block}",
             f"--seed={seed}",
             f"--sync-every={sync_every}",
+            f"--design={design}",
             f"--out={out_dir}",
+            *(["--control"] if control else []),
         ]
         port = free_port()
         if nodes == 1:
@@ -564,24 +650,28 @@ def two_ranks(
         stopped = sidecar.stop()
     r0, r1 = ranks
     out = {
-        **describe(r0, warmup, seed),
+        **describe(r0, warmup, seed, design, control),
         "measured_on": "rank 0 (rank 1's figures under rank1)",
         "sync_every": sync_every,
         "nodes": nodes,
         "batch_per_rank": f"{batch} x {BLOCK_SIZE} (one micro-batch per step)",
         "torch_threads_per_rank": r0["torch_threads"],
-        "on_step_rank0": on_step_stats(r0["on_step_s"]),
-        "on_step_rank1": on_step_stats(r1["on_step_s"]),
         "rank1": {
             k: v
             for k, v in summarize(r1["times_a"], r1["times_b"], r1["cluster"], seed).items()
             if k in ("median_ratio", "ratio_ci95", "overhead_pct", "median_step_ms_baseline")
         },
-        "attached_and_plain_weights_equal": all(r["weights_equal"] for r in ranks),
+        "attached_and_plain_weights_equal": None
+        if r0["weights_equal"] is None
+        else all(r["weights_equal"] for r in ranks),
         "torchrun_wall_s": round(wall, 1),
         **stopped,
-        "telemetry_records_expected": warmup + r0["attached_steps_in_window"],
     }
+    if control:
+        return out
+    out["on_step_rank0"] = on_step_stats(r0["on_step_s"])
+    out["on_step_rank1"] = on_step_stats(r1["on_step_s"])
+    out["telemetry_records_expected"] = warmup + r0["attached_steps_in_window"]
     return add_costs(out, r0["on_step_s"], r0["attached_steps_in_window"])
 
 
@@ -641,6 +731,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "1: alternate step by step and record every step, which charges part of the agent's "
         "asynchronous work to the plain loop)",
     )
+    p.add_argument(
+        "--design",
+        choices=DESIGNS,
+        default="one-copy",
+        help="one-copy (default): one model whose steps alternate between the plain and the "
+        "attached path; two-copies: two models with identical weights, A plain and B attached (the "
+        "method before issue 18 part 3, whose copies differ in memory placement and DDP buckets)",
+    )
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="the A/A control: B runs the plain loop too and trainwarden is not attached; the ratio "
+        "it reads is the method's own bias",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS), help="where to write the JSON (default %(default)s)")
     return p.parse_args(argv)
@@ -653,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "agent_overhead",
+        "design": args.design,
+        "control": args.control,
         "goal_overhead_pct": GOAL_OVERHEAD_PCT,
         "machine": machine(),
     }
@@ -660,7 +766,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         if not args.skip_single_rank:
             print(f"single rank: {steps} steps each, blocks of {args.block} ...", file=sys.stderr, flush=True)
-            result["single_rank"] = single_rank(root, steps, args.warmup, args.batch, args.block, args.seed)
+            result["single_rank"] = single_rank(
+                root, steps, args.warmup, args.batch, args.block, args.seed, args.design, args.control
+            )
         # A two-rank loop runs 2 x block steps per block pair, ~0.15 s each here: room for a slow machine.
         timeout_s = max(900, int(steps * 2 * args.block * 0.6))
         if not args.skip_two_ranks:
@@ -668,7 +776,10 @@ def main(argv: list[str] | None = None) -> int:
             for s in syncs:
                 print(f"two ranks, sync_every={s} ...", file=sys.stderr, flush=True)
                 result["two_ranks"][f"sync_every_{s}"] = two_ranks(
-                    root, steps, args.warmup, args.rank_batch, args.block, args.seed, s, timeout_s=timeout_s
+                    *(root, steps, args.warmup, args.rank_batch, args.block, args.seed, s),
+                    timeout_s=timeout_s,
+                    design=args.design,
+                    control=args.control,
                 )
                 if args.two_nodes:
                     print(f"two nodes, sync_every={s} ...", file=sys.stderr, flush=True)
@@ -682,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
                         s,
                         timeout_s,
                         nodes=2,
+                        design=args.design,
+                        control=args.control,
                     )
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -690,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
         k: result[k]
         for k in (
             "benchmark",
+            "design",
+            "control",
             "single_rank",
             "two_ranks",
             "two_nodes",

@@ -1,9 +1,12 @@
 """One rank of the two-rank agent_overhead benchmark; started by bench/agent_overhead.py via torchrun.
 
-Each rank builds two DDP-wrapped copies of the demo GPT (same initial weights), attaches
-trainwarden to copy B (rank 0's agent talks to the sidecar named by TRAINWARDEN_ENDPOINT), runs
-the interleaved A/B loop of agent_overhead.py with the same pair order on every rank, and
-writes its step times to OUT/rank{RANK}.json.
+Each rank builds the loops of agent_overhead.py's `--design` over DDP-wrapped models (one-copy:
+one model whose steps alternate between the plain and the attached path; two-copies: A plain,
+B attached, same initial weights), attaches trainwarden (rank 0's agent talks to the sidecar
+named by TRAINWARDEN_ENDPOINT; not with `--control`, where B runs the plain loop too), runs the
+interleaved A/B loop with the same pair order on every rank (both ranks take the same path at
+the same step, so DDP's all-reduce and the agent's collective pair up), and writes its step
+times to OUT/rank{RANK}.json.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -20,9 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agent_overhead import BLOCK_SIZE, batches_needed, interleaved, make_batches, make_models
-
-from trainwarden.adapters import pytorch as tw_pytorch
+from agent_overhead import BLOCK_SIZE, DESIGNS, batches_needed, build_loops, interleaved, make_batches
 
 
 def main() -> int:
@@ -33,6 +35,8 @@ def main() -> int:
     p.add_argument("--block", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--sync-every", type=int, required=True)
+    p.add_argument("--design", choices=DESIGNS, default="one-copy")
+    p.add_argument("--control", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -40,22 +44,21 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     try:
-        raw_a, raw_b = make_models(args.seed)
-        model_a, model_b = DDP(raw_a), DDP(raw_b)
-        opt_a = raw_a.configure_optimizer(lr=1e-3)
-        opt_b = raw_b.configure_optimizer(lr=1e-3)
         batches = make_batches(
             batches_needed(args.warmup, args.steps, args.block), args.batch, args.seed + 1000 * rank
         )
-        handle = tw_pytorch.attach(
-            model_b,
-            opt_b,
+        loops = build_loops(
+            args.design,
+            args.control,
+            args.seed,
+            batches,
+            DDP,
             global_batch_size=args.batch,
             micro_batch_size=args.batch,
             tokens_per_sample=BLOCK_SIZE,
             sync_every=args.sync_every,
         )
-        sidecar_cpu = None
+        sidecar_cpu: Callable[[], float] | None = None
         if rank == 0 and os.environ.get("BENCH_SIDECAR_PID"):
             sidecar = psutil.Process(int(os.environ["BENCH_SIDECAR_PID"]))
 
@@ -65,11 +68,7 @@ def main() -> int:
 
         # Start the measured steps together on both ranks.
         res = interleaved(
-            model_a,
-            opt_a,
-            model_b,
-            handle,
-            batches,
+            loops,
             args.warmup,
             args.steps,
             args.seed,
@@ -77,9 +76,11 @@ def main() -> int:
             between=dist.barrier,
             sidecar_cpu=sidecar_cpu,
         )
-        same = all(torch.equal(x, y) for x, y in zip(raw_a.parameters(), raw_b.parameters()))
-        cpu = handle.agent.cpu_time_s
-        handle.close()
+        same = loops.weights_equal()
+        cpu = None
+        if loops.handle is not None:
+            cpu = loops.handle.agent.cpu_time_s
+            loops.handle.close()
         record = {
             **res,
             "rank": rank,
