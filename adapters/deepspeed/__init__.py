@@ -22,10 +22,11 @@ the old engine is gone, the previous configuration is rebuilt from the same host
 What it costs: a switch takes the time of one `deepspeed.initialize` (less what a switch does not
 need: adapters/deepspeed/build.py `lean_initialize`) plus memory copies of 12 bytes per parameter
 (Adam) each way, or only into the new engine where the old engine's tensors are kept: on this CPU
-in one process, for a 25M-parameter GPT, about 1.5x two copies of the state with transparent huge
-pages (`THP_MEM_ALLOC_ENABLE=1` in the job's environment) and about 3x without them (fresh pages
-fault 4 KiB at a time), ZeRO 3 targets the slow end. bench/switch_latency.py measures it against
-the checkpoint path; its figures are in bench/README.md. Peak memory during it is the old engine
+in one process, for a 25M-parameter GPT, a median 1.6x two copies of the state with transparent
+huge pages (`THP_MEM_ALLOC_ENABLE=1` in the job's environment) and 2.5x without them (fresh pages
+fault 4 KiB at a time); ZeRO 3 targets ~4x and ~5x, stage 0 fp32 targets adopt the state (0.2x).
+bench/switch_latency.py measures it against the checkpoint path; its figures are in
+bench/README.md. Peak memory during it is the old engine
 plus the host copy where one is made (several ranks, a GPU), else the larger engine plus the
 state it carries: the old engine is destroyed before the new one is built, never kept beside
 it, and its memory is really released
