@@ -36,7 +36,11 @@ policies:
     min_micro_batch: 2
 """
 
-TINY_JOB = tiny_job(400)
+#: Steps of the switched job. The ladder 16 -> 8 -> 4 -> 2 takes three decisions, about half a second
+#: apart (the exchange cadence while the memory policy watches); 400 steps once lasted 4 s, but a
+#: faster machine ran them in 1.6 s, before the third. 1500 last 6 s at 250 steps a second.
+STEPS = 1500
+TINY_JOB = tiny_job(STEPS)
 
 
 def test_run_switches_the_job_and_metrics_show_it(tmp_path: Path) -> None:
@@ -99,7 +103,7 @@ def test_run_switches_the_job_and_metrics_show_it(tmp_path: Path) -> None:
         assert by_step[s + 1]["config"]["gradient_accumulation_steps"] == 16 // d["params"]["value"]
     samples = [r["samples"] for r in steps]
     assert all(b - a == 16 for a, b in itertools.pairwise(samples))
-    assert steps[-1]["step"] == 400
+    assert steps[-1]["step"] == STEPS
 
     # A real scrape taken while the job ran shows the action and the new configuration.
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -116,7 +120,7 @@ def test_run_switches_the_job_and_metrics_show_it(tmp_path: Path) -> None:
     assert any(k[0] == "trainwarden_device_memory_peak_bytes" and ("rank", "0") in k[1] for k in last)
     assert last[("trainwarden_step", (run_label,))] > 0
 
-    assert summary["step"] == 400 and summary["config"]["micro_batch_size"] == 2
+    assert summary["step"] == STEPS and summary["config"]["micro_batch_size"] == 2
 
 
 def test_run_returns_the_jobs_exit_code(tmp_path: Path) -> None:
