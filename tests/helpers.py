@@ -65,7 +65,8 @@ def wait_for(pred, timeout: float, interval: float = 0.05) -> bool:  # type: ign
 
 def tiny_job(steps: int) -> list[str]:
     """The demo's own script (examples/train_gpt.py) on a one-layer model: a real job that runs
-    ~100 steps a second, for tests that need a controller to see many steps quickly."""
+    100-250 steps a second (by the machine: a test must not count on the rate), for tests that need
+    a controller to see many steps quickly."""
     return [
         sys.executable,
         str(REPO / "examples" / "train_gpt.py"),
