@@ -387,3 +387,47 @@ def test_a_switch_on_one_cpu_process_carries_the_engines_own_tensors(
     train_steps(h, it, 1)
     assert torch.equal(copied.values[first], before)  # the copy did not follow the training
     assert not torch.equal(kept.values[first], before)  # the engine's own tensor did
+
+
+def test_a_cpu_switch_without_huge_pages_says_once_what_they_would_buy(
+    handles: list[twds.DeepSpeedHandle],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The kernel would give transparent huge pages (mode madvise) and torch was not told to ask
+    for them: the first switch of the process says so, with what it moved; later ones do not."""
+    from trainwarden.adapters.deepspeed import memory as ds_memory
+    from trainwarden.adapters.deepspeed import switch as ds_switch
+
+    mode = tmp_path / "enabled"
+    mode.write_text("always [madvise] never\n")
+    monkeypatch.setattr(ds_memory, "THP_MODE_FILE", str(mode))
+    monkeypatch.setattr(ds_switch, "_huge_pages_hinted", False)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    h, *_ = _start(ds_config(stage=0))
+    handles.append(h)
+    train_steps(h, iter(token_batches(2)), 1)
+    with caplog.at_level("INFO", logger="trainwarden"):
+        _switch(h, zero_stage=1)
+        _switch(h, zero_stage=2)
+    hints = [r.getMessage() for r in caplog.records if "THP_MEM_ALLOC_ENABLE=1" in r.getMessage()]
+    assert len(hints) == 1 and "MiB of state" in hints[0], hints
+
+
+def test_the_huge_pages_hint_is_silent_where_nothing_is_to_gain(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is said when the job has them on, the kernel's mode is never, or there is no such file."""
+    from trainwarden.adapters.deepspeed import memory as ds_memory
+
+    on, never = tmp_path / "on", tmp_path / "never"
+    on.write_text("[always] madvise never\n")
+    never.write_text("always madvise [never]\n")
+    monkeypatch.setattr(ds_memory, "THP_MODE_FILE", str(on))
+    assert ds_memory.huge_pages_hint(0.5, 2**28, {}) is not None
+    assert ds_memory.huge_pages_hint(0.5, 2**28, {"THP_MEM_ALLOC_ENABLE": "1"}) is None
+    monkeypatch.setattr(ds_memory, "THP_MODE_FILE", str(never))
+    assert ds_memory.huge_pages_hint(0.5, 2**28, {}) is None
+    monkeypatch.setattr(ds_memory, "THP_MODE_FILE", str(tmp_path / "missing"))
+    assert ds_memory.huge_pages_hint(0.5, 2**28, {}) is None

@@ -28,7 +28,7 @@ from trainwarden.adapters.deepspeed.build import Builder, destroy, lean_initiali
 from trainwarden.adapters.deepspeed.config import ConfigError, Setting, resolve, setting_of
 from trainwarden.adapters.deepspeed.errors import ReconfigureError, ReconfigureResult, SwitchFailed
 from trainwarden.adapters.deepspeed.knobs import available_precisions
-from trainwarden.adapters.deepspeed.memory import MemoryMeter, release_memory
+from trainwarden.adapters.deepspeed.memory import MemoryMeter, huge_pages_hint, release_memory
 from trainwarden.adapters.deepspeed.module import clean_module, module_params
 from trainwarden.controller.protocol import KNOB_ACTIVATION_CHECKPOINTING
 
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from trainwarden.adapters.deepspeed.handle import DeepSpeedHandle
 
 log = logging.getLogger("trainwarden")
+
+#: Whether this process has said what transparent huge pages would buy its switches (once is enough).
+_huge_pages_hinted = False
 
 #: The Setting fields a switch reports as knobs, in the order reported.
 _SETTING_KNOBS = ("zero_stage", "precision", "offload_optimizer", "offload_param", "micro_batch_size")
@@ -165,6 +168,12 @@ class EngineSwitch:
                 f"switch to {target.describe()} failed and was rolled back: {error}", result
             )
         log.info("trainwarden: %s", result.describe())
+        global _huge_pages_hinted
+        if rebuild and meter.kind == "rss" and not _huge_pages_hinted:
+            hint = huge_pages_hint(result.duration_s, moved)
+            if hint is not None:
+                _huge_pages_hinted = True  # once a process: the first switch says it
+                log.info("trainwarden: %s", hint)
         h.oom.mark_step_start()
         return result
 
