@@ -403,7 +403,7 @@ def test_a_cpu_switch_without_huge_pages_says_once_what_they_would_buy(
     mode = tmp_path / "enabled"
     mode.write_text("always [madvise] never\n")
     monkeypatch.setattr(ds_memory, "THP_MODE_FILE", str(mode))
-    monkeypatch.setattr(ds_switch, "_huge_pages_hinted", False)
+    monkeypatch.setattr(ds_switch, "_huge_pages_checked", False)
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     h, *_ = _start(ds_config(stage=0))
     handles.append(h)

@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainwarden")
 
-#: Whether this process has said what transparent huge pages would buy its switches (once is enough).
-_huge_pages_hinted = False
+#: Whether this process has looked at what transparent huge pages would buy its switches (its
+#: first CPU switch does, and says it where they would buy something).
+_huge_pages_checked = False
 
 #: The Setting fields a switch reports as knobs, in the order reported.
 _SETTING_KNOBS = ("zero_stage", "precision", "offload_optimizer", "offload_param", "micro_batch_size")
@@ -168,11 +169,12 @@ class EngineSwitch:
                 f"switch to {target.describe()} failed and was rolled back: {error}", result
             )
         log.info("trainwarden: %s", result.describe())
-        global _huge_pages_hinted
-        if rebuild and meter.kind == "rss" and not _huge_pages_hinted:
+        global _huge_pages_checked
+        if rebuild and meter.kind == "rss" and not _huge_pages_checked:
+            # Once a process: the environment torch read and the kernel's mode do not change.
+            _huge_pages_checked = True
             hint = huge_pages_hint(result.duration_s, moved)
             if hint is not None:
-                _huge_pages_hinted = True  # once a process: the first switch says it
                 log.info("trainwarden: %s", hint)
         h.oom.mark_step_start()
         return result
