@@ -222,6 +222,54 @@ def blocks_for(steps: int, block: int) -> int:
     return -(-steps // recorded)
 
 
+class BesideClocks:
+    """CPU clocks of what runs beside the training step: the agent's exchange thread (this
+    process) and the sidecar (another process), read in nanoseconds (clock_gettime on their CPU
+    clocks, ~1 us a read) around each recorded step, so that their CPU is attributed to plain
+    and attached steps separately. What an attached step's asynchronous work costs the steps is
+    the difference; CPU both kinds of step see alike (the sidecar's idle ticks) is not the agent's."""
+
+    def __init__(self, handle: Any, sidecar_pid: int | None) -> None:
+        self.clocks: dict[str, int] = {}
+        thread = getattr(getattr(handle, "agent", None), "_thread", None)
+        if thread is not None and thread.ident is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                self.clocks["agent_thread"] = time.pthread_getcpuclockid(thread.ident)
+        if sidecar_pid is not None:
+            # Linux's CPU clock of another process: MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED).
+            clock = (~sidecar_pid << 3) | 2
+            with contextlib.suppress(OSError):
+                time.clock_gettime(clock)
+                self.clocks["sidecar"] = clock
+        self.spent: dict[str, dict[str, float]] = {"a": {}, "b": {}}
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for name, clock in self.clocks.items():
+            try:
+                out[name] = time.clock_gettime(clock)
+            except OSError:  # the thread or the process ended
+                out[name] = float("nan")
+        return out
+
+    def add(self, loop: str, before: dict[str, float], after: dict[str, float]) -> None:
+        for name, t in after.items():
+            self.spent[loop][name] = self.spent[loop].get(name, 0.0) + (t - before[name])
+
+    def per_step_ms(self, n_a: int, n_b: int) -> dict[str, Any]:
+        """Mean CPU ms per recorded step beside plain (A) and attached (B) steps, and B - A."""
+        out: dict[str, Any] = {}
+        for name in self.clocks:
+            a = self.spent["a"].get(name, 0.0) / max(n_a, 1) * 1e3
+            b = self.spent["b"].get(name, 0.0) / max(n_b, 1) * 1e3
+            out[name] = {
+                "plain_ms": round(a, 4),
+                "attached_ms": round(b, 4),
+                "attached_minus_plain_ms": round(b - a, 4),
+            }
+        return out
+
+
 def interleaved(
     loops: Loops,
     warmup: int,
@@ -230,6 +278,7 @@ def interleaved(
     block: int = 2,
     between: Callable[[], None] | None = None,
     sidecar_cpu: Callable[[], float] | None = None,
+    sidecar_pid: int | None = None,
 ) -> dict[str, Any]:
     """Run plain steps (A) and attached steps (B) interleaved; time each step.
 
@@ -241,7 +290,8 @@ def interleaved(
     `block=1` the loops alternate step by step and every step is recorded (then part of the
     agent's asynchronous cost lands on A steps). Pairs are (A's j-th step, B's j-th step) of a
     block pair. `between` runs after warm-up (not timed); `sidecar_cpu` reads the sidecar's CPU
-    seconds at the start and the end of the blocks."""
+    seconds at the start and the end of the blocks; with `sidecar_pid`, its CPU and the agent
+    thread's are also read around each recorded step (BesideClocks)."""
     n_blocks = blocks_for(steps, block)
     rng = random.Random(order_seed)  # the same order on every rank: DDP's collectives must pair up
     handle = loops.handle
@@ -263,6 +313,7 @@ def interleaved(
     cpu0, exchanges0 = agent_cpu(), inst.exchanges
     sidecar0 = sidecar_cpu() if sidecar_cpu is not None else 0.0
     on_step0 = len(inst.on_step_s)
+    beside = BesideClocks(handle, sidecar_pid)
     skip = 1 if block > 1 else 0
     times_a: list[float] = []
     times_b: list[float] = []
@@ -274,12 +325,17 @@ def interleaved(
         b_first.append(first_b)
         for loop in ("b", "a") if first_b else ("a", "b"):
             for j in range(block):
+                before = beside.read() if j >= skip else None
                 if loop == "a":
                     ta = step_a()
+                    if before is not None:
+                        beside.add("a", before, beside.read())
                     if j >= skip:
                         times_a.append(ta)
                 else:
                     tb = step_b()
+                    if before is not None:
+                        beside.add("b", before, beside.read())
                     if j >= skip:
                         times_b.append(tb)
                         on_step_idx.append(on_step0 + k * block + j)
@@ -299,6 +355,7 @@ def interleaved(
         "agent_cpu_s_measured": agent_cpu() - cpu0,
         "exchanges_measured": inst.exchanges - exchanges0,
         "sidecar_cpu_s_measured": sidecar_s,
+        "cpu_beside_recorded_steps": beside.per_step_ms(len(times_a), len(times_b)),
     }
 
 
@@ -498,7 +555,15 @@ def single_rank(
             sync_every=1,
         )
         t0 = time.perf_counter()
-        res = interleaved(loops, warmup, steps, order_seed=seed, block=block, sidecar_cpu=sidecar.cpu_s)
+        res = interleaved(
+            loops,
+            warmup,
+            steps,
+            order_seed=seed,
+            block=block,
+            sidecar_cpu=sidecar.cpu_s,
+            sidecar_pid=sidecar.proc.pid,
+        )
         loop_s = time.perf_counter() - t0
         handle = loops.handle
         outcome = {
@@ -555,6 +620,7 @@ def describe(res: dict[str, Any], warmup: int, seed: int, design: str, control: 
         "sidecar_cpu_s": None
         if res["sidecar_cpu_s_measured"] is None
         else round(res["sidecar_cpu_s_measured"], 4),
+        "cpu_beside_recorded_steps": res.get("cpu_beside_recorded_steps", {}),
     }
 
 
@@ -562,9 +628,11 @@ def add_costs(out: dict[str, Any], on_step_s: list[float], steps: int) -> dict[s
     """The direct costs, as shares of the plain step: what the ratio cannot resolve on a noisy machine.
 
     on_step runs inside the step (the critical path). The agent thread and the sidecar run beside
-    it: they cost the step only when they take a core or the GIL the step needs. The sum of all
-    three, as a share of the plain step, is what the step would lose if every CPU-second of theirs
-    were taken from it."""
+    it: they cost the step only when they take a core or the GIL the step needs.
+    `all_cpu_on_critical_path_pct` is the bound: every CPU-second of theirs in the window charged
+    to the attached steps. `attributed_pct` is what the attached path adds: on_step, plus the
+    agent thread's and the sidecar's CPU beside attached steps less beside plain steps (BesideClocks;
+    what runs beside both alike, such as the sidecar's idle ticks, slows both)."""
     base_ms = out["median_step_ms_baseline"]
     on_step_ms = float(np.mean(on_step_s)) * 1e3
     sidecar = out.get("sidecar_cpu_s")  # over the measured steps
@@ -573,6 +641,10 @@ def add_costs(out: dict[str, Any], on_step_s: list[float], steps: int) -> dict[s
     out["on_step_pct_of_baseline_step"] = round(on_step_ms / base_ms * 100, 3)
     total_ms = on_step_ms + out["agent_thread_cpu_ms_per_step"] + (sidecar_ms or 0.0)
     out["all_cpu_on_critical_path_pct"] = round(total_ms / base_ms * 100, 3)
+    beside = out.get("cpu_beside_recorded_steps") or {}
+    if beside:
+        extra_ms = sum(v["attached_minus_plain_ms"] for v in beside.values())
+        out["attributed_pct"] = round((on_step_ms + extra_ms) / base_ms * 100, 3)
     return out
 
 

@@ -59,8 +59,10 @@ def main() -> int:
             sync_every=args.sync_every,
         )
         sidecar_cpu: Callable[[], float] | None = None
+        sidecar_pid: int | None = None
         if rank == 0 and os.environ.get("BENCH_SIDECAR_PID"):
-            sidecar = psutil.Process(int(os.environ["BENCH_SIDECAR_PID"]))
+            sidecar_pid = int(os.environ["BENCH_SIDECAR_PID"])
+            sidecar = psutil.Process(sidecar_pid)
 
             def sidecar_cpu() -> float:
                 t = sidecar.cpu_times()
@@ -75,6 +77,7 @@ def main() -> int:
             block=args.block,
             between=dist.barrier,
             sidecar_cpu=sidecar_cpu,
+            sidecar_pid=sidecar_pid,
         )
         same = loops.weights_equal()
         cpu = None

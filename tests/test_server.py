@@ -58,7 +58,7 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
 
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChannelServer]:
-    """One server for the module (stopping one waits out serve_forever's 0.5 s poll)."""
+    """One server for the module (a fresh one per test would cost a port, threads and a token)."""
     idle = Controller(tmp_path_factory.mktemp("idle"), "idle")
     srv = ChannelServer(("127.0.0.1", 0), idle, TOKEN)
     srv.start()
