@@ -329,7 +329,8 @@ def no_connect_line(elapsed_s: float, run_dir: Path, attach: bool) -> str:
 
 def status_line(st: dict[str, Any]) -> str:
     """One line: step, loss, tokens/s, memory against the cap, budget left, last decision."""
-    if not st.get("connected"):
+    if not st.get("connected") or st.get("job_heard") is False:
+        # (Before the job's first message the state is an earlier job's, on a reused run directory.)
         return "waiting for the job to connect..."
     parts = [f"step {st['step']}"]
     parts.append(f"loss {st['loss']:.3f}" if st.get("loss") is not None else "loss ?")
@@ -493,6 +494,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty() and not args.quiet
     last_print = 0.0
     started = time.monotonic()
+    heard = False  # the job reached a controller once: a later silence is a reconnect, not an attach
     status_url = ready["endpoint"] + "/v1/status"
     while job.poll() is None:
         time.sleep(0.5)
@@ -506,7 +508,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if st is not None:
                 line = status_line(st)
                 waited = now - started
-                if not st.get("connected") and waited >= NO_CONNECT_AFTER_S:
+                heard = heard or bool(st.get("job_heard", st.get("connected")))
+                if not heard and waited >= NO_CONNECT_AFTER_S:
                     line = no_connect_line(waited, run_dir, bool(getattr(args, "attach", False)))
                 if tty:
                     print(

@@ -19,6 +19,9 @@ def status_of(ctl: Controller) -> dict[str, Any]:
     return {
         "run_id": ctl.run_id,
         "connected": ctl.state.shape is not None,
+        # Whether this controller has heard from the job since it started: on a reused run
+        # directory (or after a restart) the state read back is an earlier job's until it has.
+        "job_heard": ctl.last_seen is not None,
         "finished": ctl.state.finished,
         "step": snap.step,
         "loss": snap.loss,

@@ -267,6 +267,29 @@ def test_a_reused_run_directory_never_hands_the_job_a_stale_endpoint(tmp_path: P
     assert last_step(run_dir) == 1, "the job's step reaches this run's controller"
 
 
+def test_a_reused_run_directory_shows_no_status_of_the_earlier_job(tmp_path: Path) -> None:
+    """Before the new job's first message, the controller's state read back from a reused run
+    directory is the earlier job's: the status line says the job is awaited, not the old step."""
+    run_dir = tmp_path / "run"
+    first = run_once(tmp_path, "--run-dir", str(run_dir), job=tiny_job(30))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert last_step(run_dir) == 30
+    # The second job connects ~3 s after it starts; `run` prints its status line every second.
+    late = (
+        "import runpy, sys, time; time.sleep(3); "
+        f"sys.argv = {tiny_job(5)[1:]!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    second = run_once(
+        tmp_path, "--run-dir", str(run_dir), "--status-every", "1", job=[sys.executable, "-c", late]
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    waiting = "trainwarden: waiting for the job to connect..."
+    lines = [ln for ln in second.stderr.splitlines() if ln.startswith("trainwarden: step ") or ln == waiting]
+    assert lines, second.stderr[-3000:]
+    assert lines[0] == waiting, lines
+    assert not any("step 30 |" in ln for ln in lines), "a status line of the earlier job was shown"
+
+
 def _shape() -> JobShape:
     return JobShape("r", "plain", 1, 10, 8, 8, (KnobSpec("stop", False, choices=(True,)),), (1,), "cpu", 1, 1)
 
