@@ -11,10 +11,13 @@ runs none of trainwarden's code; what B adds is exactly the handle's work. The j
 the j-th B step take the same batch. The two paths alternate in blocks of two steps (A A B B or
 B B A A, the order drawn at random for each block pair, seeded: the same on every rank), so
 drift in the machine's speed lands on both alike. Only the second step of each block is
-recorded: the agent's thread exchanges with the sidecar after each B step, beside whatever step
-runs next, so a recorded B step has the previous B step's exchange beside it, as in a real run,
-and the last B exchange of a block lands on a step that is not recorded. (Alternating step by
-step, `--block 1`, would charge part of that work to the plain loop.) Each step is timed whole
+recorded: what a B step sets off beside the next step (the agent's thread woken by a memory surge
+or a backlog of records) lands on a recorded B step, and what the last B step of a block sets off
+lands on a step that is not recorded. (Alternating step by step, `--block 1`, would charge part
+of that work to the plain loop.) The agent's periodic exchanges (every 0.5-5 s, as the
+controller's replies ask) and the sidecar's ticks run on their own clocks, beside plain and
+attached steps alike; the CPU each takes beside each recorded step is read (BesideClocks), so
+what the attached path adds is measured apart from what slows both. Each step is timed whole
 with time.perf_counter (for B: from taking the step's batch to `step()` returning, which
 includes the agent's `on_step`). The statistic is the median of the per-pair ratios B/A with
 a bootstrap 95% confidence interval (resampling block pairs).
@@ -284,9 +287,9 @@ def interleaved(
 
     First `warmup` A/B pairs, not recorded. Then blocks: `block` A steps and `block` B steps (on
     the same `block` batches), the order of the two blocks drawn at random. The first step of each
-    block is not recorded: the agent's thread exchanges after each B step, beside the step that
-    follows, so the B block's last exchange runs beside the next A block's first step; every
-    recorded B step has the previous B step's exchange beside it, as in a real run. With
+    block is not recorded: what a B step sets off beside the next step (the agent's thread woken
+    at once) lands on a recorded B step, and the B block's last such work beside the next A
+    block's first step, which is not recorded. With
     `block=1` the loops alternate step by step and every step is recorded (then part of the
     agent's asynchronous cost lands on A steps). Pairs are (A's j-th step, B's j-th step) of a
     block pair. `between` runs after warm-up (not timed); `sidecar_cpu` reads the sidecar's CPU
