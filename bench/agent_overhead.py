@@ -328,20 +328,16 @@ def interleaved(
         b_first.append(first_b)
         for loop in ("b", "a") if first_b else ("a", "b"):
             for j in range(block):
-                before = beside.read() if j >= skip else None
+                before = beside.read() if j >= skip else None  # None: not a recorded step
+                t = step_a() if loop == "a" else step_b()
+                if before is None:
+                    continue
+                beside.add(loop, before, beside.read())
                 if loop == "a":
-                    ta = step_a()
-                    if before is not None:
-                        beside.add("a", before, beside.read())
-                    if j >= skip:
-                        times_a.append(ta)
+                    times_a.append(t)
                 else:
-                    tb = step_b()
-                    if before is not None:
-                        beside.add("b", before, beside.read())
-                    if j >= skip:
-                        times_b.append(tb)
-                        on_step_idx.append(on_step0 + k * block + j)
+                    times_b.append(t)
+                    on_step_idx.append(on_step0 + k * block + j)
         cluster.extend([k] * (block - skip))
     # The exchange thread updates cpu_time_s after each exchange; let it finish the last one.
     time.sleep(0.3)
@@ -623,7 +619,7 @@ def describe(res: dict[str, Any], warmup: int, seed: int, design: str, control: 
         "sidecar_cpu_s": None
         if res["sidecar_cpu_s_measured"] is None
         else round(res["sidecar_cpu_s_measured"], 4),
-        "cpu_beside_recorded_steps": res.get("cpu_beside_recorded_steps", {}),
+        "cpu_beside_recorded_steps": res["cpu_beside_recorded_steps"],
     }
 
 

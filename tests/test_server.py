@@ -6,6 +6,7 @@ import http.client
 import json
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -341,43 +342,29 @@ def _wakeups(thread_id: int) -> int:
     raise AssertionError("no voluntary_ctxt_switches in /proc (not Linux?)")
 
 
-def _get_status(port: int) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status
-    finally:
-        conn.close()
-
-
-def test_an_idle_server_sleeps_until_a_connection_or_shutdown(tmp_path: Path) -> None:
+def test_an_idle_server_sleeps_until_a_connection_or_shutdown(controller: Controller) -> None:
     """The serving loop does not poll: with no client it never wakes (a 0.5 s poll woke each port
     twice a second, CPU that on a job's own cores comes out of training); a connection and
     shutdown() each wake it at once."""
-    import time
-
-    ctl = Controller(tmp_path / "run", "run-idle")
-    srv = ChannelServer(("127.0.0.1", 0), ctl, TOKEN)
+    srv = ChannelServer(("127.0.0.1", 0), controller, TOKEN)
     srv.start()
     try:
-        assert _get_status(srv.port) == 200
+        assert request(srv, "GET", "/healthz", token=None)[0] == 200
         assert srv._thread is not None and srv._thread.native_id is not None
         tid = srv._thread.native_id
         before = _wakeups(tid)
         time.sleep(1.6)  # three polls' worth of a 0.5 s poll
         assert _wakeups(tid) - before == 0, "the idle serving loop woke with no client"
-        assert _get_status(srv.port) == 200, "a connection still wakes it"
+        assert request(srv, "GET", "/healthz", token=None)[0] == 200, "a connection still wakes it"
     finally:
         srv.stop()
-        ctl.close()
     assert not srv._thread.is_alive(), "shutdown() woke the loop and it returned"
 
 
 def test_a_failure_in_the_serving_loop_is_logged_and_serving_goes_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    controller: Controller, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ctl = Controller(tmp_path / "run", "run-fail")
-    srv = ChannelServer(("127.0.0.1", 0), ctl, TOKEN)
+    srv = ChannelServer(("127.0.0.1", 0), controller, TOKEN)
     handle = srv._handle_request_noblock
     failures: list[int] = []
 
@@ -393,9 +380,8 @@ def test_a_failure_in_the_serving_loop_is_logged_and_serving_goes_on(
         with caplog.at_level(logging.ERROR, logger="trainwarden.controller.httpserve"):
             # The failure struck before the accept: the connection waits in the backlog and is
             # served on the loop's next turn.
-            assert _get_status(srv.port) == 200
+            assert request(srv, "GET", "/healthz", token=None)[0] == 200
         assert failures and "the server loop failed; going on" in caplog.text
-        assert _get_status(srv.port) == 200, "the next connection is served"
+        assert request(srv, "GET", "/healthz", token=None)[0] == 200, "the next connection is served"
     finally:
         srv.stop()
-        ctl.close()
